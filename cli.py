@@ -1,0 +1,196 @@
+"""The ``dcccl`` command: single stages through LightningCLI, the whole method through ``dcccl pipeline``.
+
+``dcccl fit|validate|test|predict ...`` is LightningCLI over the stage modules and DataModules.
+``dcccl pipeline ...`` drives every stage in order, building each one through the same parser.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules.base import DCCCLDataModule
+from dcccl.atomic import atomic_write_text
+from dcccl.exports import ExportError
+from dcccl.backbones.registry import BackboneNotFoundError
+from dcccl.pipeline import Pipeline, StageCall, StageConfigs, StageFailedError
+from dcccl.report import results_table
+from lightning_modules.base import StageModule
+
+log = logging.getLogger("dcccl")
+
+STAGE_HELP = """dcccl: device-cloud collaborative controlled learning. Subcommands fit/validate/test/predict run one
+stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method."""
+
+PIPELINE_HELP = """Run DC-CCL end to end: cloud submodel -> control model -> rounds of (cloud side, device, fusion,
+evaluation). Any --trainer.* option (e.g. --trainer.max_epochs 1, --trainer.accelerator gpu,
+--trainer.devices 2 --trainer.strategy ddp) is applied to every stage. Re-running the same command skips
+the stages whose artifacts exist; --force re-runs all, --from_stage re-runs from a point."""
+
+
+class DCCCLCLI(LightningCLI):
+    """LightningCLI with the DataModule's shape linked into every stage and the bundled digits as default data."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link ``num_classes`` and ``in_chans`` from the data to the model; default to the bundled MNIST."""
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
+        parser.set_defaults({"data": {"class_path": "datamodules.BundledMNISTDataModule"}})
+
+
+def cli_main(args: Optional[list[str]] = None, run: bool = True) -> DCCCLCLI:
+    """Build (and with ``run`` execute) the stage CLI; ``args`` replaces ``sys.argv[1:]``."""
+    return DCCCLCLI(
+        StageModule,
+        DCCCLDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"description": STAGE_HELP},
+        args=args,
+        run=run,
+    )
+
+
+def _cli_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def stage_arguments(call: StageCall) -> list[str]:
+    """The stage CLI arguments (without subcommand) that carry out ``call``."""
+    args: list[str] = []
+    for config in call.config_files:
+        args += ["--config", str(config)]
+    args += [f"--trainer.{key}={_cli_value(value)}" for key, value in call.trainer_args.items()]
+    args += [f"--model.init_args.{key}={_cli_value(value)}" for key, value in call.model_args.items()]
+    args += [f"--seed_everything={call.seed}", f"--data.init_args.seed={call.seed}"]
+    return args + call.extra_args
+
+
+def run_stage(call: StageCall) -> None:
+    """Execute one stage call in this process through :func:`cli_main`."""
+    with warnings.catch_warnings():
+        # The pipeline's own command line is in sys.argv; the stage's arguments are given explicitly.
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
+        cli = cli_main(stage_arguments(call), run=False)
+    getattr(cli.trainer, call.command)(cli.model, datamodule=cli.datamodule)
+
+
+def split_trainer_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Take ``--trainer.KEY VALUE`` / ``--trainer.KEY=VALUE`` out of ``argv``; values are parsed as YAML."""
+    trainer: dict[str, Any] = {}
+    rest: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if not token.startswith("--trainer."):
+            rest.append(token)
+            continue
+        key, sep, raw = token[len("--trainer."):].partition("=")
+        if not sep:
+            raw = next(tokens, None)  # type: ignore[assignment]
+            if raw is None:
+                raise SystemExit(f"dcccl pipeline: --trainer.{key} needs a value")
+        trainer[key] = yaml.safe_load(raw)
+    return trainer, rest
+
+
+def pipeline_parser() -> ArgumentParser:
+    """The parser of ``dcccl pipeline``, built from :class:`dcccl.pipeline.Pipeline`'s signature."""
+    parser = ArgumentParser(prog="dcccl pipeline", description=PIPELINE_HELP, env_prefix="DCCCL", default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="Pipeline config file (YAML); repeatable.")
+    parser.add_argument("--debug", type=bool, default=False, help="Show full tracebacks on errors.")
+    parser.add_class_arguments(Pipeline, fail_untyped=True)
+    return parser
+
+
+def _resolve(path: Optional[str | Path], config_dirs: list[Path]) -> Optional[Path]:
+    """A relative path is taken from the working directory if it exists there, else from a config file's folder."""
+    if path is None:
+        return None
+    candidate = Path(path)
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    for folder in reversed(config_dirs):
+        if (folder / candidate).exists():
+            return folder / candidate
+    raise FileNotFoundError(f"config file not found: {path}")
+
+
+def build_pipeline(cfg: Namespace) -> Pipeline:
+    """Instantiate the pipeline from a parsed config, resolving relative config paths."""
+    config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
+    stages = StageConfigs(**{name: _resolve(value, config_dirs) for name, value in vars(cfg.stages).items()})
+    return Pipeline(
+        stages=stages,
+        data=_resolve(cfg.data, config_dirs),
+        name=cfg.name,
+        run_dir=cfg.run_dir,
+        rounds=cfg.rounds,
+        seed_everything=cfg.seed_everything,
+        cloud_round_guide=cfg.cloud_round_guide,
+        trainer=cfg.trainer,
+        stage_args=cfg.stage_args,
+        force=cfg.force,
+        from_stage=cfg.from_stage,
+    )
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def pipeline_main(argv: list[str]) -> dict[str, Any]:
+    """``dcccl pipeline``: parse, save the resolved config, run every stage, print the results."""
+    trainer_overrides, rest = split_trainer_arguments(argv)
+    parser = pipeline_parser()
+    cfg = parser.parse_args(rest)
+    cfg.trainer = {**(cfg.trainer or {}), **trainer_overrides}
+    pipeline = build_pipeline(cfg)
+    if _is_rank_zero():
+        atomic_write_text(pipeline.run.pipeline_config, parser.dump(cfg, skip_none=False))
+    metrics = pipeline.execute(run_stage)
+    if _is_rank_zero():
+        print(f"\nDC-CCL results ({pipeline.run.root}):\n{results_table(metrics)}\nmetrics: {pipeline.run.metrics}")
+    return metrics
+
+
+_USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError)
+
+
+class _DropAdvertisements(logging.Filter):
+    """Drops Lightning's product tips from the console; every other message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the ``dcccl`` console script."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+    if (sys.argv[1:] if argv is None else argv)[:1] != ["pipeline"]:
+        cli_main(argv)  # None lets LightningCLI read sys.argv itself
+        return
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or "--debug=true" in argv
+    try:
+        pipeline_main(argv[1:])
+    except _USER_ERRORS as err:
+        if debug:
+            raise
+        print(f"dcccl pipeline: error: {err}\n(run with --debug for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

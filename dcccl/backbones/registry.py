@@ -1,0 +1,135 @@
+"""Name -> network builder: registered custom backbones, ``package.module:function`` paths, then timm."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import timm
+import torch
+from torch import nn
+
+BackboneBuilder = Callable[..., nn.Module]
+_BuilderT = TypeVar("_BuilderT", bound=BackboneBuilder)
+
+_REGISTRY: dict[str, BackboneBuilder] = {}
+
+
+class BackboneNotFoundError(KeyError):
+    """Raised when a backbone name is neither registered, importable nor a timm model."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0])
+
+
+def register_backbone(fn: _BuilderT | None = None, *, key: str | None = None) -> Any:
+    """Register a builder ``fn(num_classes, in_chans, **kwargs) -> nn.Module`` under ``key`` (default: its name).
+
+    Usable bare (``@register_backbone``) or with a key (``@register_backbone(key="my_net")``).
+    A registered name shadows a timm model of the same name.
+    """
+
+    def _register(builder: _BuilderT) -> _BuilderT:
+        name = key or builder.__name__
+        if name in _REGISTRY and _REGISTRY[name] is not builder:
+            raise ValueError(f"backbone {name!r} is already registered by {_REGISTRY[name].__module__}")
+        _REGISTRY[name] = builder
+        return builder
+
+    return _register(fn) if fn is not None else _register
+
+
+def list_backbones() -> list[str]:
+    """Names of the registered custom backbones (any timm model name is accepted as well)."""
+    return sorted(_REGISTRY)
+
+
+def _import_builder(path: str) -> BackboneBuilder:
+    module_name, _, attr = path.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise BackboneNotFoundError(f"cannot import backbone builder {path!r}: {err}") from err
+    if not callable(builder):
+        raise BackboneNotFoundError(f"backbone builder {path!r} is not callable")
+    return builder
+
+
+def _not_found(name: str) -> BackboneNotFoundError:
+    candidates = list_backbones() + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return BackboneNotFoundError(
+        f"unknown backbone {name!r}: not registered ({', '.join(list_backbones())}), "
+        f"not a 'package.module:function' path and not a timm model.{hint}"
+    )
+
+
+def _classifier_keys(network: nn.Module) -> set[str]:
+    get_classifier = getattr(network, "get_classifier", None)
+    if get_classifier is None:
+        return set()
+    classifier = get_classifier()
+    prefixes = [name for name, module in network.named_modules() if module is classifier]
+    return {key for key in network.state_dict() if any(key.startswith(prefix + ".") for prefix in prefixes)}
+
+
+def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
+    """Load weights from a local file into ``network``; a classifier of another size is left as initialised.
+
+    Accepts a plain state dict or a dict holding one under ``state_dict`` or ``model``.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
+            state = state[wrapper_key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    own = network.state_dict()
+    head_keys = _classifier_keys(network)
+    for key in [k for k in state if k in head_keys and state[k].shape != own[k].shape]:
+        del state[key]
+    misfits = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+               for k in state if k in own and state[k].shape != own[k].shape]
+    if misfits:
+        raise ValueError(f"weights in {path} do not fit the network: shape mismatch in {misfits[:5]}")
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    missing = [key for key in missing if key not in head_keys]
+    if missing or unexpected:
+        raise ValueError(f"weights in {path} do not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def build_backbone(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    checkpoint_path: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the backbone called ``name`` with ``num_classes`` logits and ``in_chans`` input channels.
+
+    Args:
+        name: A registered name, a ``package.module:function`` path, or a timm model name.
+        num_classes: Number of output logits.
+        in_chans: Number of input channels.
+        checkpoint_path: Optional local weights file. Nothing is ever downloaded.
+        **kwargs: Passed to the builder (for timm: to ``timm.create_model``).
+    """
+    if name in _REGISTRY:
+        network = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    elif ":" in name:
+        network = _import_builder(name)(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    elif timm.is_model(name):
+        # Never pretrained=True: that would reach for a hub. Local weights are loaded below, the same way
+        # as for registered backbones (a classifier of the same size is kept, another size is re-initialised).
+        network = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    else:
+        raise _not_found(name)
+    if checkpoint_path is not None:
+        load_local_weights(network, checkpoint_path)
+    return network

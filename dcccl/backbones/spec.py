@@ -1,0 +1,38 @@
+"""A serialisable description of a network: enough to rebuild it anywhere."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from torch import nn
+
+from dcccl.backbones.registry import build_backbone
+
+
+@dataclass
+class BackboneSpec:
+    """Which backbone to build, and how.
+
+    Args:
+        name: A registered backbone (e.g. ``small_cnn``), a ``package.module:function`` path or a timm model name.
+        checkpoint_path: Optional local file with pretrained weights; never downloaded.
+        kwargs: Extra keyword arguments for the builder (e.g. ``{width: 8}`` or timm's ``drop_rate``).
+    """
+
+    name: str = "small_cnn"
+    checkpoint_path: Optional[str] = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, num_classes: int, in_chans: int) -> nn.Module:
+        """Instantiate the network for ``num_classes`` logits and ``in_chans`` input channels."""
+        return build_backbone(self.name, num_classes, in_chans, self.checkpoint_path, **self.kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-dict form, for exports and configs."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BackboneSpec":
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)

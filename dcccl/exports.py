@@ -1,0 +1,119 @@
+"""Self-describing network exports: the artifacts that stages hand to each other.
+
+An export holds a network's weights together with everything needed to rebuild it (backbone spec,
+number of classes, input channels), its role in the method, and for co-submodel copies the number of
+samples that trained it (the weight it gets in fusion).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, get_args
+
+import torch
+from torch import nn
+
+from dcccl.atomic import atomic_torch_save
+from dcccl.backbones.spec import BackboneSpec
+
+EXPORT_FORMAT = "dcccl.export/1"
+Role = Literal["cloud_submodel", "control_model", "co_submodel"]
+ROLES: tuple[str, ...] = get_args(Role)
+
+
+class ExportError(ValueError):
+    """An export file is missing, unreadable or not what the reader expects."""
+
+
+@dataclass
+class NetworkExport:
+    """A network's weights plus the spec to rebuild it.
+
+    Args:
+        role: What the network is in DC-CCL.
+        backbone: How to build the network (its ``checkpoint_path`` is not used on rebuild: the weights are here).
+        num_classes: Number of logits.
+        in_chans: Number of input channels.
+        state_dict: The weights and buffers.
+        sample_count: For a co-submodel copy, the number of training samples behind it.
+    """
+
+    role: Role
+    backbone: BackboneSpec
+    num_classes: int
+    in_chans: int
+    state_dict: dict[str, torch.Tensor]
+    sample_count: Optional[int] = None
+
+    @classmethod
+    def of(cls, network: nn.Module, role: Role, backbone: BackboneSpec, num_classes: int, in_chans: int,
+           sample_count: Optional[int] = None) -> "NetworkExport":
+        """Snapshot ``network`` (weights copied to CPU) as an export."""
+        state = {key: value.detach().to("cpu", copy=True) for key, value in network.state_dict().items()}
+        return cls(role, backbone, num_classes, in_chans, state, sample_count)
+
+    def build(self) -> nn.Module:
+        """Rebuild the network and load the exported weights."""
+        spec = BackboneSpec(name=self.backbone.name, checkpoint_path=None, kwargs=dict(self.backbone.kwargs))
+        network = spec.build(self.num_classes, self.in_chans)
+        network.load_state_dict(self.state_dict)
+        return network
+
+    def payload(self) -> dict[str, Any]:
+        """The dict that is written to disk."""
+        return {
+            "format": EXPORT_FORMAT,
+            "role": self.role,
+            "backbone": self.backbone.to_dict(),
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "sample_count": self.sample_count,
+            "state_dict": self.state_dict,
+        }
+
+
+def save_export(export: NetworkExport, path: str | Path) -> Path:
+    """Write ``export`` to ``path`` atomically."""
+    return atomic_torch_save(export.payload(), path)
+
+
+def load_export(path: str | Path, role: Optional[Role] = None) -> NetworkExport:
+    """Read an export, checking its format and (when given) its role.
+
+    Raises:
+        ExportError: The file is missing, is not a dcccl export, or holds another role.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ExportError(f"export not found: {file}")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt or foreign files
+        raise ExportError(f"{file} is not a readable dcccl export: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{file} is not a dcccl export (expected format {EXPORT_FORMAT!r})")
+    missing = [key for key in ("role", "backbone", "num_classes", "in_chans", "state_dict") if key not in payload]
+    if missing:
+        raise ExportError(f"{file} is an incomplete dcccl export: missing {', '.join(missing)}")
+    if role is not None and payload["role"] != role:
+        raise ExportError(f"{file} holds a {payload['role']}, expected a {role}")
+    return NetworkExport(
+        role=payload["role"],
+        backbone=BackboneSpec.from_dict(payload["backbone"]),
+        num_classes=int(payload["num_classes"]),
+        in_chans=int(payload["in_chans"]),
+        state_dict=payload["state_dict"],
+        sample_count=payload.get("sample_count"),
+    )
+
+
+def load_network(path: str | Path, role: Role, num_classes: Optional[int] = None) -> nn.Module:
+    """Load an export and rebuild its network, checking the class count when ``num_classes`` is given."""
+    export = load_export(path, role)
+    if num_classes is not None and export.num_classes != num_classes:
+        raise ExportError(
+            f"{path} was trained for {export.num_classes} classes but the data has {num_classes}; "
+            "every submodel must predict the same classes"
+        )
+    return export.build()

@@ -1,0 +1,219 @@
+"""The pipeline coordinator: the order of the stages, what each receives and produces, and what to skip.
+
+The coordinator knows nothing of Lightning. It plans :class:`StageCall` objects (stage, config files,
+artifact paths in, artifact paths out) and hands each to a :data:`StageRunner`; ``cli.py`` provides the
+runner that executes a call through the same LightningCLI parser users run by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from dcccl.atomic import atomic_write_json
+from dcccl.run_dir import RunDirectory
+
+log = logging.getLogger("dcccl")
+
+StageName = Literal["cloud", "distill", "cloud_round", "device", "fusion", "evaluate"]
+RestartPoint = Literal["cloud", "distill", "rounds"]
+Guide = Literal["cloud_submodel", "control_model"]
+
+
+@dataclass
+class StageCall:
+    """One stage run as the coordinator asks for it.
+
+    Args:
+        stage: Which stage.
+        command: The LightningCLI subcommand (``fit`` trains, ``test`` evaluates).
+        config_files: Config files, applied in order (later ones win).
+        model_args: Init arguments of the stage module, mostly artifact paths.
+        trainer_args: Trainer options for this run.
+        seed: Seed for training and for the data split.
+        work_dir: Where the stage keeps its config, logs and checkpoints.
+        outputs: The artifacts the stage must leave behind; all present means done.
+        extra_args: Raw command-line arguments appended last (they win over everything).
+        label: Human-readable name for progress messages.
+    """
+
+    stage: StageName
+    command: Literal["fit", "test"]
+    config_files: list[Path]
+    model_args: dict[str, Any]
+    trainer_args: dict[str, Any]
+    seed: int
+    work_dir: Path
+    outputs: tuple[Path, ...]
+    extra_args: list[str] = field(default_factory=list)
+    label: str = ""
+
+
+StageRunner = Callable[[StageCall], None]
+
+
+class StageFailedError(RuntimeError):
+    """A stage finished without producing the artifacts it promised."""
+
+
+@dataclass
+class StageConfigs:
+    """The config file of each stage (the same files run each stage alone with ``dcccl fit``/``test``).
+
+    Args:
+        cloud: Trains the cloud submodel.
+        distill: Distils the control model from the cloud submodel.
+        cloud_round: Trains the cloud's copy of the co-submodel in each round.
+        device: Trains a device's copy of the co-submodel in each round.
+        fusion: Fuses the copies of the co-submodel.
+        evaluate: Evaluates the served model.
+    """
+
+    cloud: Path
+    distill: Path
+    cloud_round: Path
+    device: Path
+    fusion: Path
+    evaluate: Path
+
+
+class Pipeline:
+    """Runs DC-CCL end to end: cloud -> distill -> rounds of (cloud side, devices, fusion, evaluation).
+
+    Re-running with the same run directory skips every stage whose artifacts are present; once one stage
+    runs, every later stage runs too, since its inputs changed.
+
+    Args:
+        stages: Config file of each stage.
+        data: Config file with the ``data`` section shared by all stages (default: the bundled MNIST digits).
+        name: Run name; the run directory defaults to ``runs/<name>``.
+        run_dir: Run directory (overrides ``runs/<name>``).
+        rounds: Number of device-cloud rounds (at least 1).
+        seed_everything: Seed of the whole run: data split and training of every stage.
+        cloud_round_guide: Which model guides the cloud's copy of the co-submodel: the cloud submodel
+            (default, as in the paper's code) or the control model.
+        trainer: Trainer options applied to every stage (e.g. ``{max_epochs: 1, accelerator: cpu}``).
+        stage_args: Extra command-line arguments per stage name, e.g. ``{cloud: ["--model.init_args.lr=0.01"]}``.
+        force: Re-run every stage even if its artifacts exist.
+        from_stage: Re-run from this point on (``cloud``, ``distill`` or ``rounds``), keep what comes before.
+    """
+
+    def __init__(
+        self,
+        stages: StageConfigs,
+        data: Optional[Path] = None,
+        name: str = "dcccl",
+        run_dir: Optional[Path] = None,
+        rounds: int = 3,
+        seed_everything: int = 0,
+        cloud_round_guide: Guide = "cloud_submodel",
+        trainer: Optional[dict[str, Any]] = None,
+        stage_args: Optional[dict[str, list[str]]] = None,
+        force: bool = False,
+        from_stage: Optional[RestartPoint] = None,
+    ) -> None:
+        if rounds < 1:
+            raise ValueError(f"rounds must be at least 1, got {rounds}")
+        unknown = set(stage_args or {}) - set(StageConfigs.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"stage_args names unknown stages {sorted(unknown)}")
+        self.stages = stages
+        self.data = data
+        self.name = name
+        self.run = RunDirectory(run_dir if run_dir is not None else Path("runs") / name)
+        self.rounds = rounds
+        self.seed = seed_everything
+        self.cloud_round_guide = cloud_round_guide
+        self.trainer = dict(trainer or {})
+        self.stage_args = {key: list(value) for key, value in (stage_args or {}).items()}
+        self.restart_from: Optional[RestartPoint] = "cloud" if force else from_stage
+
+    def _call(self, stage: StageName, command: Literal["fit", "test"], model_args: dict[str, Any],
+              outputs: tuple[Path, ...], label: str) -> StageCall:
+        config_files = [Path(getattr(self.stages, stage))]
+        if self.data is not None:
+            config_files.insert(0, Path(self.data))
+        work_dir = outputs[0].parent
+        return StageCall(
+            stage=stage,
+            command=command,
+            config_files=config_files,
+            model_args=model_args,
+            trainer_args={**self.trainer, "default_root_dir": str(work_dir)},
+            seed=self.seed,
+            work_dir=work_dir,
+            outputs=outputs,
+            extra_args=list(self.stage_args.get(stage, [])),
+            label=label,
+        )
+
+    def plan(self) -> Iterator[tuple[Optional[RestartPoint], StageCall]]:
+        """The stage calls in order, each with the restart point it belongs to (``None``: inside the rounds)."""
+        run = self.run
+        yield "cloud", self._call("cloud", "fit", {"export_path": str(run.cloud_submodel)},
+                                  (run.cloud_submodel,), "cloud submodel")
+        yield "distill", self._call("distill", "fit", {"cloud_submodel": str(run.cloud_submodel),
+                                                       "export_path": str(run.control_model)},
+                                    (run.control_model,), "control model")
+        guide = run.cloud_submodel if self.cloud_round_guide == "cloud_submodel" else run.control_model
+        for r in range(1, self.rounds + 1):
+            tag = f"round {r}/{self.rounds}"
+            first = r == 1
+            cloud_outputs = (run.cloud_copy(r), run.initial_co_submodel) if first else (run.cloud_copy(r),)
+            yield ("rounds" if first else None), self._call("cloud_round", "fit", {
+                "guide": str(guide),
+                "co_submodel": None if first else str(run.start_co_submodel(r)),
+                "initial_export_path": str(run.initial_co_submodel) if first else None,
+                "export_path": str(run.cloud_copy(r)),
+            }, cloud_outputs, f"{tag}: cloud side")
+            yield None, self._call("device", "fit", {
+                "control_model": str(run.control_model),
+                "co_submodel": str(run.start_co_submodel(r)),
+                "export_path": str(run.device_copy(r, 0)),
+            }, (run.device_copy(r, 0),), f"{tag}: device 0")
+            yield None, self._call("fusion", "fit", {
+                "cloud_copy": str(run.cloud_copy(r)),
+                "device_copies": [str(run.device_copy(r, 0))],
+                "cloud_submodel": str(run.cloud_submodel),
+                "export_path": str(run.fused_co_submodel(r)),
+            }, (run.fused_co_submodel(r),), f"{tag}: fusion")
+            yield None, self._call("evaluate", "test", {
+                "cloud_submodel": str(run.cloud_submodel),
+                "co_submodel": str(run.fused_co_submodel(r)),
+                "metrics_path": str(run.round_metrics(r)),
+            }, (run.round_metrics(r),), f"{tag}: evaluation")
+
+    def execute(self, runner: StageRunner) -> dict[str, Any]:
+        """Run (or skip) every stage with ``runner``, write ``metrics.json`` and return its content."""
+        rerun = False
+        for restart_point, call in self.plan():
+            rerun = rerun or (restart_point is not None and restart_point == self.restart_from)
+            if not rerun and all(path.is_file() for path in call.outputs):
+                log.info("[dcccl] %s: done already, skipped (%s)", call.label, call.outputs[0])
+                continue
+            rerun = True
+            log.info("[dcccl] %s: running %s %s", call.label, call.command, call.config_files[-1])
+            runner(call)
+            missing = [str(path) for path in call.outputs if not path.is_file()]
+            if missing:
+                raise StageFailedError(f"stage {call.label!r} finished but did not write {', '.join(missing)}")
+        return self.collect_metrics()
+
+    def collect_metrics(self) -> dict[str, Any]:
+        """Merge the per-round evaluations into ``metrics.json``: the last round's figures plus a history."""
+        history = []
+        for r in range(1, self.rounds + 1):
+            with open(self.run.round_metrics(r)) as handle:
+                history.append({"round": r, **json.load(handle)})
+        final = {key: value for key, value in history[-1].items() if key != "round"}
+        metrics: dict[str, Any] = {
+            **final,
+            "rounds": history,
+            "served/acc_per_round": [entry["served/acc"] for entry in history],
+        }
+        atomic_write_json(self.run.metrics, metrics)
+        return metrics

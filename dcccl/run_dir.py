@@ -1,0 +1,83 @@
+"""Every path rule of a run directory, in one place.
+
+Layout::
+
+    <run_dir>/
+      pipeline.yaml                         resolved pipeline config
+      metrics.json                          final metrics, per-round served accuracy
+      cloud/cloud_submodel.pt               export of the cloud submodel f
+      distill/control_model.pt              export of the control model g
+      rounds/initial_co_submodel.pt         the co-submodel h the cloud sends down in round 1
+      rounds/round_001/cloud_round/co_submodel.pt     the cloud's copy of h after the round
+      rounds/round_001/device_000/co_submodel.pt      device 0's copy of h after the round
+      rounds/round_001/fusion/co_submodel.pt          fused h, the start of the next round
+      rounds/round_001/evaluate/metrics.json          served model after the round
+
+Each stage's directory also holds its resolved config (``config.yaml``) and Lightning checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RunDirectory:
+    """Paths of the artifacts of one pipeline run under ``root``.
+
+    Args:
+        root: The run directory.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def pipeline_config(self) -> Path:
+        """The resolved pipeline config."""
+        return self.root / "pipeline.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        """Final metrics of the run."""
+        return self.root / "metrics.json"
+
+    @property
+    def cloud_submodel(self) -> Path:
+        """Export of the trained cloud submodel."""
+        return self.root / "cloud" / "cloud_submodel.pt"
+
+    @property
+    def control_model(self) -> Path:
+        """Export of the distilled control model."""
+        return self.root / "distill" / "control_model.pt"
+
+    @property
+    def initial_co_submodel(self) -> Path:
+        """The co-submodel every copy starts from in round 1."""
+        return self.root / "rounds" / "initial_co_submodel.pt"
+
+    def round_dir(self, round_index: int) -> Path:
+        """Directory of round ``round_index`` (counted from 1)."""
+        if round_index < 1:
+            raise ValueError(f"rounds are counted from 1, got {round_index}")
+        return self.root / "rounds" / f"round_{round_index:03d}"
+
+    def cloud_copy(self, round_index: int) -> Path:
+        """The cloud's copy of the co-submodel after training in a round."""
+        return self.round_dir(round_index) / "cloud_round" / "co_submodel.pt"
+
+    def device_copy(self, round_index: int, device_index: int) -> Path:
+        """A device's copy of the co-submodel after training in a round."""
+        return self.round_dir(round_index) / f"device_{device_index:03d}" / "co_submodel.pt"
+
+    def fused_co_submodel(self, round_index: int) -> Path:
+        """The fused co-submodel at the end of a round."""
+        return self.round_dir(round_index) / "fusion" / "co_submodel.pt"
+
+    def start_co_submodel(self, round_index: int) -> Path:
+        """The co-submodel a round starts from: the initial one, or the previous round's fused one."""
+        return self.initial_co_submodel if round_index == 1 else self.fused_co_submodel(round_index - 1)
+
+    def round_metrics(self, round_index: int) -> Path:
+        """Evaluation of the served model after a round."""
+        return self.round_dir(round_index) / "evaluate" / "metrics.json"

@@ -1,0 +1,21 @@
+"""One LightningModule per DC-CCL stage; each runs alone through ``dcccl fit``/``dcccl test``."""
+
+from lightning_modules.base import StageModule
+from lightning_modules.cloud import CloudSubmodelModule
+from lightning_modules.cloud_round import CloudCoTrainingModule
+from lightning_modules.device import DeviceCoTrainingModule
+from lightning_modules.distill import ControlDistillationModule
+from lightning_modules.evaluate import ServedModelEvaluation
+from lightning_modules.fusion import FusionModule
+from lightning_modules.guided import GuidedCoTrainingModule
+
+__all__ = [
+    "CloudCoTrainingModule",
+    "CloudSubmodelModule",
+    "ControlDistillationModule",
+    "DeviceCoTrainingModule",
+    "FusionModule",
+    "GuidedCoTrainingModule",
+    "ServedModelEvaluation",
+    "StageModule",
+]

@@ -1,0 +1,80 @@
+"""What every stage module shares: linked data shape, frozen guides, the optimizer, exports."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
+
+from dcccl.backbones.spec import BackboneSpec
+from dcccl.exports import NetworkExport, Role, save_export
+from dcccl.partition import Partition
+
+
+class StageModule(LightningModule):
+    """Base of the stage modules.
+
+    A stage declares which training samples it may see (``data_partition``); the DataModule serves exactly
+    that partition. Networks returned by :meth:`frozen_networks` stay in eval mode with no gradients
+    whatever the trainer does, so their weights and batch-norm statistics cannot change.
+
+    Args:
+        num_classes: Number of classes (linked from the DataModule).
+        in_chans: Input channels (linked from the DataModule).
+        optimizer: Optimizer for the trainable parameters.
+        export_path: Where to write the stage's export at the end of ``fit`` (nothing is written if unset).
+    """
+
+    data_partition: ClassVar[Optional[Partition]] = None
+
+    def __init__(self, num_classes: int, in_chans: int, optimizer: Optional[OptimizerCallable] = None,
+                 export_path: Optional[str] = None) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.optimizer_factory = optimizer if optimizer is not None else torch.optim.Adam
+        self.export_path = export_path
+
+    def frozen_networks(self) -> list[nn.Module]:
+        """Networks that guide this stage and must not change."""
+        return []
+
+    def train(self, mode: bool = True) -> "StageModule":
+        """Switch training mode but keep frozen networks in eval mode."""
+        super().train(mode)
+        for network in self.frozen_networks():
+            network.eval()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        """Re-assert eval mode of the frozen networks (Lightning restores recorded modes after validation)."""
+        for network in self.frozen_networks():
+            network.eval()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """The injected optimizer over :meth:`trainable_parameters`."""
+        return self.optimizer_factory(self.trainable_parameters())
+
+    def train_sample_count(self) -> int:
+        """Training samples this stage saw, as counted by the DataModule."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_sample_count"):
+            raise RuntimeError("this stage needs a dcccl DataModule to count its training samples")
+        return int(datamodule.train_sample_count())
+
+    @rank_zero_only
+    def write_export(self, network: nn.Module, role: Role, backbone: BackboneSpec, path: Optional[str] = None,
+                     sample_count: Optional[int] = None) -> None:
+        """Write ``network`` as a self-describing export to ``path`` (default ``export_path``) on rank zero."""
+        target = path if path is not None else self.export_path
+        if target is None:
+            return
+        save_export(NetworkExport.of(network, role, backbone, self.num_classes, self.in_chans, sample_count), target)

@@ -1,0 +1,74 @@
+"""Stage 1: train the cloud submodel f on cloud samples with cross-entropy."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from dcccl.backbones.spec import BackboneSpec
+from lightning_modules.base import StageModule
+
+
+class CloudSubmodelModule(StageModule):
+    """Trains the cloud submodel on cloud samples only and exports it.
+
+    Override :meth:`build_network` to bring a network that a :class:`BackboneSpec` cannot describe.
+
+    Args:
+        num_classes: Number of classes (linked from the DataModule).
+        in_chans: Input channels (linked from the DataModule).
+        backbone: The cloud submodel's backbone (default: ``small_cnn`` with width 32).
+        optimizer: Optimizer for the cloud submodel.
+        export_path: Where to write the trained cloud submodel.
+    """
+
+    data_partition = "cloud"
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int,
+        backbone: Optional[BackboneSpec] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        export_path: Optional[str] = None,
+    ) -> None:
+        super().__init__(num_classes, in_chans, optimizer, export_path)
+        self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 32})
+        self.cloud_submodel = self.build_network()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def build_network(self) -> nn.Module:
+        """Build the cloud submodel; the hook to override for a custom network."""
+        return self.backbone.build(self.num_classes, self.in_chans)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Cloud submodel logits."""
+        return self.cloud_submodel(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy on a batch of cloud samples."""
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Accuracy on cloud-class test samples."""
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def on_fit_end(self) -> None:
+        """Export the trained cloud submodel."""
+        self.write_export(self.cloud_submodel, "cloud_submodel", self.backbone, sample_count=self.train_sample_count())

@@ -1,0 +1,57 @@
+"""Stage 3b: the cloud trains its own copy of the co-submodel on cloud samples, guided by f (or g)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from lightning.pytorch.cli import OptimizerCallable
+
+from dcccl.backbones.spec import BackboneSpec
+from dcccl.exports import load_export
+from lightning_modules.guided import GuidedCoTrainingModule
+
+
+class CloudCoTrainingModule(GuidedCoTrainingModule):
+    """Cloud side of a round: minimise CE(guide(x) + h(x), y) on cloud samples, the guide frozen.
+
+    The guide is the cloud submodel by default (as in the paper's code; markedly better on the
+    device classes) or the control model. In the first round no co-submodel exists yet: the cloud
+    builds it from ``co_backbone`` and writes it to ``initial_export_path`` before training, so that
+    every device starts from the same weights.
+
+    Args:
+        num_classes: Number of classes (linked from the DataModule).
+        in_chans: Input channels (linked from the DataModule).
+        guide: Export of the guide: a cloud submodel or a control model.
+        co_submodel: Export of the co-submodel to start from; ``None`` builds a fresh one.
+        co_backbone: Backbone of a fresh co-submodel (default: ``small_cnn`` with width 8).
+        initial_export_path: Where to write a freshly built co-submodel before training.
+        optimizer: Optimizer for the co-submodel.
+        export_path: Where to write the cloud's trained copy.
+    """
+
+    data_partition = "cloud"
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int,
+        guide: str,
+        co_submodel: Optional[str] = None,
+        co_backbone: Optional[BackboneSpec] = None,
+        initial_export_path: Optional[str] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        export_path: Optional[str] = None,
+    ) -> None:
+        guide_export = load_export(guide)
+        if guide_export.role not in ("cloud_submodel", "control_model"):
+            raise ValueError(f"{guide} holds a {guide_export.role}; the guide must be a cloud submodel or control model")
+        if guide_export.num_classes != num_classes:
+            raise ValueError(f"{guide} predicts {guide_export.num_classes} classes but the data has {num_classes}")
+        super().__init__(num_classes, in_chans, guide_export.build(), co_submodel, co_backbone, optimizer, export_path)
+        self.initial_export_path = initial_export_path
+
+    def on_fit_start(self) -> None:
+        """Write the co-submodel as the round starts from it, when asked to."""
+        if self.initial_export_path is not None:
+            self.write_export(self.co_submodel, "co_submodel", self.co_backbone, path=self.initial_export_path)

@@ -1,0 +1,126 @@
+"""Stage 3c: fuse the co-submodel copies on the cloud; optionally fine-tune the fused head on cloud samples."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from dcccl.aggregation import DeviceWeighting, fusion_weights, weighted_average
+from dcccl.exports import load_export, load_network
+from dcccl.freeze import freeze
+from lightning_modules.base import StageModule
+
+
+class FusionModule(StageModule):
+    """Weighted average of the cloud's copy and the devices' copies of the co-submodel.
+
+    The cloud's copy gets the share ``cloud_share`` (λ) and the devices share ``1 - λ`` by sample counts
+    (or uniformly). Batch-norm running statistics are averaged; ``num_batches_tracked`` is not. With
+    ``finetune_head`` the fused co-submodel's classifier (found through timm's ``get_classifier``) is then
+    trained on cloud samples with CE(f(x) + h(x), y), the cloud submodel and the rest of h frozen;
+    otherwise ``fit`` only fuses and exports. No device sample is used.
+
+    Args:
+        num_classes: Number of classes (linked from the DataModule).
+        in_chans: Input channels (linked from the DataModule).
+        cloud_copy: Export of the cloud's trained copy.
+        device_copies: Exports of the devices' trained copies.
+        cloud_share: λ, the cloud copy's share; ``None`` weights it by its sample count like a device.
+        device_weighting: Split the devices' share by sample counts or uniformly.
+        finetune_head: Fine-tune the fused co-submodel's classifier on cloud samples.
+        cloud_submodel: Export of the cloud submodel (needed only with ``finetune_head``).
+        optimizer: Optimizer for the head fine-tuning.
+        export_path: Where to write the fused co-submodel.
+    """
+
+    data_partition = "cloud"
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int,
+        cloud_copy: str,
+        device_copies: list[str],
+        cloud_share: Optional[float] = 0.5,
+        device_weighting: DeviceWeighting = "samples",
+        finetune_head: bool = False,
+        cloud_submodel: Optional[str] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        export_path: Optional[str] = None,
+    ) -> None:
+        super().__init__(num_classes, in_chans, optimizer, export_path)
+        if not device_copies:
+            raise ValueError("fusion needs at least one device copy of the co-submodel")
+        cloud = load_export(cloud_copy, "co_submodel")
+        devices = [load_export(path, "co_submodel") for path in device_copies]
+        for path, export in zip([cloud_copy, *device_copies], [cloud, *devices]):
+            if export.sample_count is None:
+                raise ValueError(f"{path} records no sample count; it is not a trained co-submodel copy")
+            if export.num_classes != num_classes:
+                raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}")
+        self.weights = fusion_weights(
+            cloud.sample_count or 0, [d.sample_count or 0 for d in devices], cloud_share, device_weighting
+        )
+        self.total_samples = sum(e.sample_count or 0 for e in [cloud, *devices])
+        rank_zero_info("[dcccl] fusion weights: cloud %.3f, devices %s" % (
+            self.weights[0], ", ".join(f"{w:.3f}" for w in self.weights[1:])))
+        self.co_backbone = cloud.backbone
+        self.co_submodel = cloud.build()
+        self.co_submodel.load_state_dict(weighted_average([cloud.state_dict, *[d.state_dict for d in devices]],
+                                                          self.weights))
+        self.finetune_head = finetune_head
+        self.co_submodel.eval()  # only the head may learn; the fused batch-norm statistics must stay
+        if finetune_head:
+            if cloud_submodel is None:
+                raise ValueError("finetune_head needs the cloud submodel export (cloud_submodel)")
+            self.cloud_submodel: Optional[nn.Module] = freeze(load_network(cloud_submodel, "cloud_submodel", num_classes))
+            self.co_submodel.requires_grad_(False)
+            self.head().requires_grad_(True)
+        else:
+            self.cloud_submodel = None
+            self.co_submodel.requires_grad_(False)
+
+    def head(self) -> nn.Module:
+        """The fused co-submodel's classifier, through timm's head API."""
+        get_classifier = getattr(self.co_submodel, "get_classifier", None)
+        if get_classifier is None:
+            raise TypeError(f"{type(self.co_submodel).__name__} has no get_classifier(); give it timm's head API")
+        return get_classifier()
+
+    def frozen_networks(self) -> list[nn.Module]:
+        """The cloud submodel and the fused co-submodel's body (its batch-norm statistics stay fused)."""
+        frozen = [self.co_submodel]
+        return frozen + [self.cloud_submodel] if self.cloud_submodel is not None else frozen
+
+    def on_fit_start(self) -> None:
+        """Without head fine-tuning there is nothing to train: stop before the first batch."""
+        if not self.finetune_head:
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self) -> Optional[torch.optim.Optimizer]:  # type: ignore[override]
+        """Optimizer over the classifier head, or none when only fusing."""
+        return super().configure_optimizers() if self.finetune_head else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Served logits ``f(x) + h(x)`` (needs the cloud submodel, i.e. ``finetune_head``)."""
+        if self.cloud_submodel is None:
+            raise RuntimeError("the served logits need the cloud submodel; fusion without finetune_head has none")
+        with torch.no_grad():
+            cloud_logits = self.cloud_submodel(x)
+        return cloud_logits + self.co_submodel(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of the served logits on cloud samples; only the head learns."""
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_fit_end(self) -> None:
+        """Export the fused co-submodel with the number of samples behind all its copies."""
+        self.write_export(self.co_submodel, "co_submodel", self.co_backbone, sample_count=self.total_samples)

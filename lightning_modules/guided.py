@@ -1,0 +1,92 @@
+"""Training a co-submodel copy h under a frozen guide: minimise CE(guide(x) + h(x), y)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from dcccl.backbones.spec import BackboneSpec
+from dcccl.exports import load_export
+from dcccl.freeze import freeze
+from lightning_modules.base import StageModule
+
+
+class GuidedCoTrainingModule(StageModule):
+    """Shared logic of the device stage and the cloud side of a round.
+
+    The co-submodel starts from an export (the round's current co-submodel) or, when none is given, is
+    built from ``co_backbone``. Only the co-submodel trains; the guide is frozen.
+
+    Args:
+        num_classes: Number of classes (linked from the DataModule).
+        in_chans: Input channels (linked from the DataModule).
+        guide: The frozen guide network (already loaded).
+        co_submodel: Export of the co-submodel to start from; ``None`` builds a fresh one from ``co_backbone``.
+        co_backbone: Backbone of a fresh co-submodel (ignored when ``co_submodel`` is given).
+        optimizer: Optimizer for the co-submodel.
+        export_path: Where to write the trained co-submodel copy.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int,
+        guide: nn.Module,
+        co_submodel: Optional[str] = None,
+        co_backbone: Optional[BackboneSpec] = None,
+        optimizer: Optional[OptimizerCallable] = None,
+        export_path: Optional[str] = None,
+    ) -> None:
+        super().__init__(num_classes, in_chans, optimizer, export_path)
+        self.guide = freeze(guide)
+        if co_submodel is not None:
+            start = load_export(co_submodel, "co_submodel")
+            if start.num_classes != num_classes:
+                raise ValueError(f"{co_submodel} predicts {start.num_classes} classes but the data has {num_classes}")
+            self.co_backbone = start.backbone
+            self.co_submodel = start.build()
+        else:
+            self.co_backbone = co_backbone if co_backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 8})
+            self.co_submodel = self.build_network()
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def build_network(self) -> nn.Module:
+        """Build a fresh co-submodel; the hook to override for a custom network."""
+        return self.co_backbone.build(self.num_classes, self.in_chans)
+
+    def frozen_networks(self) -> list[nn.Module]:
+        """The guide stays frozen."""
+        return [self.guide]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Guided logits ``guide(x) + h(x)``."""
+        with torch.no_grad():
+            guide_logits = self.guide(x)
+        return guide_logits + self.co_submodel(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of the guided logits."""
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Accuracy of the guided logits on test samples of this side's classes."""
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val/acc", self.val_acc, prog_bar=True)
+
+    def on_fit_end(self) -> None:
+        """Export the trained copy with the number of samples behind it (its fusion weight)."""
+        self.write_export(self.co_submodel, "co_submodel", self.co_backbone, sample_count=self.train_sample_count())

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny exports of each role, the bundled digits, a quiet CPU trainer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from datamodules.mnist import BundledMNISTDataModule
+from dcccl.backbones.spec import BackboneSpec
+from dcccl.exports import NetworkExport, Role, save_export
+
+TINY = BackboneSpec("small_cnn", kwargs={"width": 4, "depth": 2})
+
+
+def make_trainer(**overrides: Any) -> Trainer:
+    """A fast, silent CPU trainer for tests."""
+    options: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, max_steps=3, limit_val_batches=2, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    options.update(overrides)
+    return Trainer(**options)
+
+
+@pytest.fixture
+def trainer_factory() -> Callable[..., Trainer]:
+    """Build a fast CPU trainer; keyword arguments override the defaults."""
+    return make_trainer
+
+
+@pytest.fixture
+def digits() -> BundledMNISTDataModule:
+    """The bundled digits with the default split (cloud 0-6, device 7-9)."""
+    return BundledMNISTDataModule(batch_size=32)
+
+
+@pytest.fixture
+def export_factory(tmp_path: Path) -> Callable[..., Path]:
+    """Write a freshly initialised tiny export of a role and return its path."""
+
+    def _make(role: Role, name: str | None = None, sample_count: int | None = None, seed: int = 0,
+              spec: BackboneSpec = TINY) -> Path:
+        torch.manual_seed(seed)
+        network = spec.build(10, 1)
+        path = tmp_path / f"{name or role}.pt"
+        save_export(NetworkExport.of(network, role, spec, 10, 1, sample_count), path)
+        return path
+
+    return _make

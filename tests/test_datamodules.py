@@ -1,0 +1,243 @@
+"""Tests of the DataModules: the bundled MNIST digits and user image folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Subset
+
+from datamodules.image_folder import GlobalClassImageFolder, ImageFolderDataModule
+from datamodules.mnist import BundledMNISTDataModule
+from dcccl.partition import ClassSplit
+
+
+def _subset_labels(dataset: Dataset) -> np.ndarray:
+    """Labels of a ``Subset`` of the bundled digits' ``TensorDataset``, without loading images one by one."""
+    assert isinstance(dataset, Subset)
+    return dataset.dataset.tensors[1][dataset.indices].numpy()
+
+
+def _subset_indices(dataset: Dataset) -> set[int]:
+    """Indices into the bundled digits that a ``Subset`` selects."""
+    assert isinstance(dataset, Subset)
+    return set(dataset.indices)
+
+
+@pytest.fixture(scope="module")
+def mnist_default() -> BundledMNISTDataModule:
+    """Default split (cloud 0..6, device 7..9), pinned to the device partition; prepared once."""
+    datamodule = BundledMNISTDataModule(batch_size=256, partition="device")
+    datamodule.data  # noqa: B018 - load once for the whole module
+    return datamodule
+
+
+@pytest.fixture(scope="module")
+def mnist_shared() -> BundledMNISTDataModule:
+    """Digit 7 held on both sides."""
+    datamodule = BundledMNISTDataModule(cloud_classes=[0, 1, 2, 3, 4, 5, 6, 7], device_classes=[7, 8, 9])
+    datamodule.data  # noqa: B018
+    return datamodule
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# BundledMNISTDataModule
+
+
+def test_mnist_shape_of_the_data(mnist_default: BundledMNISTDataModule) -> None:
+    assert mnist_default.num_classes == 10
+    assert mnist_default.in_chans == 1
+    image, label = mnist_default.data.cloud_train[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert 0 <= int(label) <= 6
+
+
+def test_mnist_default_split_sizes(mnist_default: BundledMNISTDataModule) -> None:
+    data = mnist_default.data
+    # 500 digits per class, test_fraction 0.2: 100 test and 400 training samples per class
+    assert len(data.cloud_train) == 7 * 400 == 2800
+    assert len(data.device_train) == 3 * 400 == 1200
+    assert len(data.test) == 10 * 100 == 1000
+    assert np.bincount(data.test_labels, minlength=10).tolist() == [100] * 10
+    assert data.class_split == ClassSplit((0, 1, 2, 3, 4, 5, 6), (7, 8, 9))
+    assert len(mnist_default.test_dataset()) == 1000  # every class is seen
+
+
+def test_mnist_default_labels_per_side(mnist_default: BundledMNISTDataModule) -> None:
+    cloud = _subset_labels(mnist_default.data.cloud_train)
+    device = _subset_labels(mnist_default.data.device_train)
+    assert np.bincount(cloud, minlength=10).tolist() == [400] * 7 + [0] * 3
+    assert np.bincount(device, minlength=10).tolist() == [0] * 7 + [400] * 3
+    assert cloud.min() >= 0 and cloud.max() <= 6
+    assert device.min() >= 7 and device.max() <= 9
+    assert np.array_equal(_subset_labels(mnist_default.data.test), mnist_default.data.test_labels)
+
+
+def test_mnist_sides_and_test_are_disjoint(mnist_default: BundledMNISTDataModule) -> None:
+    cloud = _subset_indices(mnist_default.data.cloud_train)
+    device = _subset_indices(mnist_default.data.device_train)
+    test = _subset_indices(mnist_default.data.test)
+    assert not cloud & device and not cloud & test and not device & test
+    assert len(cloud | device | test) == 5000  # all 5,000 bundled digits are used
+
+
+def test_mnist_shared_class_is_divided(mnist_shared: BundledMNISTDataModule) -> None:
+    cloud = _subset_labels(mnist_shared.data.cloud_train)
+    device = _subset_labels(mnist_shared.data.device_train)
+    # digit 7: 400 training samples, shared_device_fraction 0.5 -> round(0.5*400) = 200 on each side
+    assert np.sum(cloud == 7) == 200 and np.sum(device == 7) == 200
+    # cloud 7*400 + 200 = 3000, device 200 + 2*400 = 1000
+    assert len(cloud) == 3000 and len(device) == 1000
+    assert not _subset_indices(mnist_shared.data.cloud_train) & _subset_indices(mnist_shared.data.device_train)
+    assert mnist_shared.class_split.shared_classes == (7,)
+
+
+def test_mnist_split_is_seeded(mnist_default: BundledMNISTDataModule, mnist_shared: BundledMNISTDataModule) -> None:
+    # the train/test split depends on the seed only, not on the class split
+    assert mnist_default.data.test.indices == mnist_shared.data.test.indices  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("cloud", "device", "message"),
+    [
+        ([0, 1, 12], [7, 8, 9], r"cloud_classes \[12\] are out of range"),
+        ([0, 1, 2], [], "devices hold no classes"),
+        ([], [7], "cloud holds no classes"),
+        ([0, 1], [7, 7], "lists a class twice"),
+    ],
+)
+def test_mnist_invalid_split_fails_at_construction(cloud: list[int], device: list[int], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BundledMNISTDataModule(cloud_classes=cloud, device_classes=device)
+
+
+def test_mnist_invalid_batch_size() -> None:
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        BundledMNISTDataModule(batch_size=0)
+
+
+def test_mnist_pinned_partition_serves_device_samples(mnist_default: BundledMNISTDataModule) -> None:
+    assert mnist_default.resolve_partition() == "device"
+    assert mnist_default.train_sample_count() == 1200
+    labels = []
+    for images, batch_labels in mnist_default.train_dataloader():
+        assert images.shape[1:] == (1, 28, 28)
+        assert images.shape[0] <= 256
+        labels.append(batch_labels)
+    all_labels = torch.cat(labels)
+    assert len(all_labels) == 1200
+    assert set(all_labels.tolist()) == {7, 8, 9}
+    # validation on the device side: the 3 x 100 test samples of digits 7, 8, 9
+    val_labels = torch.cat([batch[1] for batch in mnist_default.val_dataloader()])
+    assert len(val_labels) == 300 and set(val_labels.tolist()) == {7, 8, 9}
+    assert sum(len(batch[1]) for batch in mnist_default.test_dataloader()) == 1000
+
+
+def test_mnist_without_partition_and_trainer_cannot_resolve(mnist_shared: BundledMNISTDataModule) -> None:
+    with pytest.raises(ValueError, match="no training partition"):
+        mnist_shared.train_dataloader()
+    assert len(mnist_shared.train_dataset("cloud")) == 3000
+    # cloud-side validation: test samples of digits 0..7 = 8 x 100
+    assert len(mnist_shared.val_dataset("cloud")) == 800
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ImageFolderDataModule
+
+
+def _image(path: Path, size: tuple[int, int], mode: str, value: int) -> None:
+    """Write a flat PNG of ``size`` (width, height) in ``mode`` ("RGB" or "L")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = (value, 255 - value, value // 2) if mode == "RGB" else value
+    Image.new(mode, size, colour).save(path)
+
+
+@pytest.fixture
+def image_dirs(tmp_path: Path) -> dict[str, Path]:
+    """cloud: cat (2), dog (2); device: emu (3); test: one image per class. Mixed sizes and modes."""
+    dirs = {side: tmp_path / side for side in ("cloud", "device", "test")}
+    _image(dirs["cloud"] / "cat" / "a.png", (10, 12), "RGB", 10)
+    _image(dirs["cloud"] / "cat" / "b.png", (40, 20), "L", 50)
+    _image(dirs["cloud"] / "dog" / "a.png", (7, 7), "L", 90)
+    _image(dirs["cloud"] / "dog" / "b.png", (33, 64), "RGB", 130)
+    _image(dirs["device"] / "emu" / "a.png", (16, 16), "RGB", 170)
+    _image(dirs["device"] / "emu" / "b.png", (5, 30), "L", 210)
+    _image(dirs["device"] / "emu" / "c.png", (50, 9), "RGB", 250)
+    _image(dirs["test"] / "cat" / "t.png", (12, 12), "L", 20)
+    _image(dirs["test"] / "dog" / "t.png", (20, 10), "RGB", 60)
+    _image(dirs["test"] / "emu" / "t.png", (9, 18), "L", 100)
+    (dirs["device"] / ".hidden").mkdir()  # hidden folders are not classes
+    return dirs
+
+
+def _folder_module(dirs: dict[str, Path], **kwargs: Any) -> ImageFolderDataModule:
+    """The image-folder DataModule over the three folders of ``dirs``."""
+    return ImageFolderDataModule(str(dirs["cloud"]), str(dirs["device"]), str(dirs["test"]), **kwargs)
+
+
+def test_image_folder_global_classes(image_dirs: dict[str, Path]) -> None:
+    datamodule = _folder_module(image_dirs)
+    assert datamodule.num_classes == 3
+    assert datamodule.classes == ["cat", "dog", "emu"]
+    assert datamodule.class_to_idx == {"cat": 0, "dog": 1, "emu": 2}
+    assert datamodule.in_chans == 3
+    data = datamodule.data
+    assert data.class_split == ClassSplit(cloud_classes=(0, 1), device_classes=(2,))
+    assert data.cloud_train.targets == [0, 0, 1, 1]
+    assert data.device_train.targets == [2, 2, 2]  # emu keeps its global index, not 0
+    assert data.test_labels.tolist() == [0, 1, 2]
+    assert len(datamodule.test_dataset()) == 3
+
+
+def test_global_class_image_folder_with_a_subset_of_classes(image_dirs: dict[str, Path]) -> None:
+    folder = GlobalClassImageFolder(image_dirs["device"], {"cat": 0, "dog": 1, "emu": 2})
+    assert folder.classes == ["cat", "dog", "emu"]
+    assert folder.targets == [2, 2, 2]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_folder_device_batch_shape(image_dirs: dict[str, Path], channels: int) -> None:
+    datamodule = _folder_module(image_dirs, image_size=16, channels=channels, batch_size=8, partition="device")
+    assert datamodule.in_chans == channels
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.shape == (3, channels, 16, 16)
+    assert images.dtype == torch.float32
+    assert labels.tolist() == [2, 2, 2]
+    assert images.min() >= -1.0 and images.max() <= 1.0  # Normalize(0.5, 0.5) maps [0, 1] to [-1, 1]
+    assert datamodule.train_sample_count() == 3
+    # validation on the device side: the test images of emu only
+    val_images, val_labels = next(iter(datamodule.val_dataloader()))
+    assert val_images.shape == (1, channels, 16, 16) and val_labels.tolist() == [2]
+
+
+def test_image_folder_grayscale_pixel_value(image_dirs: dict[str, Path]) -> None:
+    datamodule = _folder_module(image_dirs, image_size=4, channels=1)
+    image, label = datamodule.data.test[0]  # the flat grey cat image with value 20
+    assert label == 0
+    # ToTensor: 20/255; Normalize(0.5, 0.5): (20/255 - 0.5) / 0.5 = 40/255 - 1
+    assert torch.allclose(image, torch.full((1, 4, 4), 40 / 255 - 1), atol=1e-6)
+
+
+def test_image_folder_missing_folder(image_dirs: dict[str, Path], tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_folder"
+    with pytest.raises(FileNotFoundError, match="data folder not found") as info:
+        ImageFolderDataModule(str(image_dirs["cloud"]), str(missing), str(image_dirs["test"]))
+    assert str(missing) in str(info.value)
+
+
+def test_image_folder_invalid_channels(image_dirs: dict[str, Path]) -> None:
+    with pytest.raises(ValueError, match="channels must be 1 or 3, got 2"):
+        _folder_module(image_dirs, channels=2)
+
+
+def test_image_folder_side_without_images(image_dirs: dict[str, Path]) -> None:
+    for image in (image_dirs["device"] / "emu").iterdir():
+        image.unlink()
+    datamodule = _folder_module(image_dirs)  # emu is still a class name (the test folder has it)
+    assert datamodule.num_classes == 3
+    with pytest.raises(ValueError, match="the device folder .* holds no images"):
+        datamodule.data  # noqa: B018

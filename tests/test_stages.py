@@ -1,0 +1,205 @@
+"""Stage modules under a real Lightning Trainer: who sees which samples, what stays frozen, what is written."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from datamodules.mnist import BundledMNISTDataModule
+from dcccl.aggregation import weighted_average
+from dcccl.exports import load_export, load_network
+from lightning_modules import (
+    CloudCoTrainingModule,
+    CloudSubmodelModule,
+    ControlDistillationModule,
+    DeviceCoTrainingModule,
+    FusionModule,
+    ServedModelEvaluation,
+)
+from tests.conftest import TINY
+
+CLOUD_CLASSES = set(range(7))
+DEVICE_CLASSES = {7, 8, 9}
+
+
+class LabelRecorder(Callback):
+    """Records the labels of every training batch."""
+
+    def __init__(self) -> None:
+        self.labels: list[int] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.labels += batch[1].tolist()
+
+
+def snapshot(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A deep copy of weights and buffers (batch-norm statistics included)."""
+    return {key: value.detach().clone() for key, value in network.state_dict().items()}
+
+
+def assert_identical(before: dict[str, torch.Tensor], network: torch.nn.Module) -> None:
+    after = network.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), f"{key} changed"
+
+
+def fit_recording(module: LightningModule, data: BundledMNISTDataModule, factory: Callable[..., Trainer],
+                  **trainer_args: Any) -> LabelRecorder:
+    recorder = LabelRecorder()
+    factory(callbacks=[recorder], **trainer_args).fit(module, datamodule=data)
+    return recorder
+
+
+def test_cloud_stage_sees_only_cloud_samples_and_exports(tmp_path: Path, digits: BundledMNISTDataModule,
+                                                         trainer_factory: Callable[..., Trainer]) -> None:
+    export = tmp_path / "f.pt"
+    module = CloudSubmodelModule(10, 1, backbone=TINY, export_path=str(export))
+    recorder = fit_recording(module, digits, trainer_factory, max_steps=20)
+    assert set(recorder.labels) <= CLOUD_CLASSES and len(recorder.labels) == 20 * 32
+    written = load_export(export, "cloud_submodel")
+    assert written.sample_count == 2800  # 7 digits x 400 training samples
+    for key, value in module.cloud_submodel.state_dict().items():
+        assert torch.equal(written.state_dict[key], value)
+
+
+def test_distillation_keeps_teacher_frozen_and_sees_cloud_samples(
+    digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer], export_factory: Callable[..., Path]
+) -> None:
+    module = ControlDistillationModule(10, 1, cloud_submodel=str(export_factory("cloud_submodel")), backbone=TINY)
+    teacher_before, student_before = snapshot(module.cloud_submodel), snapshot(module.control_model)
+    recorder = fit_recording(module, digits, trainer_factory)
+    assert set(recorder.labels) <= CLOUD_CLASSES
+    assert_identical(teacher_before, module.cloud_submodel)
+    assert not module.cloud_submodel.training
+    assert not any(torch.equal(student_before[k], v) for k, v in module.control_model.state_dict().items()
+                   if v.is_floating_point() and "running" not in k)
+
+
+def test_kl_distillation_loss_is_zero_for_identical_logits() -> None:
+    from lightning_modules.distill import distillation_loss
+
+    logits = torch.randn(4, 10)
+    assert distillation_loss(logits, logits, "kl", 4.0).abs() < 1e-6
+    assert distillation_loss(logits, logits + 1.0, "mse") == torch.tensor(1.0)
+
+
+def test_device_stage_never_receives_cloud_submodel_and_sees_only_device_samples(
+    tmp_path: Path, digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer],
+    export_factory: Callable[..., Path],
+) -> None:
+    cloud_submodel = load_network(export_factory("cloud_submodel", seed=1), "cloud_submodel")
+    control = export_factory("control_model", seed=2)
+    start = export_factory("co_submodel", seed=3)
+    export = tmp_path / "device_copy.pt"
+    module = DeviceCoTrainingModule(10, 1, control_model=str(control), co_submodel=str(start), export_path=str(export))
+    # Its signature has no way to receive the cloud submodel or cloud data.
+    assert not any("cloud" in name for name in inspect.signature(DeviceCoTrainingModule).parameters)
+    # No weight it holds is one of the cloud submodel's (freshly initialised buffers are equal everywhere).
+    cloud_weights = [p.detach() for p in cloud_submodel.parameters()]
+    for weight in (p for p in module.parameters() if p.ndim > 1):  # BN affine params start as ones/zeros
+        assert not any(w.shape == weight.shape and torch.equal(w, weight) for w in cloud_weights)
+    control_before = snapshot(module.control_model)
+    recorder = fit_recording(module, digits, trainer_factory)
+    assert set(recorder.labels) <= DEVICE_CLASSES
+    assert_identical(control_before, module.control_model)
+    copy = load_export(export, "co_submodel")
+    assert copy.sample_count == 1200  # 3 digits x 400 training samples
+    assert not torch.equal(copy.state_dict["head.weight"], load_export(start).state_dict["head.weight"])
+
+
+def test_device_stage_refuses_a_cloud_submodel_as_control_model(export_factory: Callable[..., Path]) -> None:
+    import pytest
+
+    from dcccl.exports import ExportError
+
+    with pytest.raises(ExportError, match="expected a control_model"):
+        DeviceCoTrainingModule(10, 1, control_model=str(export_factory("cloud_submodel")))
+
+
+def test_cloud_round_writes_initial_copy_and_keeps_guide_frozen(
+    tmp_path: Path, digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer],
+    export_factory: Callable[..., Path],
+) -> None:
+    initial, export = tmp_path / "initial.pt", tmp_path / "cloud_copy.pt"
+    torch.manual_seed(5)
+    module = CloudCoTrainingModule(10, 1, guide=str(export_factory("cloud_submodel")), co_backbone=TINY,
+                                   initial_export_path=str(initial), export_path=str(export))
+    start = snapshot(module.co_submodel)
+    guide_before = snapshot(module.guide)
+    recorder = fit_recording(module, digits, trainer_factory)
+    assert set(recorder.labels) <= CLOUD_CLASSES
+    assert_identical(guide_before, module.guide)
+    for key, value in load_export(initial, "co_submodel").state_dict.items():
+        assert torch.equal(value, start[key])  # written before any training step
+    assert load_export(export, "co_submodel").sample_count == 2800
+
+
+def test_fusion_averages_copies_with_cloud_share(
+    tmp_path: Path, digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer],
+    export_factory: Callable[..., Path],
+) -> None:
+    cloud = export_factory("co_submodel", name="cloud", sample_count=2800, seed=1)
+    devices = [export_factory("co_submodel", name=f"d{i}", sample_count=n, seed=2 + i) for i, n in enumerate([100, 300])]
+    export = tmp_path / "fused.pt"
+    module = FusionModule(10, 1, cloud_copy=str(cloud), device_copies=[str(d) for d in devices], cloud_share=0.5,
+                          export_path=str(export))
+    assert module.weights == [0.5, 0.125, 0.375]
+    recorder = fit_recording(module, digits, trainer_factory)
+    assert recorder.labels == []  # fusion alone trains nothing and touches no sample
+    expected = weighted_average([load_export(p).state_dict for p in [cloud, *devices]], [0.5, 0.125, 0.375])
+    fused = load_export(export, "co_submodel")
+    assert fused.sample_count == 3200
+    for key, value in expected.items():
+        assert torch.equal(fused.state_dict[key], value)
+
+
+def test_fusion_head_finetuning_trains_only_the_head_on_cloud_samples(
+    digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer], export_factory: Callable[..., Path]
+) -> None:
+    module = FusionModule(10, 1, cloud_copy=str(export_factory("co_submodel", name="c", sample_count=10)),
+                          device_copies=[str(export_factory("co_submodel", name="d", sample_count=10, seed=1))],
+                          finetune_head=True, cloud_submodel=str(export_factory("cloud_submodel", seed=2)))
+    body_before = {k: v for k, v in snapshot(module.co_submodel).items() if not k.startswith("head.")}
+    cloud_before = snapshot(module.cloud_submodel)  # type: ignore[arg-type]
+    head_before = module.co_submodel.head.weight.detach().clone()
+    recorder = fit_recording(module, digits, trainer_factory)
+    assert recorder.labels and set(recorder.labels) <= CLOUD_CLASSES
+    assert_identical(cloud_before, module.cloud_submodel)  # type: ignore[arg-type]
+    after = module.co_submodel.state_dict()
+    assert all(torch.equal(value, after[key]) for key, value in body_before.items())
+    assert not torch.equal(head_before, module.co_submodel.head.weight)
+
+
+def test_served_logits_are_cloud_plus_co_logits(export_factory: Callable[..., Path]) -> None:
+    cloud, co = export_factory("cloud_submodel", seed=1), export_factory("co_submodel", seed=2)
+    module = ServedModelEvaluation(10, 1, cloud_submodel=str(cloud), co_submodel=str(co))
+    x = torch.randn(5, 1, 28, 28)
+    f, h = load_network(cloud, "cloud_submodel").eval(), load_network(co, "co_submodel").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), f(x) + h(x))
+
+
+def test_evaluation_writes_accuracy_per_class_group(
+    tmp_path: Path, digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer],
+    export_factory: Callable[..., Path],
+) -> None:
+    import json
+
+    metrics_path = tmp_path / "metrics.json"
+    module = ServedModelEvaluation(10, 1, cloud_submodel=str(export_factory("cloud_submodel")),
+                                   co_submodel=str(export_factory("co_submodel")), metrics_path=str(metrics_path))
+    logged = trainer_factory().test(module, datamodule=digits, verbose=False)[0]
+    written = json.loads(metrics_path.read_text())
+    keys = {f"{m}/{k}" for m in ("served", "cloud_only") for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
+    assert set(written) == keys
+    for key in keys:
+        assert abs(written[key] - logged[key]) < 1e-6
+    # Overall accuracy is the sample-weighted mean of the two groups (700 cloud-class, 300 device-class samples).
+    for m in ("served", "cloud_only"):
+        mix = 0.7 * written[f"{m}/acc_cloud_classes"] + 0.3 * written[f"{m}/acc_device_classes"]
+        assert abs(written[f"{m}/acc"] - mix) < 1e-6
