@@ -167,6 +167,15 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
 _USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError)
 
 
+# Warnings about things dcccl does on purpose: frozen guides in eval mode, fusion that trains nothing.
+_INTENDED_WARNINGS = (
+    r".*module\(s\) in eval mode at the start of training.*",
+    r".*configure_optimizers` returned `None`.*",
+    r".*You passed in a `val_dataloader` but have no `validation_step`.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
 class _DropAdvertisements(logging.Filter):
     """Drops Lightning's product tips from the console; every other message passes."""
 
@@ -178,6 +187,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``dcccl`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+    for intended in _INTENDED_WARNINGS:
+        warnings.filterwarnings("ignore", message=intended)
     if (sys.argv[1:] if argv is None else argv)[:1] != ["pipeline"]:
         cli_main(argv)  # None lets LightningCLI read sys.argv itself
         return
