@@ -16,12 +16,13 @@ from typing import Any, Optional
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules.base import DCCCLDataModule
 from dcccl.atomic import atomic_write_text
-from dcccl.exports import ExportError
 from dcccl.backbones.registry import BackboneNotFoundError
+from dcccl.exports import ExportError
 from dcccl.pipeline import Pipeline, StageCall, StageConfigs, StageFailedError
 from dcccl.report import results_table
 from lightning_modules.base import StageModule
@@ -83,6 +84,12 @@ def run_stage(call: StageCall) -> None:
         # The pipeline's own command line is in sys.argv; the stage's arguments are given explicitly.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
         cli = cli_main(stage_arguments(call), run=False)
+    # Whatever logger is configured, a stage's checkpoints and resolved config stay in its own directory.
+    for callback in cli.trainer.checkpoint_callbacks:
+        if getattr(callback, "dirpath", None) is None:
+            callback.dirpath = str(call.work_dir / "checkpoints")  # type: ignore[attr-defined]
+    if cli.trainer.is_global_zero:
+        atomic_write_text(call.work_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
     getattr(cli.trainer, call.command)(cli.model, datamodule=cli.datamodule)
 
 
@@ -104,6 +111,15 @@ def split_trainer_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str]]
     return trainer, rest
 
 
+def _absolute_path(value: str | Path) -> Path:
+    # jsonargparse deserialises values read from a config file while in that file's folder.
+    return Path(value).absolute()
+
+
+# Input files named in a config file are relative to that file; on the command line, to the working directory.
+register_type(Path, serializer=str, deserializer=_absolute_path)
+
+
 def pipeline_parser() -> ArgumentParser:
     """The parser of ``dcccl pipeline``, built from :class:`dcccl.pipeline.Pipeline`'s signature."""
     parser = ArgumentParser(prog="dcccl pipeline", description=PIPELINE_HELP, env_prefix="DCCCL", default_env=False)
@@ -113,26 +129,11 @@ def pipeline_parser() -> ArgumentParser:
     return parser
 
 
-def _resolve(path: Optional[str | Path], config_dirs: list[Path]) -> Optional[Path]:
-    """A relative path is taken from the working directory if it exists there, else from a config file's folder."""
-    if path is None:
-        return None
-    candidate = Path(path)
-    if candidate.is_absolute() or candidate.exists():
-        return candidate
-    for folder in reversed(config_dirs):
-        if (folder / candidate).exists():
-            return folder / candidate
-    raise FileNotFoundError(f"config file not found: {path}")
-
-
 def build_pipeline(cfg: Namespace) -> Pipeline:
-    """Instantiate the pipeline from a parsed config, resolving relative config paths."""
-    config_dirs = [Path(str(c)).parent for c in (cfg.get("config") or []) if c is not None]
-    stages = StageConfigs(**{name: _resolve(value, config_dirs) for name, value in vars(cfg.stages).items()})
+    """Instantiate the pipeline from a parsed config."""
     return Pipeline(
-        stages=stages,
-        data=_resolve(cfg.data, config_dirs),
+        stages=StageConfigs(**vars(cfg.stages)),
+        data=cfg.data,
         name=cfg.name,
         run_dir=cfg.run_dir,
         rounds=cfg.rounds,

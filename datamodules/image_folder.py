@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 from torchvision import transforms
@@ -39,7 +40,9 @@ class GlobalClassImageFolder(ImageFolder):
         transform: Transform applied to every image.
     """
 
-    def __init__(self, root: Path, class_to_idx: dict[str, int], transform: Optional[Callable[..., Any]] = None) -> None:
+    def __init__(
+        self, root: Path, class_to_idx: dict[str, int], transform: Optional[Callable[..., Any]] = None
+    ) -> None:
         self._global_class_to_idx = class_to_idx
         super().__init__(str(root), transform=transform, allow_empty=True)
 

@@ -50,7 +50,9 @@ class RunningAverage:
         }
 
 
-def weighted_average(state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+def weighted_average(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
     """Average ``state_dicts`` with ``weights`` (normalised to sum to one); see :class:`RunningAverage`."""
     if len(state_dicts) != len(weights):
         raise ValueError(f"{len(state_dicts)} state dicts but {len(weights)} weights")

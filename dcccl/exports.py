@@ -48,7 +48,7 @@ class NetworkExport:
 
     @classmethod
     def of(cls, network: nn.Module, role: Role, backbone: BackboneSpec, num_classes: int, in_chans: int,
-           sample_count: Optional[int] = None) -> "NetworkExport":
+           sample_count: Optional[int] = None) -> NetworkExport:
         """Snapshot ``network`` (weights copied to CPU) as an export."""
         state = {key: value.detach().to("cpu", copy=True) for key, value in network.state_dict().items()}
         return cls(role, backbone, num_classes, in_chans, state, sample_count)

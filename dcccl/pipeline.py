@@ -90,8 +90,9 @@ class Pipeline:
     Args:
         stages: Config file of each stage.
         data: Config file with the ``data`` section shared by all stages (default: the bundled MNIST digits).
+            In a config file, relative paths of config files are relative to that file.
         name: Run name; the run directory defaults to ``runs/<name>``.
-        run_dir: Run directory (overrides ``runs/<name>``).
+        run_dir: Run directory (overrides ``runs/<name>``), relative to the working directory.
         rounds: Number of device-cloud rounds (at least 1).
         seed_everything: Seed of the whole run: data split and training of every stage.
         cloud_round_guide: Which model guides the cloud's copy of the co-submodel: the cloud submodel
@@ -107,7 +108,7 @@ class Pipeline:
         stages: StageConfigs,
         data: Optional[Path] = None,
         name: str = "dcccl",
-        run_dir: Optional[Path] = None,
+        run_dir: Optional[str] = None,
         rounds: int = 3,
         seed_everything: int = 0,
         cloud_round_guide: Guide = "cloud_submodel",
@@ -121,6 +122,9 @@ class Pipeline:
         unknown = set(stage_args or {}) - set(StageConfigs.__dataclass_fields__)
         if unknown:
             raise ValueError(f"stage_args names unknown stages {sorted(unknown)}")
+        for config in [*vars(stages).values(), *([data] if data is not None else [])]:
+            if not Path(config).is_file():
+                raise FileNotFoundError(f"config file not found: {config}")
         self.stages = stages
         self.data = data
         self.name = name
@@ -190,17 +194,22 @@ class Pipeline:
     def execute(self, runner: StageRunner) -> dict[str, Any]:
         """Run (or skip) every stage with ``runner``, write ``metrics.json`` and return its content."""
         rerun = False
-        for restart_point, call in self.plan():
+        plan = list(self.plan())
+        for step, (restart_point, call) in enumerate(plan, start=1):
+            progress = f"[dcccl {step}/{len(plan)}] {call.label}"
             rerun = rerun or (restart_point is not None and restart_point == self.restart_from)
             if not rerun and all(path.is_file() for path in call.outputs):
-                log.info("[dcccl] %s: done already, skipped (%s)", call.label, call.outputs[0])
+                log.info("%s: done already, skipped (%s)", progress, call.outputs[0])
                 continue
             rerun = True
-            log.info("[dcccl] %s: running %s %s", call.label, call.command, call.config_files[-1])
+            log.info("%s: running %s %s", progress, call.command, call.config_files[-1])
             runner(call)
             missing = [str(path) for path in call.outputs if not path.is_file()]
             if missing:
                 raise StageFailedError(f"stage {call.label!r} finished but did not write {', '.join(missing)}")
+            if call.stage == "evaluate":
+                served = json.loads(call.outputs[0].read_text()).get("served/acc")
+                log.info("%s: served accuracy %s", progress, "n/a" if served is None else f"{100 * served:.1f}%")
         return self.collect_metrics()
 
     def collect_metrics(self) -> dict[str, Any]:

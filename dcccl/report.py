@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-_COLUMNS = (("acc", "all classes"), ("acc_cloud_classes", "cloud classes"), ("acc_device_classes", "device-only classes"))
+_COLUMNS = (
+    ("acc", "all classes"),
+    ("acc_cloud_classes", "cloud classes"),
+    ("acc_device_classes", "device-only classes"),
+)
 _MODELS = (("served", "served model f + h"), ("cloud_only", "cloud submodel f alone"))
 
 

@@ -7,7 +7,6 @@ from typing import ClassVar, Optional
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
@@ -43,7 +42,7 @@ class StageModule(LightningModule):
         """Networks that guide this stage and must not change."""
         return []
 
-    def train(self, mode: bool = True) -> "StageModule":
+    def train(self, mode: bool = True) -> StageModule:
         """Switch training mode but keep frozen networks in eval mode."""
         super().train(mode)
         for network in self.frozen_networks():
@@ -70,11 +69,16 @@ class StageModule(LightningModule):
             raise RuntimeError("this stage needs a dcccl DataModule to count its training samples")
         return int(datamodule.train_sample_count())
 
-    @rank_zero_only
     def write_export(self, network: nn.Module, role: Role, backbone: BackboneSpec, path: Optional[str] = None,
                      sample_count: Optional[int] = None) -> None:
-        """Write ``network`` as a self-describing export to ``path`` (default ``export_path``) on rank zero."""
+        """Write ``network`` as a self-describing export to ``path`` (default ``export_path``).
+
+        Only global rank zero writes; every rank then waits, so no rank moves on before the file exists.
+        """
         target = path if path is not None else self.export_path
         if target is None:
             return
-        save_export(NetworkExport.of(network, role, backbone, self.num_classes, self.in_chans, sample_count), target)
+        if self.trainer.is_global_zero:
+            export = NetworkExport.of(network, role, backbone, self.num_classes, self.in_chans, sample_count)
+            save_export(export, target)
+        self.trainer.strategy.barrier("dcccl-export")

@@ -45,7 +45,9 @@ class CloudCoTrainingModule(GuidedCoTrainingModule):
     ) -> None:
         guide_export = load_export(guide)
         if guide_export.role not in ("cloud_submodel", "control_model"):
-            raise ValueError(f"{guide} holds a {guide_export.role}; the guide must be a cloud submodel or control model")
+            raise ValueError(
+                f"{guide} holds a {guide_export.role}; the guide must be a cloud submodel or a control model"
+            )
         if guide_export.num_classes != num_classes:
             raise ValueError(f"{guide} predicts {guide_export.num_classes} classes but the data has {num_classes}")
         super().__init__(num_classes, in_chans, guide_export.build(), co_submodel, co_backbone, optimizer, export_path)

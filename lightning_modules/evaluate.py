@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 from torch import nn
@@ -36,8 +36,9 @@ class ServedModelEvaluation(StageModule):
     def __init__(self, num_classes: int, in_chans: int, cloud_submodel: str, co_submodel: str,
                  metrics_path: Optional[str] = None) -> None:
         super().__init__(num_classes, in_chans)
-        self.served = freeze(SummedLogits(load_network(cloud_submodel, "cloud_submodel", num_classes),
-                                          load_network(co_submodel, "co_submodel", num_classes)))
+        self.served = SummedLogits(load_network(cloud_submodel, "cloud_submodel", num_classes),
+                                   load_network(co_submodel, "co_submodel", num_classes))
+        freeze(self.served)
         self.metrics_path = metrics_path
         self.accuracies = nn.ModuleDict({
             f"{model}__{group}": MulticlassAccuracy(num_classes, average="micro")
@@ -45,6 +46,10 @@ class ServedModelEvaluation(StageModule):
             for group in GROUPS.values()
         })
         self._group_classes: dict[str, Optional[torch.Tensor]] = {}
+
+    def accuracy(self, model: str, group: str) -> MulticlassAccuracy:
+        """The accuracy metric of one model on one class group."""
+        return cast(MulticlassAccuracy, self.accuracies[f"{model}__{group}"])
 
     def frozen_networks(self) -> list[nn.Module]:
         """Nothing trains here."""
@@ -74,7 +79,7 @@ class ServedModelEvaluation(StageModule):
             if not mask.any():
                 continue
             for model in MODELS:
-                self.accuracies[f"{model}__{group}"].update(logits[model][mask], y[mask])
+                self.accuracy(model, group).update(logits[model][mask], y[mask])
 
     def on_test_epoch_end(self) -> None:
         """Log the accuracies and write them to ``metrics_path``."""
@@ -82,7 +87,9 @@ class ServedModelEvaluation(StageModule):
         for model in MODELS:
             for key, group in GROUPS.items():
                 if group in self._group_classes:
-                    results[f"{model}/{key}"] = float(self.accuracies[f"{model}__{group}"].compute())
+                    results[f"{model}/{key}"] = float(self.accuracy(model, group).compute())
         self.log_dict(results)
-        if self.metrics_path is not None and self.trainer.is_global_zero:
-            atomic_write_json(self.metrics_path, results)
+        if self.metrics_path is not None:
+            if self.trainer.is_global_zero:
+                atomic_write_json(self.metrics_path, results)
+            self.trainer.strategy.barrier("dcccl-metrics")

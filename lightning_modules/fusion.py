@@ -67,8 +67,8 @@ class FusionModule(StageModule):
             cloud.sample_count or 0, [d.sample_count or 0 for d in devices], cloud_share, device_weighting
         )
         self.total_samples = sum(e.sample_count or 0 for e in [cloud, *devices])
-        rank_zero_info("[dcccl] fusion weights: cloud %.3f, devices %s" % (
-            self.weights[0], ", ".join(f"{w:.3f}" for w in self.weights[1:])))
+        device_shares = ", ".join(f"{w:.3f}" for w in self.weights[1:])
+        rank_zero_info(f"[dcccl] fusion weights: cloud {self.weights[0]:.3f}, devices {device_shares}")
         self.co_backbone = cloud.backbone
         self.co_submodel = cloud.build()
         self.co_submodel.load_state_dict(weighted_average([cloud.state_dict, *[d.state_dict for d in devices]],
@@ -78,7 +78,8 @@ class FusionModule(StageModule):
         if finetune_head:
             if cloud_submodel is None:
                 raise ValueError("finetune_head needs the cloud submodel export (cloud_submodel)")
-            self.cloud_submodel: Optional[nn.Module] = freeze(load_network(cloud_submodel, "cloud_submodel", num_classes))
+            cloud_network = load_network(cloud_submodel, "cloud_submodel", num_classes)
+            self.cloud_submodel: Optional[nn.Module] = freeze(cloud_network)
             self.co_submodel.requires_grad_(False)
             self.head().requires_grad_(True)
         else:

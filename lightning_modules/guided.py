@@ -51,7 +51,8 @@ class GuidedCoTrainingModule(StageModule):
             self.co_backbone = start.backbone
             self.co_submodel = start.build()
         else:
-            self.co_backbone = co_backbone if co_backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 8})
+            default = BackboneSpec("small_cnn", kwargs={"width": 8})
+            self.co_backbone = co_backbone if co_backbone is not None else default
             self.co_submodel = self.build_network()
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")

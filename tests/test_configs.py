@@ -42,12 +42,15 @@ def test_stage_config_parses_alone_and_with_data_and_trainer(path: Path) -> None
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
-def test_pipeline_config_parses_and_names_existing_stage_configs(path: Path) -> None:
+def test_pipeline_config_parses_and_names_existing_stage_configs(path: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # config files named in a config file are found from anywhere
     cfg = pipeline_parser().parse_args(["--config", str(path)])
     pipeline = build_pipeline(cfg)
     for stage_config in vars(pipeline.stages).values():
-        assert Path(stage_config).is_file()
-    assert pipeline.rounds >= 1
+        assert Path(stage_config).is_absolute() and Path(stage_config).is_file()
+        assert Path(stage_config).parent == CONFIGS / "stages"
+    assert pipeline.rounds >= 1 and pipeline.run.root == Path("runs") / cfg.name
 
 
 def test_pipeline_stage_arguments_parse_with_the_stage_cli(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from dcccl.pipeline import Pipeline, StageCall, StageConfigs, StageFailedError
 
-STAGES = StageConfigs(*(Path(f"configs/stages/{name}.yaml") for name in
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES = StageConfigs(*(CONFIGS / f"stages/{name}.yaml" for name in
                         ("cloud", "distill", "cloud_round", "device", "fusion", "evaluate")))
 
 
@@ -35,7 +36,7 @@ class FakeRunner:
 
 
 def make(tmp_path: Path, **kwargs: object) -> Pipeline:
-    return Pipeline(STAGES, run_dir=tmp_path / "run", **kwargs)  # type: ignore[arg-type]
+    return Pipeline(STAGES, run_dir=str(tmp_path / "run"), **kwargs)  # type: ignore[arg-type]
 
 
 def test_stage_order_and_artifact_handover(tmp_path: Path) -> None:
@@ -111,9 +112,9 @@ def test_stage_that_writes_nothing_fails_loudly(tmp_path: Path) -> None:
 def test_trainer_options_and_stage_args_reach_the_stages(tmp_path: Path) -> None:
     runner = FakeRunner()
     make(tmp_path, rounds=1, trainer={"max_epochs": 1}, stage_args={"device": ["--model.init_args.x=1"]},
-         data=Path("configs/data/mnist.yaml")).execute(runner)
+         data=CONFIGS / "data/mnist.yaml").execute(runner)
     assert all(c.trainer_args["max_epochs"] == 1 for c in runner.calls)
-    assert all(c.config_files[0] == Path("configs/data/mnist.yaml") for c in runner.calls)
+    assert all(c.config_files[0] == CONFIGS / "data/mnist.yaml" for c in runner.calls)
     assert [c.extra_args for c in runner.calls if c.stage == "device"] == [["--model.init_args.x=1"]]
     assert all(c.extra_args == [] for c in runner.calls if c.stage != "device")
 
@@ -122,3 +123,8 @@ def test_trainer_options_and_stage_args_reach_the_stages(tmp_path: Path) -> None
 def test_invalid_pipeline_options(tmp_path: Path, bad: dict) -> None:
     with pytest.raises(ValueError):
         make(tmp_path, **bad)
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found: .*nowhere.yaml"):
+        make(tmp_path, data=tmp_path / "nowhere.yaml")

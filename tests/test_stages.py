@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -144,7 +145,8 @@ def test_fusion_averages_copies_with_cloud_share(
     export_factory: Callable[..., Path],
 ) -> None:
     cloud = export_factory("co_submodel", name="cloud", sample_count=2800, seed=1)
-    devices = [export_factory("co_submodel", name=f"d{i}", sample_count=n, seed=2 + i) for i, n in enumerate([100, 300])]
+    devices = [export_factory("co_submodel", name=f"d{i}", sample_count=n, seed=2 + i)
+               for i, n in enumerate([100, 300])]
     export = tmp_path / "fused.pt"
     module = FusionModule(10, 1, cloud_copy=str(cloud), device_copies=[str(d) for d in devices], cloud_share=0.5,
                           export_path=str(export))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import timm
 import torch
@@ -101,7 +102,9 @@ def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
     missing, unexpected = network.load_state_dict(state, strict=False)
     missing = [key for key in missing if key not in head_keys]
     if missing or unexpected:
-        raise ValueError(f"weights in {path} do not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"weights in {path} do not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def build_backbone(

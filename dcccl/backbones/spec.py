@@ -33,6 +33,6 @@ class BackboneSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "BackboneSpec":
+    def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
