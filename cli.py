@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +17,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from datamodules.base import DCCCLDataModule
 from dcccl.atomic import atomic_write_text
@@ -147,7 +147,7 @@ def build_pipeline(cfg: Namespace) -> Pipeline:
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def pipeline_main(argv: list[str]) -> dict[str, Any]:
@@ -171,10 +171,16 @@ _USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFou
 # Warnings about things dcccl does on purpose: frozen guides in eval mode, fusion that trains nothing.
 _INTENDED_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",
-    r".*configure_optimizers` returned `None`.*",
     r".*You passed in a `val_dataloader` but have no `validation_step`.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
+
+
+class _RankZeroOnly(logging.Filter):
+    """Under DDP every process runs the pipeline; only global rank zero reports progress."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(rank_zero_only, "rank", 0) == 0
 
 
 class _DropAdvertisements(logging.Filter):
@@ -188,6 +194,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``dcccl`` console script."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
+    log.addFilter(_RankZeroOnly())
     for intended in _INTENDED_WARNINGS:
         warnings.filterwarnings("ignore", message=intended)
     if (sys.argv[1:] if argv is None else argv)[:1] != ["pipeline"]:

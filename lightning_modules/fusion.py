@@ -74,17 +74,16 @@ class FusionModule(StageModule):
         self.co_submodel.load_state_dict(weighted_average([cloud.state_dict, *[d.state_dict for d in devices]],
                                                           self.weights))
         self.finetune_head = finetune_head
-        self.co_submodel.eval()  # only the head may learn; the fused batch-norm statistics must stay
+        # Only the head is trainable (also without fine-tuning: DDP refuses a module with nothing to train);
+        # the body stays in eval mode so the fused batch-norm statistics are kept.
+        self.co_submodel.requires_grad_(False)
+        self.co_submodel.eval()
+        self.head().requires_grad_(True)
+        self.cloud_submodel: Optional[nn.Module] = None
         if finetune_head:
             if cloud_submodel is None:
                 raise ValueError("finetune_head needs the cloud submodel export (cloud_submodel)")
-            cloud_network = load_network(cloud_submodel, "cloud_submodel", num_classes)
-            self.cloud_submodel: Optional[nn.Module] = freeze(cloud_network)
-            self.co_submodel.requires_grad_(False)
-            self.head().requires_grad_(True)
-        else:
-            self.cloud_submodel = None
-            self.co_submodel.requires_grad_(False)
+            self.cloud_submodel = freeze(load_network(cloud_submodel, "cloud_submodel", num_classes))
 
     def head(self) -> nn.Module:
         """The fused co-submodel's classifier, through timm's head API."""
@@ -102,10 +101,6 @@ class FusionModule(StageModule):
         """Without head fine-tuning there is nothing to train: stop before the first batch."""
         if not self.finetune_head:
             self.trainer.should_stop = True
-
-    def configure_optimizers(self) -> Optional[torch.optim.Optimizer]:  # type: ignore[override]
-        """Optimizer over the classifier head, or none when only fusing."""
-        return super().configure_optimizers() if self.finetune_head else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Served logits ``f(x) + h(x)`` (needs the cloud submodel, i.e. ``finetune_head``)."""
