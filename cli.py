@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -13,16 +14,21 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from jsonargparse.typing import register_type
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DCCCLDataModule
 from dcccl.atomic import atomic_write_text
 from dcccl.backbones.registry import BackboneNotFoundError
-from dcccl.exports import ExportError
+from dcccl.comparison import Comparison, method_costs
+from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
+from dcccl.costs import control_fidelity
+from dcccl.exports import ExportError, load_network
 from dcccl.pipeline import Pipeline, StageCall, StageConfigs, StageFailedError
 from dcccl.report import results_table
 from lightning_modules.base import StageModule
@@ -30,7 +36,8 @@ from lightning_modules.base import StageModule
 log = logging.getLogger("dcccl")
 
 STAGE_HELP = """dcccl: device-cloud collaborative controlled learning. Subcommands fit/validate/test/predict run one
-stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method."""
+stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method,
+'dcccl compare --help' compares it with the paper's baselines."""
 
 PIPELINE_HELP = """Run DC-CCL end to end: cloud submodel -> control model -> rounds of (cloud side, device, fusion,
 evaluation). Any --trainer.* option (e.g. --trainer.max_epochs 1, --trainer.accelerator gpu,
@@ -129,21 +136,26 @@ def pipeline_parser() -> ArgumentParser:
     return parser
 
 
+def pipeline_settings(cfg: Namespace) -> dict[str, Any]:
+    """Keyword arguments of :class:`Pipeline` from a parsed pipeline config."""
+    names = [name for name in inspect.signature(Pipeline).parameters if name != "stages"]
+    return {"stages": StageConfigs(**vars(cfg.stages)), **{name: cfg[name] for name in names}}
+
+
 def build_pipeline(cfg: Namespace) -> Pipeline:
     """Instantiate the pipeline from a parsed config."""
-    return Pipeline(
-        stages=StageConfigs(**vars(cfg.stages)),
-        data=cfg.data,
-        name=cfg.name,
-        run_dir=cfg.run_dir,
-        rounds=cfg.rounds,
-        seed_everything=cfg.seed_everything,
-        cloud_round_guide=cfg.cloud_round_guide,
-        trainer=cfg.trainer,
-        stage_args=cfg.stage_args,
-        force=cfg.force,
-        from_stage=cfg.from_stage,
-    )
+    return Pipeline(**pipeline_settings(cfg))
+
+
+def load_datamodule(data_config: Optional[Path], seed: int) -> DCCCLDataModule:
+    """Instantiate the DataModule a pipeline's stages use (default: the bundled digits) with ``seed``."""
+    parser = ArgumentParser()
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(DCCCLDataModule, "data")
+    parser.set_defaults({"data": {"class_path": "datamodules.BundledMNISTDataModule"}})
+    args = ["--config", str(data_config)] if data_config is not None else []
+    cfg = parser.parse_args([*args, f"--data.init_args.seed={seed}"])
+    return parser.instantiate_classes(cfg).data
 
 
 def _is_rank_zero() -> bool:
@@ -163,6 +175,63 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     if _is_rank_zero():
         print(f"\nDC-CCL results ({pipeline.run.root}):\n{results_table(metrics)}\nmetrics: {pipeline.run.metrics}")
     return metrics
+
+
+COMPARE_HELP = """Compare DC-CCL with its baselines on the same data partition and seed: cloud-only model,
+device-affordable small model (FedAvg), on-device only, DC-CCL without control model, DC-CCL, centralized
+(privacy-violating upper bound). Takes any pipeline config; reuses and skips what the run directory holds.
+Writes comparison.json, comparison.md and PNG plots into the run directory."""
+
+
+def compare_parser() -> ArgumentParser:
+    """The parser of ``dcccl compare``: the pipeline's options plus ``--seeds``."""
+    parser = pipeline_parser()
+    parser.prog, parser.description = "dcccl compare", COMPARE_HELP
+    parser.add_argument("--seeds", type=Optional[list[int]], default=None, nargs="+",
+                        help="Seeds to repeat every method with (mean and std are reported), e.g. --seeds 0 1 2.")
+    return parser
+
+
+def _device_batch(datamodule: DCCCLDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    return next(iter(DataLoader(datamodule.train_dataset("device"), batch_size=datamodule.batch_size)))
+
+
+def _dataset_bytes(dataset: Dataset) -> int:
+    return sum(x.numel() * x.element_size() for x, _ in DataLoader(dataset, batch_size=256))
+
+
+def compare_main(argv: list[str]) -> dict[str, Any]:
+    """``dcccl compare``: every method, cost figures, fidelity, then comparison.json/.md and plots."""
+    trainer_overrides, rest = split_trainer_arguments(argv)
+    parser = compare_parser()
+    cfg = parser.parse_args(rest)
+    cfg.trainer = {**(cfg.trainer or {}), **trainer_overrides}
+    settings = pipeline_settings(cfg)
+    comparison = Comparison(settings, cfg.seeds)
+    if _is_rank_zero():
+        atomic_write_text(comparison.root / "compare.yaml", parser.dump(cfg, skip_none=False))
+    results = comparison.execute(run_stage)
+    if not _is_rank_zero():
+        return {}
+    fidelity = {}
+    for seed in comparison.seeds:
+        datamodule = load_datamodule(settings["data"], seed)
+        run = comparison.variants(seed)["dcccl"].run
+        cloud = load_network(run.cloud_submodel, "cloud_submodel")
+        control = load_network(run.control_model, "control_model")
+        fidelity[seed] = {
+            f"{side}_test": control_fidelity(cloud, control, DataLoader(datamodule.val_dataset(side), batch_size=256))
+            for side in ("cloud", "device")
+        }
+    first = comparison.seeds[0]
+    datamodule = load_datamodule(settings["data"], first)
+    x, y = _device_batch(datamodule)
+    costs = method_costs(comparison.variants(first), x, y, _dataset_bytes(datamodule.train_dataset("device")))
+    table = build_comparison(results, costs, fidelity)
+    paths = write_outputs(table, comparison.root)
+    print(f"\nDC-CCL comparison ({comparison.root}):\n\n{markdown_table(table)}")
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return table
 
 
 _USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError)
@@ -197,17 +266,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     log.addFilter(_RankZeroOnly())
     for intended in _INTENDED_WARNINGS:
         warnings.filterwarnings("ignore", message=intended)
-    if (sys.argv[1:] if argv is None else argv)[:1] != ["pipeline"]:
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    if command not in (["pipeline"], ["compare"]):
         cli_main(argv)  # None lets LightningCLI read sys.argv itself
         return
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or "--debug=true" in argv
+    entry = pipeline_main if command == ["pipeline"] else compare_main
     try:
-        pipeline_main(argv[1:])
+        entry(argv[1:])
     except _USER_ERRORS as err:
         if debug:
             raise
-        print(f"dcccl pipeline: error: {err}\n(run with --debug for the traceback)", file=sys.stderr)
+        print(f"dcccl {command[0]}: error: {err}\n(run with --debug for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

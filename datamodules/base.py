@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
-from dcccl.partition import ClassSplit, Partition, indices_of_classes
+from dcccl.partition import ClassSplit, DataPartition, indices_of_classes
 
 
 @dataclass
@@ -36,9 +36,10 @@ class DCCCLDataModule(LightningDataModule):
     """Serves one data partition for training and the union test set for evaluation.
 
     Which partition a ``fit`` trains on is declared by the stage module (its ``data_partition``: the device
-    stage trains on device samples only, the cloud stages on cloud samples only); ``partition`` pins it
-    explicitly and must then agree with the module. Validation uses the test samples of the classes the
-    partition holds; ``test`` uses the union test set (every test sample of a class held on either side).
+    stage trains on device samples only, the cloud stages on cloud samples only, only the centralized
+    baseline on both pooled); ``partition`` pins it explicitly and must then agree with the module.
+    Validation uses the test samples of the classes the partition holds; ``test`` uses the union test set
+    (every test sample of a class held on either side).
 
     Args:
         batch_size: Samples per batch.
@@ -48,7 +49,7 @@ class DCCCLDataModule(LightningDataModule):
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 partition: Optional[Partition] = None) -> None:
+                 partition: Optional[DataPartition] = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -84,7 +85,7 @@ class DCCCLDataModule(LightningDataModule):
         """Which classes the cloud and the device hold."""
         return self.data.class_split
 
-    def resolve_partition(self) -> Partition:
+    def resolve_partition(self) -> DataPartition:
         """The partition to train on: pinned, or declared by the stage module attached to the trainer."""
         declared = getattr(getattr(self.trainer, "lightning_module", None), "data_partition", None)
         if self.partition is not None and declared is not None and self.partition != declared:
@@ -96,18 +97,21 @@ class DCCCLDataModule(LightningDataModule):
             raise ValueError("no training partition: set data partition, or use a stage module that declares one")
         return partition
 
-    def train_dataset(self, partition: Partition) -> Dataset:
+    def train_dataset(self, partition: DataPartition) -> Dataset:
         """Training samples of ``partition``."""
+        if partition == "pooled":
+            return ConcatDataset([self.data.cloud_train, self.data.device_train])
         return self.data.cloud_train if partition == "cloud" else self.data.device_train
 
     def train_sample_count(self) -> int:
         """Number of training samples of the partition in use (the weight of its co-submodel copy)."""
         return len(self.train_dataset(self.resolve_partition()))  # type: ignore[arg-type]
 
-    def val_dataset(self, partition: Partition) -> Dataset:
+    def val_dataset(self, partition: DataPartition) -> Dataset:
         """Test samples of the classes ``partition`` holds."""
         split = self.data.class_split
-        classes = split.cloud_classes if partition == "cloud" else split.device_classes
+        held = {"cloud": split.cloud_classes, "device": split.device_classes, "pooled": split.seen_classes}
+        classes = held[partition]
         return Subset(self.data.test, indices_of_classes(self.data.test_labels, classes).tolist())
 
     def test_dataset(self) -> Dataset:

@@ -11,7 +11,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from datamodules.base import DCCCLDataModule, SplitData
-from dcccl.partition import ClassSplit, Partition
+from dcccl.partition import ClassSplit, DataPartition
 
 
 def class_names(*roots: Path) -> list[str]:
@@ -79,7 +79,7 @@ class ImageFolderDataModule(DCCCLDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
-        partition: Partition | None = None,
+        partition: DataPartition | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition)
         if channels not in (1, 3):

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from datamodules.base import DCCCLDataModule, SplitData
-from dcccl.partition import ClassSplit, Partition, partition_by_classes, stratified_split
+from dcccl.partition import ClassSplit, DataPartition, partition_by_classes, stratified_split
 
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 
@@ -45,7 +45,7 @@ class BundledMNISTDataModule(DCCCLDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         seed: int = 0,
-        partition: Partition | None = None,
+        partition: DataPartition | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition)
         self.split_spec = ClassSplit(tuple(cloud_classes), tuple(device_classes))

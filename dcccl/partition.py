@@ -8,6 +8,8 @@ from typing import Literal
 import numpy as np
 
 Partition = Literal["cloud", "device"]
+# What a stage may train on: one side's samples, or (the privacy-violating centralized upper bound) both pooled.
+DataPartition = Literal["cloud", "device", "pooled"]
 
 
 @dataclass(frozen=True)

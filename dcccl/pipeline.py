@@ -19,9 +19,11 @@ from dcccl.run_dir import RunDirectory
 
 log = logging.getLogger("dcccl")
 
-StageName = Literal["cloud", "distill", "cloud_round", "device", "fusion", "evaluate"]
+StageName = Literal["cloud", "distill", "cloud_round", "device", "fusion", "evaluate", "centralized"]
 RestartPoint = Literal["cloud", "distill", "rounds"]
-Guide = Literal["cloud_submodel", "control_model"]
+RESTART_ORDER: tuple[RestartPoint, ...] = ("cloud", "distill", "rounds")
+Guide = Literal["cloud_submodel", "control_model", "none"]
+DeviceGuide = Literal["control_model", "none"]
 
 
 @dataclass
@@ -71,6 +73,8 @@ class StageConfigs:
         device: Trains a device's copy of the co-submodel in each round.
         fusion: Fuses the copies of the co-submodel.
         evaluate: Evaluates the served model.
+        centralized: Trains the whole model on pooled samples (only ``dcccl compare`` uses it).
+        fedavg_client: Trains the cloud's copy of the small model as a plain FedAvg client (``dcccl compare``).
     """
 
     cloud: Path
@@ -79,6 +83,8 @@ class StageConfigs:
     device: Path
     fusion: Path
     evaluate: Path
+    centralized: Optional[Path] = None
+    fedavg_client: Optional[Path] = None
 
 
 class Pipeline:
@@ -96,7 +102,9 @@ class Pipeline:
         rounds: Number of device-cloud rounds (at least 1).
         seed_everything: Seed of the whole run: data split and training of every stage.
         cloud_round_guide: Which model guides the cloud's copy of the co-submodel: the cloud submodel
-            (default, as in the paper's code) or the control model.
+            (default, as in the paper's code), the control model, or none (baselines).
+        device_guide: Whether the control model guides the devices (``none``: the ablation without it).
+        serve_cloud_submodel: Serve ``f + h`` (default) or the co-submodel alone (small-model baselines).
         trainer: Trainer options applied to every stage (e.g. ``{max_epochs: 1, accelerator: cpu}``).
         stage_args: Extra command-line arguments per stage name, e.g. ``{cloud: ["--model.init_args.lr=0.01"]}``.
         force: Re-run every stage even if its artifacts exist.
@@ -112,6 +120,8 @@ class Pipeline:
         rounds: int = 3,
         seed_everything: int = 0,
         cloud_round_guide: Guide = "cloud_submodel",
+        device_guide: DeviceGuide = "control_model",
+        serve_cloud_submodel: bool = True,
         trainer: Optional[dict[str, Any]] = None,
         stage_args: Optional[dict[str, list[str]]] = None,
         force: bool = False,
@@ -123,7 +133,7 @@ class Pipeline:
         if unknown:
             raise ValueError(f"stage_args names unknown stages {sorted(unknown)}")
         for config in [*vars(stages).values(), *([data] if data is not None else [])]:
-            if not Path(config).is_file():
+            if config is not None and not Path(config).is_file():
                 raise FileNotFoundError(f"config file not found: {config}")
         self.stages = stages
         self.data = data
@@ -132,6 +142,8 @@ class Pipeline:
         self.rounds = rounds
         self.seed = seed_everything
         self.cloud_round_guide = cloud_round_guide
+        self.device_guide = device_guide
+        self.serve_cloud_submodel = serve_cloud_submodel
         self.trainer = dict(trainer or {})
         self.stage_args = {key: list(value) for key, value in (stage_args or {}).items()}
         self.restart_from: Optional[RestartPoint] = "cloud" if force else from_stage
@@ -155,49 +167,71 @@ class Pipeline:
             label=label,
         )
 
-    def plan(self) -> Iterator[tuple[Optional[RestartPoint], StageCall]]:
-        """The stage calls in order, each with the restart point it belongs to (``None``: inside the rounds)."""
+    @property
+    def needs_control_model(self) -> bool:
+        """Whether any stage uses the control model."""
+        return self.device_guide == "control_model" or self.cloud_round_guide == "control_model"
+
+    @property
+    def needs_cloud_submodel(self) -> bool:
+        """Whether any stage uses the cloud submodel."""
+        return self.serve_cloud_submodel or self.cloud_round_guide == "cloud_submodel" or self.needs_control_model
+
+    def plan(self) -> Iterator[tuple[RestartPoint, StageCall]]:
+        """The stage calls in order, each with the restart point it belongs to."""
         run = self.run
-        yield "cloud", self._call("cloud", "fit", {"export_path": str(run.cloud_submodel)},
-                                  (run.cloud_submodel,), "cloud submodel")
-        yield "distill", self._call("distill", "fit", {"cloud_submodel": str(run.cloud_submodel),
-                                                       "export_path": str(run.control_model)},
-                                    (run.control_model,), "control model")
-        guide = run.cloud_submodel if self.cloud_round_guide == "cloud_submodel" else run.control_model
+        if self.needs_cloud_submodel:
+            yield "cloud", self._call("cloud", "fit", {"export_path": str(run.cloud_submodel)},
+                                      (run.cloud_submodel,), "cloud submodel")
+        if self.needs_control_model:
+            yield "distill", self._call("distill", "fit", {"cloud_submodel": str(run.cloud_submodel),
+                                                           "export_path": str(run.control_model)},
+                                        (run.control_model,), "control model")
+        guide = {"cloud_submodel": run.cloud_submodel, "control_model": run.control_model}.get(self.cloud_round_guide)
+        cloud_submodel = str(run.cloud_submodel) if self.needs_cloud_submodel else None
         for r in range(1, self.rounds + 1):
             tag = f"round {r}/{self.rounds}"
             first = r == 1
             cloud_outputs = (run.cloud_copy(r), run.initial_co_submodel) if first else (run.cloud_copy(r),)
-            yield ("rounds" if first else None), self._call("cloud_round", "fit", {
-                "guide": str(guide),
+            yield "rounds", self._call("cloud_round", "fit", {
+                "guide": None if guide is None else str(guide),
                 "co_submodel": None if first else str(run.start_co_submodel(r)),
                 "initial_export_path": str(run.initial_co_submodel) if first else None,
                 "export_path": str(run.cloud_copy(r)),
             }, cloud_outputs, f"{tag}: cloud side")
-            yield None, self._call("device", "fit", {
-                "control_model": str(run.control_model),
+            yield "rounds", self._call("device", "fit", {
+                "control_model": str(run.control_model) if self.device_guide == "control_model" else None,
                 "co_submodel": str(run.start_co_submodel(r)),
                 "export_path": str(run.device_copy(r, 0)),
             }, (run.device_copy(r, 0),), f"{tag}: device 0")
-            yield None, self._call("fusion", "fit", {
+            yield "rounds", self._call("fusion", "fit", {
                 "cloud_copy": str(run.cloud_copy(r)),
                 "device_copies": [str(run.device_copy(r, 0))],
-                "cloud_submodel": str(run.cloud_submodel),
+                "cloud_submodel": cloud_submodel,
                 "export_path": str(run.fused_co_submodel(r)),
             }, (run.fused_co_submodel(r),), f"{tag}: fusion")
-            yield None, self._call("evaluate", "test", {
-                "cloud_submodel": str(run.cloud_submodel),
-                "co_submodel": str(run.fused_co_submodel(r)),
-                "metrics_path": str(run.round_metrics(r)),
-            }, (run.round_metrics(r),), f"{tag}: evaluation")
+            yield "rounds", self.evaluation_call(run.fused_co_submodel(r), run.round_metrics(r), f"{tag}: evaluation")
+
+    def evaluation_call(self, co_submodel: Path, metrics: Path, label: str) -> StageCall:
+        """Evaluate the served model made of ``co_submodel`` (plus the cloud submodel, if served)."""
+        return self._call("evaluate", "test", {
+            "cloud_submodel": str(self.run.cloud_submodel) if self.serve_cloud_submodel else None,
+            "co_submodel": str(co_submodel),
+            "metrics_path": str(metrics),
+        }, (metrics,), label)
+
+    def evaluation_paths(self) -> list[Path]:
+        """The metrics files of the evaluations, in order (one per round)."""
+        return [self.run.round_metrics(r) for r in range(1, self.rounds + 1)]
 
     def execute(self, runner: StageRunner) -> dict[str, Any]:
         """Run (or skip) every stage with ``runner``, write ``metrics.json`` and return its content."""
         rerun = False
+        restart = RESTART_ORDER.index(self.restart_from) if self.restart_from is not None else len(RESTART_ORDER)
         plan = list(self.plan())
         for step, (restart_point, call) in enumerate(plan, start=1):
-            progress = f"[dcccl {step}/{len(plan)}] {call.label}"
-            rerun = rerun or (restart_point is not None and restart_point == self.restart_from)
+            progress = f"[dcccl {self.name} {step}/{len(plan)}] {call.label}"
+            rerun = rerun or RESTART_ORDER.index(restart_point) >= restart
             if not rerun and all(path.is_file() for path in call.outputs):
                 log.info("%s: done already, skipped (%s)", progress, call.outputs[0])
                 continue
@@ -213,10 +247,10 @@ class Pipeline:
         return self.collect_metrics()
 
     def collect_metrics(self) -> dict[str, Any]:
-        """Merge the per-round evaluations into ``metrics.json``: the last round's figures plus a history."""
+        """Merge the evaluations into ``metrics.json``: the last one's figures plus a per-round history."""
         history = []
-        for r in range(1, self.rounds + 1):
-            with open(self.run.round_metrics(r)) as handle:
+        for r, path in enumerate(self.evaluation_paths(), start=1):
+            with open(path) as handle:
                 history.append({"round": r, **json.load(handle)})
         final = {key: value for key, value in history[-1].items() if key != "round"}
         metrics: dict[str, Any] = {

@@ -1,6 +1,7 @@
 """One LightningModule per DC-CCL stage; each runs alone through ``dcccl fit``/``dcccl test``."""
 
 from lightning_modules.base import StageModule
+from lightning_modules.centralized import CentralizedModule
 from lightning_modules.cloud import CloudSubmodelModule
 from lightning_modules.cloud_round import CloudCoTrainingModule
 from lightning_modules.device import DeviceCoTrainingModule
@@ -10,6 +11,7 @@ from lightning_modules.fusion import FusionModule
 from lightning_modules.guided import GuidedCoTrainingModule
 
 __all__ = [
+    "CentralizedModule",
     "CloudCoTrainingModule",
     "CloudSubmodelModule",
     "ControlDistillationModule",

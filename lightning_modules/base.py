@@ -11,7 +11,7 @@ from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.exports import NetworkExport, Role, save_export
-from dcccl.partition import Partition
+from dcccl.partition import DataPartition
 
 
 class StageModule(LightningModule):
@@ -28,7 +28,7 @@ class StageModule(LightningModule):
         export_path: Where to write the stage's export at the end of ``fit`` (nothing is written if unset).
     """
 
-    data_partition: ClassVar[Optional[Partition]] = None
+    data_partition: ClassVar[Optional[DataPartition]] = None
 
     def __init__(self, num_classes: int, in_chans: int, optimizer: Optional[OptimizerCallable] = None,
                  export_path: Optional[str] = None) -> None:

@@ -5,10 +5,22 @@ from __future__ import annotations
 from typing import Optional
 
 from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.exports import load_export
 from lightning_modules.guided import GuidedCoTrainingModule
+
+
+def _load_guide(path: Optional[str], num_classes: int) -> Optional[nn.Module]:
+    if path is None:
+        return None
+    export = load_export(path)
+    if export.role not in ("cloud_submodel", "control_model"):
+        raise ValueError(f"{path} holds a {export.role}; the guide must be a cloud submodel or a control model")
+    if export.num_classes != num_classes:
+        raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}")
+    return export.build()
 
 
 class CloudCoTrainingModule(GuidedCoTrainingModule):
@@ -22,7 +34,8 @@ class CloudCoTrainingModule(GuidedCoTrainingModule):
     Args:
         num_classes: Number of classes (linked from the DataModule).
         in_chans: Input channels (linked from the DataModule).
-        guide: Export of the guide: a cloud submodel or a control model.
+        guide: Export of the guide: a cloud submodel or a control model; ``None`` trains the co-submodel alone
+            (the cloud as a plain FedAvg client).
         co_submodel: Export of the co-submodel to start from; ``None`` builds a fresh one.
         co_backbone: Backbone of a fresh co-submodel (default: ``small_cnn`` with width 8).
         initial_export_path: Where to write a freshly built co-submodel before training.
@@ -36,21 +49,15 @@ class CloudCoTrainingModule(GuidedCoTrainingModule):
         self,
         num_classes: int,
         in_chans: int,
-        guide: str,
+        guide: Optional[str],
         co_submodel: Optional[str] = None,
         co_backbone: Optional[BackboneSpec] = None,
         initial_export_path: Optional[str] = None,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
     ) -> None:
-        guide_export = load_export(guide)
-        if guide_export.role not in ("cloud_submodel", "control_model"):
-            raise ValueError(
-                f"{guide} holds a {guide_export.role}; the guide must be a cloud submodel or a control model"
-            )
-        if guide_export.num_classes != num_classes:
-            raise ValueError(f"{guide} predicts {guide_export.num_classes} classes but the data has {num_classes}")
-        super().__init__(num_classes, in_chans, guide_export.build(), co_submodel, co_backbone, optimizer, export_path)
+        super().__init__(num_classes, in_chans, _load_guide(guide, num_classes), co_submodel, co_backbone, optimizer,
+                         export_path)
         self.initial_export_path = initial_export_path
 
     def on_fit_start(self) -> None:

@@ -22,7 +22,8 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
     Args:
         num_classes: Number of classes (linked from the DataModule).
         in_chans: Input channels (linked from the DataModule).
-        control_model: Export of the distilled control model (must hold a control model).
+        control_model: Export of the distilled control model (must hold a control model); ``None`` trains the
+            co-submodel without guidance (the "DC-CCL without control model" ablation).
         co_submodel: Export of the co-submodel to start from (the round's current one).
         co_backbone: Backbone of a fresh co-submodel when ``co_submodel`` is not given (standalone runs).
         optimizer: Optimizer for the co-submodel.
@@ -35,16 +36,16 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         self,
         num_classes: int,
         in_chans: int,
-        control_model: str,
+        control_model: Optional[str],
         co_submodel: Optional[str] = None,
         co_backbone: Optional[BackboneSpec] = None,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
     ) -> None:
-        guide = load_network(control_model, "control_model", num_classes)
+        guide = load_network(control_model, "control_model", num_classes) if control_model is not None else None
         super().__init__(num_classes, in_chans, guide, co_submodel, co_backbone, optimizer, export_path)
 
     @property
-    def control_model(self) -> nn.Module:
-        """The frozen control model (the guide of this stage)."""
+    def control_model(self) -> Optional[nn.Module]:
+        """The frozen control model (the guide of this stage), if any."""
         return self.guide

@@ -24,21 +24,27 @@ class ServedModelEvaluation(StageModule):
     Groups: all test samples; samples of the classes the cloud holds; samples of the classes held only
     on devices. Run with ``dcccl test``; logs ``served/acc``, ``served/acc_cloud_classes``,
     ``served/acc_device_classes`` and the same under ``cloud_only/``, and writes them to ``metrics_path``.
+    Without a cloud submodel the served model is the co-submodel alone (small-model baselines) and only
+    ``served/*`` is reported.
 
     Args:
         num_classes: Number of classes (linked from the DataModule).
         in_chans: Input channels (linked from the DataModule).
-        cloud_submodel: Export of the cloud submodel.
+        cloud_submodel: Export of the cloud submodel; ``None`` serves the co-submodel alone.
         co_submodel: Export of the (fused) co-submodel.
         metrics_path: JSON file to write the metrics to.
     """
 
-    def __init__(self, num_classes: int, in_chans: int, cloud_submodel: str, co_submodel: str,
+    def __init__(self, num_classes: int, in_chans: int, cloud_submodel: Optional[str], co_submodel: str,
                  metrics_path: Optional[str] = None) -> None:
         super().__init__(num_classes, in_chans)
-        self.served = SummedLogits(load_network(cloud_submodel, "cloud_submodel", num_classes),
-                                   load_network(co_submodel, "co_submodel", num_classes))
-        freeze(self.served)
+        co_network = load_network(co_submodel, "co_submodel", num_classes)
+        self.served: Optional[SummedLogits] = None
+        self.co_submodel = freeze(co_network)
+        if cloud_submodel is not None:
+            self.served = SummedLogits(load_network(cloud_submodel, "cloud_submodel", num_classes), co_network)
+            freeze(self.served)
+        self.models = MODELS if self.served is not None else ("served",)
         self.metrics_path = metrics_path
         self.accuracies = nn.ModuleDict({
             f"{model}__{group}": MulticlassAccuracy(num_classes, average="micro")
@@ -53,7 +59,7 @@ class ServedModelEvaluation(StageModule):
 
     def frozen_networks(self) -> list[nn.Module]:
         """Nothing trains here."""
-        return [self.served]
+        return [self.served if self.served is not None else self.co_submodel]
 
     def setup(self, stage: str) -> None:
         """Read which classes the cloud holds and which only the devices hold from the DataModule."""
@@ -67,24 +73,27 @@ class ServedModelEvaluation(StageModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Served logits."""
-        return self.served(x)
+        return self.served(x) if self.served is not None else self.co_submodel(x)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         """Update every (model, class group) accuracy with this batch."""
         x, y = batch
-        cloud_logits = self.served.base(x)
-        logits = {"served": cloud_logits + self.served.co_submodel(x), "cloud_only": cloud_logits}
+        co_logits = self.co_submodel(x)
+        logits = {"served": co_logits}
+        if self.served is not None:
+            cloud_logits = self.served.base(x)
+            logits = {"served": cloud_logits + co_logits, "cloud_only": cloud_logits}
         for group, classes in self._group_classes.items():
             mask = torch.ones_like(y, dtype=torch.bool) if classes is None else torch.isin(y, classes.to(y.device))
             if not mask.any():
                 continue
-            for model in MODELS:
+            for model in self.models:
                 self.accuracy(model, group).update(logits[model][mask], y[mask])
 
     def on_test_epoch_end(self) -> None:
         """Log the accuracies and write them to ``metrics_path``."""
         results: dict[str, float] = {}
-        for model in MODELS:
+        for model in self.models:
             for key, group in GROUPS.items():
                 if group in self._group_classes:
                     results[f"{model}/{key}"] = float(self.accuracy(model, group).compute())

@@ -20,12 +20,13 @@ class GuidedCoTrainingModule(StageModule):
     """Shared logic of the device stage and the cloud side of a round.
 
     The co-submodel starts from an export (the round's current co-submodel) or, when none is given, is
-    built from ``co_backbone``. Only the co-submodel trains; the guide is frozen.
+    built from ``co_backbone``. Only the co-submodel trains; the guide is frozen. Without a guide the
+    co-submodel trains alone on CE(h(x), y) (the baselines: DC-CCL without control model, FedAvg).
 
     Args:
         num_classes: Number of classes (linked from the DataModule).
         in_chans: Input channels (linked from the DataModule).
-        guide: The frozen guide network (already loaded).
+        guide: The frozen guide network (already loaded), or ``None`` for unguided training.
         co_submodel: Export of the co-submodel to start from; ``None`` builds a fresh one from ``co_backbone``.
         co_backbone: Backbone of a fresh co-submodel (ignored when ``co_submodel`` is given).
         optimizer: Optimizer for the co-submodel.
@@ -36,14 +37,14 @@ class GuidedCoTrainingModule(StageModule):
         self,
         num_classes: int,
         in_chans: int,
-        guide: nn.Module,
+        guide: Optional[nn.Module],
         co_submodel: Optional[str] = None,
         co_backbone: Optional[BackboneSpec] = None,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
     ) -> None:
         super().__init__(num_classes, in_chans, optimizer, export_path)
-        self.guide = freeze(guide)
+        self.guide = freeze(guide) if guide is not None else None
         if co_submodel is not None:
             start = load_export(co_submodel, "co_submodel")
             if start.num_classes != num_classes:
@@ -63,10 +64,12 @@ class GuidedCoTrainingModule(StageModule):
 
     def frozen_networks(self) -> list[nn.Module]:
         """The guide stays frozen."""
-        return [self.guide]
+        return [self.guide] if self.guide is not None else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Guided logits ``guide(x) + h(x)``."""
+        """Guided logits ``guide(x) + h(x)`` (``h(x)`` without a guide)."""
+        if self.guide is None:
+            return self.co_submodel(x)
         with torch.no_grad():
             guide_logits = self.guide(x)
         return guide_logits + self.co_submodel(x)

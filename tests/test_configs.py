@@ -27,7 +27,7 @@ def print_config(args: list[str]) -> dict:
 
 
 def test_there_are_configs_to_check() -> None:
-    assert len(STAGE_CONFIGS) == 6 and PIPELINE_CONFIGS
+    assert len(STAGE_CONFIGS) == 8 and PIPELINE_CONFIGS
 
 
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: p.name)

@@ -1,0 +1,172 @@
+"""The comparison's wiring (fake stage runner), its report, and one tiny real run through the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dcccl.comparison import METHODS, Comparison
+from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
+from dcccl.pipeline import StageCall, StageConfigs
+from tests.test_end_to_end import dcccl
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STAGES = StageConfigs(**{name: CONFIGS / f"stages/{name}.yaml" for name in (
+    "cloud", "distill", "cloud_round", "device", "fusion", "evaluate", "centralized", "fedavg_client")})
+
+
+class FakeRunner:
+    """Writes every promised output; evaluations report 0.5 (+0.1 with the cloud submodel served)."""
+
+    def __init__(self) -> None:
+        self.calls: list[StageCall] = []
+
+    def __call__(self, call: StageCall) -> None:
+        self.calls.append(call)
+        for output in call.outputs:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            if output.suffix != ".json":
+                output.write_bytes(b"weights")
+                continue
+            served = 0.6 if call.model_args["cloud_submodel"] else 0.5
+            metrics = {f"served/{k}": served for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
+            if call.model_args["cloud_submodel"]:
+                metrics.update({f"cloud_only/{k}": 0.4 for k in ("acc", "acc_cloud_classes", "acc_device_classes")})
+            output.write_text(json.dumps(metrics))
+
+    def of(self, run_dir: Path) -> list[StageCall]:
+        return [c for c in self.calls if c.work_dir.is_relative_to(run_dir) and
+                (run_dir.name != "run" or "baselines" not in c.work_dir.parts)]
+
+
+def settings(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    return {"stages": STAGES, "run_dir": str(tmp_path / "run"), "rounds": 2, "seed_everything": 3, **changes}
+
+
+def test_every_baseline_is_wired_from_the_pipeline_stages(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    results = Comparison(settings(tmp_path)).execute(runner)
+    run = tmp_path / "run"
+    by_method = {m: runner.of(run / "baselines" / m) for m in ("dcccl_no_control", "small_fedavg", "device_only",
+                                                                 "centralized")}
+    by_method["dcccl"] = runner.of(run)
+    # DC-CCL: the plain pipeline.
+    assert [c.stage for c in by_method["dcccl"]] == ["cloud", "distill"] + ["cloud_round", "device", "fusion",
+                                                                           "evaluate"] * 2
+    # Ablation: reuses DC-CCL's cloud submodel (copied, so skipped), no distillation, unguided devices.
+    ablation = by_method["dcccl_no_control"]
+    assert [c.stage for c in ablation] == ["cloud_round", "device", "fusion", "evaluate"] * 2
+    assert all(c.model_args["control_model"] is None for c in ablation if c.stage == "device")
+    assert all(c.model_args["guide"].endswith("cloud/cloud_submodel.pt") for c in ablation if c.stage == "cloud_round")
+    # FedAvg: no large model anywhere, the cloud as a plain client, copies weighted by sample counts, h served alone.
+    fedavg = by_method["small_fedavg"]
+    assert {c.stage for c in fedavg} == {"cloud_round", "device", "fusion", "evaluate"}
+    cloud_clients = [c for c in fedavg if c.stage == "cloud_round"]
+    assert all(c.config_files[-1] == STAGES.fedavg_client and c.model_args["guide"] is None for c in cloud_clients)
+    assert all("--model.init_args.cloud_share=null" in c.extra_args for c in fedavg if c.stage == "fusion")
+    assert all(c.model_args["cloud_submodel"] is None for c in fedavg if c.stage in ("fusion", "evaluate"))
+    # On-device only: device stages chained through their own copies from DC-CCL's initial co-submodel.
+    device_only = by_method["device_only"]
+    assert [c.stage for c in device_only] == ["device", "device", "evaluate"]
+    assert device_only[1].model_args["co_submodel"] == device_only[0].model_args["export_path"]
+    assert (run / "baselines/device_only/rounds/initial_co_submodel.pt").read_bytes() == b"weights"
+    assert device_only[-1].model_args["cloud_submodel"] is None
+    # Centralized: one stage on pooled samples, evaluated as f + h.
+    centralized = by_method["centralized"]
+    assert [c.stage for c in centralized] == ["centralized", "evaluate"]
+    assert centralized[1].model_args["cloud_submodel"] == centralized[0].model_args["export_path"]
+    assert all(c.seed == 3 for c in runner.calls)
+    # Cloud-only comes from DC-CCL's evaluation of f alone.
+    assert results[3]["cloud_only"] == {f"served/{k}": 0.4 for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
+    assert set(results[3]) == set(METHODS)
+
+
+def test_second_comparison_skips_everything_and_seeds_get_their_own_directories(tmp_path: Path) -> None:
+    Comparison(settings(tmp_path)).execute(FakeRunner())
+    again = FakeRunner()
+    Comparison(settings(tmp_path)).execute(again)
+    assert again.calls == []
+    seeded = FakeRunner()
+    comparison = Comparison(settings(tmp_path), seeds=[0, 1])
+    results = comparison.execute(seeded)
+    assert sorted(results) == [0, 1]
+    assert comparison.seed_dir(1) == tmp_path / "run/seeds/seed_1"
+    assert {c.seed for c in seeded.calls} == {0, 1}
+
+
+def test_compare_needs_the_baseline_stage_configs(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="centralized"):
+        Comparison(settings(tmp_path, stages=replace(STAGES, centralized=None)))
+
+
+def _fake_results(seed_offsets: dict[int, float]) -> dict[int, dict[str, dict[str, Any]]]:
+    results = {}
+    for seed, offset in seed_offsets.items():
+        per_method: dict[str, dict[str, Any]] = {}
+        for i, method in enumerate(METHODS):
+            accuracy = {f"served/{k}": 0.1 * i + offset + 0.01 * j
+                        for j, k in enumerate(("acc", "acc_cloud_classes", "acc_device_classes"))}
+            per_method[method] = {**accuracy, "served/acc_per_round": [0.2 + offset, 0.3 + offset]}
+        results[seed] = per_method
+    return results
+
+
+def _fake_costs() -> dict[str, dict[str, Any]]:
+    keys = ("device_params", "device_train_flops_per_sample", "device_peak_train_memory_bytes",
+            "downlink_bytes_per_round", "uplink_bytes_per_round", "downlink_bytes_once", "uplink_bytes_once",
+            "model_params")
+    return {m: {k: 1000 * (i + 1) for k in keys} for i, m in enumerate(METHODS)}
+
+
+def test_report_means_and_stds_over_seeds_and_table_matches_json(tmp_path: Path) -> None:
+    fidelity = {s: {"cloud_test": {"agreement": 0.8, "logit_mse": 0.5},
+                    "device_test": {"agreement": 0.6, "logit_mse": 0.7}} for s in (0, 1)}
+    comparison = build_comparison(_fake_results({0: 0.0, 1: 0.1}), _fake_costs(), fidelity)
+    assert comparison["dcccl"]["acc"] == pytest.approx(0.45)  # mean of 0.4 and 0.5
+    assert comparison["dcccl"]["acc_std"] == pytest.approx(0.0707107, rel=1e-5)  # sample std of (0.4, 0.5)
+    assert comparison["served_acc_per_round"]["dcccl"] == pytest.approx([0.25, 0.35])
+    assert comparison["centralized"]["privacy_violating"] and not comparison["dcccl"]["privacy_violating"]
+    paths = write_outputs(comparison, tmp_path)
+    written = json.loads(paths["json"].read_text())
+    rows = {line.split("|")[1].strip().rstrip(" ⚠"): line for line in paths["markdown"].read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| Method")}
+    for method in METHODS:
+        cells = [c.strip() for c in rows[written[method]["title"]].split("|")[2:5]]
+        for cell, key in zip(cells, ("acc", "acc_cloud_classes", "acc_device_classes")):
+            mean, std = (float(v) for v in re.findall(r"[\d.]+", cell))
+            assert mean == pytest.approx(100 * written[method][key], abs=0.05)
+            assert std == pytest.approx(100 * written[method][f"{key}_std"], abs=0.05)
+    for plot in ("accuracy_plot", "rounds_plot"):
+        assert paths[plot].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_table_formats_units() -> None:
+    fidelity = {0: {"cloud_test": {"agreement": 0.8, "logit_mse": 0.5}, "device_test": {"agreement": 0.6,
+                                                                                       "logit_mse": 0.7}}}
+    table = markdown_table(build_comparison(_fake_results({0: 0.0}), _fake_costs(), fidelity))
+    assert "| 5 k | 5 kFLOP | 5 kB |" in table  # DC-CCL (5th method): 5000 params, FLOPs and bytes
+    assert "80.0% / 0.500" in table and "Seeds: 0." in table
+
+
+@pytest.mark.slow
+def test_tiny_comparison_through_the_cli(tmp_path: Path) -> None:
+    result = dcccl("compare", "--config", "configs/quickstart.yaml", "--run_dir", str(tmp_path), "--rounds", "1",
+                   "--trainer.max_steps", "3", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "2",
+                   "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    comparison = json.loads((tmp_path / "comparison.json").read_text())
+    assert set(METHODS) <= set(comparison)
+    # On-device parameters: DC-CCL carries control + co-submodel, the small-model methods the co-submodel alone.
+    assert comparison["dcccl"]["device_params"] == 2 * comparison["dcccl_no_control"]["device_params"]
+    assert comparison["cloud_only"]["device_params"] == 0 and comparison["centralized"]["uplink_bytes_once"] > 0
+    assert comparison["dcccl"]["downlink_bytes_once"] == comparison["dcccl"]["downlink_bytes_per_round"]
+    assert comparison["dcccl"]["uplink_bytes_per_round"] == comparison["dcccl"]["downlink_bytes_per_round"] + 8
+    assert comparison["centralized"]["model_params"] == comparison["dcccl"]["model_params"]
+    for name in ("comparison.md", "comparison_accuracy.png", "comparison_rounds.png", "compare.yaml"):
+        assert (tmp_path / name).is_file()
