@@ -136,6 +136,14 @@ def pipeline_parser() -> ArgumentParser:
     return parser
 
 
+def parse_with_trainer_options(parser: ArgumentParser, argv: list[str]) -> Namespace:
+    """Parse ``argv``; ``--trainer.*`` options are merged into the config's ``trainer`` dict (they win)."""
+    trainer_overrides, rest = split_trainer_arguments(argv)
+    cfg = parser.parse_args(rest)
+    cfg.trainer = {**(cfg.trainer or {}), **trainer_overrides}
+    return cfg
+
+
 def pipeline_settings(cfg: Namespace) -> dict[str, Any]:
     """Keyword arguments of :class:`Pipeline` from a parsed pipeline config."""
     names = [name for name in inspect.signature(Pipeline).parameters if name != "stages"]
@@ -164,10 +172,8 @@ def _is_rank_zero() -> bool:
 
 def pipeline_main(argv: list[str]) -> dict[str, Any]:
     """``dcccl pipeline``: parse, save the resolved config, run every stage, print the results."""
-    trainer_overrides, rest = split_trainer_arguments(argv)
     parser = pipeline_parser()
-    cfg = parser.parse_args(rest)
-    cfg.trainer = {**(cfg.trainer or {}), **trainer_overrides}
+    cfg = parse_with_trainer_options(parser, argv)
     pipeline = build_pipeline(cfg)
     if _is_rank_zero():
         atomic_write_text(pipeline.run.pipeline_config, parser.dump(cfg, skip_none=False))
@@ -187,7 +193,7 @@ def compare_parser() -> ArgumentParser:
     """The parser of ``dcccl compare``: the pipeline's options plus ``--seeds``."""
     parser = pipeline_parser()
     parser.prog, parser.description = "dcccl compare", COMPARE_HELP
-    parser.add_argument("--seeds", type=Optional[list[int]], default=None, nargs="+",
+    parser.add_argument("--seeds", type=int, default=None, nargs="+",
                         help="Seeds to repeat every method with (mean and std are reported), e.g. --seeds 0 1 2.")
     return parser
 
@@ -202,10 +208,8 @@ def _dataset_bytes(dataset: Dataset) -> int:
 
 def compare_main(argv: list[str]) -> dict[str, Any]:
     """``dcccl compare``: every method, cost figures, fidelity, then comparison.json/.md and plots."""
-    trainer_overrides, rest = split_trainer_arguments(argv)
     parser = compare_parser()
-    cfg = parser.parse_args(rest)
-    cfg.trainer = {**(cfg.trainer or {}), **trainer_overrides}
+    cfg = parse_with_trainer_options(parser, argv)
     settings = pipeline_settings(cfg)
     comparison = Comparison(settings, cfg.seeds)
     if _is_rank_zero():

@@ -206,7 +206,7 @@ def run_plain(dataset: Dataset, num_classes: int, in_chans: int, epochs: int) ->
             optimizer.zero_grad(set_to_none=True)
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-            train_acc(logits, y)  # forward: batch value + accumulated state, as the module's self.train_acc(...)
+            train_acc.update(logits, y)  # as the module's self.train_acc.update(...)
             loss.backward()
             optimizer.step()
             last_loss = loss.detach()

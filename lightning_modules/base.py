@@ -5,9 +5,11 @@ from __future__ import annotations
 from typing import ClassVar, Optional
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.exports import NetworkExport, Role, save_export
@@ -82,3 +84,40 @@ class StageModule(LightningModule):
             export = NetworkExport.of(network, role, backbone, self.num_classes, self.in_chans, sample_count)
             save_export(export, target)
         self.trainer.strategy.barrier("dcccl-export")
+
+
+class SupervisedStageModule(StageModule):
+    """A stage that minimises the cross-entropy of ``self(x)``: logs ``train/loss``, ``train/acc``, ``val/acc``.
+
+    Subclasses define ``forward`` (the logits being trained: a submodel, or guide plus co-submodel).
+
+    Args:
+        num_classes: Number of classes (linked from the DataModule).
+        in_chans: Input channels (linked from the DataModule).
+        optimizer: Optimizer for the trainable parameters.
+        export_path: Where to write the stage's export at the end of ``fit``.
+    """
+
+    def __init__(self, num_classes: int, in_chans: int, optimizer: Optional[OptimizerCallable] = None,
+                 export_path: Optional[str] = None) -> None:
+        super().__init__(num_classes, in_chans, optimizer, export_path)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Cross-entropy of the logits on a batch of this stage's samples."""
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.train_acc.update(logits, y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Loss and accuracy on the test samples of the classes this stage's partition holds."""
+        x, y = batch
+        logits = self(x)
+        self.val_acc.update(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/acc", self.val_acc, prog_bar=True)

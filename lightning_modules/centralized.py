@@ -5,17 +5,15 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.summed import SummedLogits
-from lightning_modules.base import StageModule
+from lightning_modules.base import SupervisedStageModule
 
 
-class CentralizedModule(StageModule):
+class CentralizedModule(SupervisedStageModule):
     """Trains cloud submodel + co-submodel jointly, CE(f(x) + h(x), y), on cloud and device samples pooled.
 
     This is the upper bound of the comparison: it needs every device sample on the cloud, which DC-CCL
@@ -48,8 +46,6 @@ class CentralizedModule(StageModule):
         self.co_backbone = co_backbone if co_backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 8})
         self.co_export_path = co_export_path
         self.model = SummedLogits(self.build_network(), self.build_co_network())
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def build_network(self) -> nn.Module:
         """Build the cloud submodel; a hook to override for a custom network."""
@@ -62,22 +58,6 @@ class CentralizedModule(StageModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Summed logits ``f(x) + h(x)``."""
         return self.model(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Cross-entropy of the summed logits on pooled samples."""
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Accuracy on the union test set."""
-        x, y = batch
-        self.val_acc(self(x), y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_fit_end(self) -> None:
         """Export both submodels."""

@@ -5,16 +5,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from dcccl.backbones.spec import BackboneSpec
-from lightning_modules.base import StageModule
+from lightning_modules.base import SupervisedStageModule
 
 
-class CloudSubmodelModule(StageModule):
+class CloudSubmodelModule(SupervisedStageModule):
     """Trains the cloud submodel on cloud samples only and exports it.
 
     Override :meth:`build_network` to bring a network that a :class:`BackboneSpec` cannot describe.
@@ -40,8 +38,6 @@ class CloudSubmodelModule(StageModule):
         super().__init__(num_classes, in_chans, optimizer, export_path)
         self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 32})
         self.cloud_submodel = self.build_network()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def build_network(self) -> nn.Module:
         """Build the cloud submodel; the hook to override for a custom network."""
@@ -50,24 +46,6 @@ class CloudSubmodelModule(StageModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Cloud submodel logits."""
         return self.cloud_submodel(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Cross-entropy on a batch of cloud samples."""
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Accuracy on cloud-class test samples."""
-        x, y = batch
-        logits = self(x)
-        self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y))
-        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_fit_end(self) -> None:
         """Export the trained cloud submodel."""

@@ -5,18 +5,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.exports import load_export
 from dcccl.freeze import freeze
-from lightning_modules.base import StageModule
+from lightning_modules.base import SupervisedStageModule
 
 
-class GuidedCoTrainingModule(StageModule):
+class GuidedCoTrainingModule(SupervisedStageModule):
     """Shared logic of the device stage and the cloud side of a round.
 
     The co-submodel starts from an export (the round's current co-submodel) or, when none is given, is
@@ -55,8 +53,6 @@ class GuidedCoTrainingModule(StageModule):
             default = BackboneSpec("small_cnn", kwargs={"width": 8})
             self.co_backbone = co_backbone if co_backbone is not None else default
             self.co_submodel = self.build_network()
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
     def build_network(self) -> nn.Module:
         """Build a fresh co-submodel; the hook to override for a custom network."""
@@ -73,23 +69,6 @@ class GuidedCoTrainingModule(StageModule):
         with torch.no_grad():
             guide_logits = self.guide(x)
         return guide_logits + self.co_submodel(x)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Cross-entropy of the guided logits."""
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
-        return loss
-
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Accuracy of the guided logits on test samples of this side's classes."""
-        x, y = batch
-        logits = self(x)
-        self.val_acc(logits, y)
-        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def on_fit_end(self) -> None:
         """Export the trained copy with the number of samples behind it (its fusion weight)."""

@@ -76,3 +76,11 @@ def test_stage_arguments_render_values_for_the_cli(tmp_path: Path) -> None:
         "--config", "a.yaml", "--trainer.max_epochs=1", '--model.init_args.device_copies=["d.pt"]',
         "--model.init_args.co_submodel=null", "--seed_everything=3", "--data.init_args.seed=3", "--extra=1",
     ]
+
+
+def test_compare_takes_seeds_as_a_list() -> None:
+    from cli import compare_parser
+
+    cfg = compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--seeds", "0", "1", "2"])
+    assert cfg.seeds == [0, 1, 2]
+    assert compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml")]).seeds is None

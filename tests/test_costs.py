@@ -6,8 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from dcccl.costs import control_fidelity, parameter_count, peak_training_memory_bytes, state_dict_bytes
-from dcccl.costs import training_flops_per_sample
+from dcccl.costs import (
+    control_fidelity,
+    parameter_count,
+    peak_training_memory_bytes,
+    state_dict_bytes,
+    training_flops_per_sample,
+)
 
 
 def test_parameter_count_and_bytes_of_a_known_network() -> None:
