@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -265,6 +266,9 @@ class _DropAdvertisements(logging.Filter):
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``dcccl`` console script."""
+    # Like `python -m`, make the user's own modules (backbones, stage subclasses) importable by name.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
     log.addFilter(_RankZeroOnly())

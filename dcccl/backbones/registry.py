@@ -48,11 +48,17 @@ def list_backbones() -> list[str]:
 
 
 def _import_builder(path: str) -> BackboneBuilder:
+    """``package.module:name``: a callable of that module, or a key the module registers when imported."""
     module_name, _, attr = path.partition(":")
     try:
-        builder = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
         raise BackboneNotFoundError(f"cannot import backbone builder {path!r}: {err}") from err
+    builder = getattr(module, attr, None) or _REGISTRY.get(attr)
+    if builder is None:
+        raise BackboneNotFoundError(
+            f"cannot import backbone builder {path!r}: {module_name} has no {attr!r} and registers no such backbone"
+        )
     if not callable(builder):
         raise BackboneNotFoundError(f"backbone builder {path!r} is not callable")
     return builder
