@@ -145,15 +145,15 @@ def parse_with_trainer_options(parser: ArgumentParser, argv: list[str]) -> Names
     return cfg
 
 
-def pipeline_settings(cfg: Namespace) -> dict[str, Any]:
-    """Keyword arguments of :class:`Pipeline` from a parsed pipeline config."""
-    names = [name for name in inspect.signature(Pipeline).parameters if name != "stages"]
-    return {"stages": StageConfigs(**vars(cfg.stages)), **{name: cfg[name] for name in names}}
+def pipeline_settings(parser: ArgumentParser, cfg: Namespace) -> dict[str, Any]:
+    """Keyword arguments of :class:`Pipeline` from a parsed pipeline config (dataclasses instantiated)."""
+    init = parser.instantiate_classes(cfg)
+    return {name: init[name] for name in inspect.signature(Pipeline).parameters}
 
 
-def build_pipeline(cfg: Namespace) -> Pipeline:
+def build_pipeline(parser: ArgumentParser, cfg: Namespace) -> Pipeline:
     """Instantiate the pipeline from a parsed config."""
-    return Pipeline(**pipeline_settings(cfg))
+    return Pipeline(**pipeline_settings(parser, cfg))
 
 
 def load_datamodule(data_config: Optional[Path], seed: int) -> DCCCLDataModule:
@@ -175,7 +175,7 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     """``dcccl pipeline``: parse, save the resolved config, run every stage, print the results."""
     parser = pipeline_parser()
     cfg = parse_with_trainer_options(parser, argv)
-    pipeline = build_pipeline(cfg)
+    pipeline = build_pipeline(parser, cfg)
     if _is_rank_zero():
         atomic_write_text(pipeline.run.pipeline_config, parser.dump(cfg, skip_none=False))
     metrics = pipeline.execute(run_stage)
@@ -211,7 +211,7 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     """``dcccl compare``: every method, cost figures, fidelity, then comparison.json/.md and plots."""
     parser = compare_parser()
     cfg = parse_with_trainer_options(parser, argv)
-    settings = pipeline_settings(cfg)
+    settings = pipeline_settings(parser, cfg)
     comparison = Comparison(settings, cfg.seeds)
     if _is_rank_zero():
         atomic_write_text(comparison.root / "compare.yaml", parser.dump(cfg, skip_none=False))

@@ -55,8 +55,7 @@ class NetworkExport:
 
     def build(self) -> nn.Module:
         """Rebuild the network and load the exported weights."""
-        spec = BackboneSpec(name=self.backbone.name, checkpoint_path=None, kwargs=dict(self.backbone.kwargs))
-        network = spec.build(self.num_classes, self.in_chans)
+        network = self.backbone.without_weights().build(self.num_classes, self.in_chans)
         network.load_state_dict(self.state_dict)
         return network
 

@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 
 from dcccl.atomic import atomic_write_json
 from dcccl.run_dir import RunDirectory
+from dcccl.split import SplitSpec
 
 log = logging.getLogger("dcccl")
 
@@ -105,6 +106,9 @@ class Pipeline:
             (default, as in the paper's code), the control model, or none (baselines).
         device_guide: Whether the control model guides the devices (``none``: the ablation without it).
         serve_cloud_submodel: Serve ``f + h`` (default) or the co-submodel alone (small-model baselines).
+        split: Build the submodels by splitting one base model vertically instead of taking each stage's own
+            backbone: the cloud submodel is the large group, the co-submodel (and the control model, which
+            is distilled afterwards) the small group, all initialised from the base model's weights.
         trainer: Trainer options applied to every stage (e.g. ``{max_epochs: 1, accelerator: cpu}``).
         stage_args: Extra command-line arguments per stage name, e.g. ``{cloud: ["--model.init_args.lr=0.01"]}``.
         force: Re-run every stage even if its artifacts exist.
@@ -122,6 +126,7 @@ class Pipeline:
         cloud_round_guide: Guide = "cloud_submodel",
         device_guide: DeviceGuide = "control_model",
         serve_cloud_submodel: bool = True,
+        split: Optional[SplitSpec] = None,
         trainer: Optional[dict[str, Any]] = None,
         stage_args: Optional[dict[str, list[str]]] = None,
         force: bool = False,
@@ -144,6 +149,7 @@ class Pipeline:
         self.cloud_round_guide = cloud_round_guide
         self.device_guide = device_guide
         self.serve_cloud_submodel = serve_cloud_submodel
+        self.split = split
         self.trainer = dict(trainer or {})
         self.stage_args = {key: list(value) for key, value in (stage_args or {}).items()}
         self.restart_from: Optional[RestartPoint] = "cloud" if force else from_stage
@@ -163,7 +169,7 @@ class Pipeline:
             seed=self.seed,
             work_dir=work_dir,
             outputs=outputs,
-            extra_args=list(self.stage_args.get(stage, [])),
+            extra_args=self.split_arguments(stage) + list(self.stage_args.get(stage, [])),
             label=label,
         )
 
@@ -176,6 +182,15 @@ class Pipeline:
     def needs_cloud_submodel(self) -> bool:
         """Whether any stage uses the cloud submodel."""
         return self.serve_cloud_submodel or self.cloud_round_guide == "cloud_submodel" or self.needs_control_model
+
+    def split_arguments(self, stage: StageName) -> list[str]:
+        """Command-line arguments that give ``stage`` its part of the split base model (none without ``split``)."""
+        if self.split is None:
+            return []
+        parts = {"cloud": {"backbone": "cloud"}, "distill": {"backbone": "co"}, "cloud_round": {"co_backbone": "co"},
+                 "centralized": {"backbone": "cloud", "co_backbone": "co"}}.get(stage, {})
+        return [f"--model.init_args.{argument}={json.dumps(self.split.part(part).to_dict())}"  # type: ignore[arg-type]
+                for argument, part in parts.items()]
 
     def plan(self) -> Iterator[tuple[RestartPoint, StageCall]]:
         """The stage calls in order, each with the restart point it belongs to."""

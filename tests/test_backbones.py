@@ -344,10 +344,22 @@ def test_backbone_spec_with_checkpoint_loads_weights(tmp_path: Path) -> None:
 # the contract every backbone meets
 
 
-@pytest.mark.parametrize("name", [*list_backbones(), TIMM_MODEL])
-def test_backbone_contract(name: str) -> None:
+# Builders that need arguments get small ones; every other name is built with its defaults.
+CONTRACT_KWARGS: dict[str, dict] = {
+    "split": {"base": {"name": "small_cnn", "kwargs": {"width": 8}}, "ratio": 0.25, "part": "co"},
+}
+CONTRACT_CASES = [(name, CONTRACT_KWARGS.get(name, {})) for name in list_backbones()] + [
+    (TIMM_MODEL, {}),
+    ("mobilenetv3_small_050", {}),
+    ("split", {"base": {"name": TIMM_MODEL}, "ratio": 0.25, "part": "cloud"}),
+    ("split", {"base": {"name": "mobilenetv3_small_050"}, "ratio": 0.25, "part": "co", "input_size": 32}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), CONTRACT_CASES, ids=lambda v: v if isinstance(v, str) else "")
+def test_backbone_contract(name: str, kwargs: dict) -> None:
     torch.manual_seed(0)
-    network = build_backbone(name, num_classes=7, in_chans=1)
+    network = build_backbone(name, num_classes=7, in_chans=1, **kwargs)
     network.train()
     x = torch.randn(2, 1, 32, 32)
     logits = network(x)
@@ -363,7 +375,8 @@ def test_backbone_contract(name: str) -> None:
     assert network.get_classifier().out_features == 7
     with torch.no_grad():
         pooled = network.forward_head(network.forward_features(x), pre_logits=True)
-    assert pooled.shape == (2, network.num_features)
+    # timm: pre-logits width is head_hidden_size where a head block follows the pooling (MobileNetV3).
+    assert pooled.shape == (2, getattr(network, "head_hidden_size", network.num_features))
     network.reset_classifier(3)
     assert network.get_classifier().out_features == 3
     network.eval()

@@ -45,8 +45,9 @@ def test_stage_config_parses_alone_and_with_data_and_trainer(path: Path) -> None
 def test_pipeline_config_parses_and_names_existing_stage_configs(path: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # config files named in a config file are found from anywhere
-    cfg = pipeline_parser().parse_args(["--config", str(path)])
-    pipeline = build_pipeline(cfg)
+    parser = pipeline_parser()
+    cfg = parser.parse_args(["--config", str(path)])
+    pipeline = build_pipeline(parser, cfg)
     for stage_config in vars(pipeline.stages).values():
         assert Path(stage_config).is_absolute() and Path(stage_config).is_file()
         assert Path(stage_config).parent == CONFIGS / "stages"
@@ -54,8 +55,9 @@ def test_pipeline_config_parses_and_names_existing_stage_configs(path: Path, tmp
 
 
 def test_pipeline_stage_arguments_parse_with_the_stage_cli(tmp_path: Path) -> None:
-    cfg = pipeline_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), f"--run_dir={tmp_path}"])
-    for _, call in build_pipeline(cfg).plan():
+    parser = pipeline_parser()
+    cfg = parser.parse_args(["--config", str(CONFIGS / "quickstart.yaml"), f"--run_dir={tmp_path}"])
+    for _, call in build_pipeline(parser, cfg).plan():
         resolved = print_config([call.command, *stage_arguments(call)])
         for key, value in call.model_args.items():
             assert resolved["model"]["init_args"][key] == value

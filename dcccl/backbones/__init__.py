@@ -14,3 +14,5 @@ __all__ = [
     "list_backbones",
     "register_backbone",
 ]
+
+from dcccl import split as _split  # noqa: E402,F401  (registers the "split" backbone)

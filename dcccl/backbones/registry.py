@@ -83,10 +83,26 @@ def _classifier_keys(network: nn.Module) -> set[str]:
     return {key for key in network.state_dict() if any(key.startswith(prefix + ".") for prefix in prefixes)}
 
 
+def _strip_module_prefix(state: dict[str, Any], own_keys: set[str]) -> dict[str, Any]:
+    """Keys of a Lightning checkpoint carry the attribute path of the network (``cloud_submodel.conv.weight``):
+    drop the prefix under which most keys match the network's own."""
+    if sum(key in own_keys for key in state) * 2 > len(state):
+        return state
+    best, best_hits = "", 0
+    for prefix in {key[: i + 1] for key in state for i, char in enumerate(key) if char == "."}:
+        hits = sum(key.startswith(prefix) and key[len(prefix):] in own_keys for key in state)
+        if hits > best_hits:
+            best, best_hits = prefix, hits
+    if not best:
+        return state
+    return {key[len(best):]: value for key, value in state.items() if key.startswith(best)}
+
+
 def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
     """Load weights from a local file into ``network``; a classifier of another size is left as initialised.
 
-    Accepts a plain state dict or a dict holding one under ``state_dict`` or ``model``.
+    Accepts a plain state dict (e.g. a timm checkpoint), a dict holding one under ``state_dict`` or ``model``,
+    and a Lightning checkpoint (the module's attribute prefix, e.g. ``cloud_submodel.``, is dropped).
     """
     path = Path(checkpoint_path)
     if not path.is_file():
@@ -98,6 +114,7 @@ def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
     if not isinstance(state, dict):
         raise ValueError(f"{path} does not hold a state dict")
     own = network.state_dict()
+    state = _strip_module_prefix(state, set(own))
     head_keys = _classifier_keys(network)
     for key in [k for k in state if k in head_keys and state[k].shape != own[k].shape]:
         del state[key]

@@ -28,6 +28,14 @@ class BackboneSpec:
         """Instantiate the network for ``num_classes`` logits and ``in_chans`` input channels."""
         return build_backbone(self.name, num_classes, in_chans, self.checkpoint_path, **self.kwargs)
 
+    def without_weights(self) -> BackboneSpec:
+        """The same architecture with every ``checkpoint_path`` removed, nested base specs included.
+
+        Used to rebuild a network whose weights come from elsewhere (an export), so that no weights file is
+        read again or needs to exist any more.
+        """
+        return BackboneSpec(self.name, None, _strip_checkpoints(self.kwargs))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for exports and configs."""
         return asdict(self)
@@ -36,3 +44,11 @@ class BackboneSpec:
     def from_dict(cls, data: dict[str, Any]) -> BackboneSpec:
         """Inverse of :meth:`to_dict`."""
         return cls(**data)
+
+
+def _strip_checkpoints(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _strip_checkpoints(item) for key, item in value.items() if key != "checkpoint_path"}
+    if isinstance(value, list):
+        return [_strip_checkpoints(item) for item in value]
+    return value
