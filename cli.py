@@ -30,7 +30,7 @@ from dcccl.comparison import Comparison, method_costs
 from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
 from dcccl.costs import control_fidelity
 from dcccl.exports import ExportError, load_network
-from dcccl.pipeline import Pipeline, StageCall, StageConfigs, StageFailedError
+from dcccl.pipeline import Pipeline, StageCall, StageFailedError
 from dcccl.report import results_table
 from lightning_modules.base import StageModule
 

@@ -7,7 +7,7 @@ samples that trained it (the weight it gets in fusion).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args
 
@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dcccl.atomic import atomic_torch_save
+from dcccl.backbones.registry import rebuildable_name
 from dcccl.backbones.spec import BackboneSpec
 
 EXPORT_FORMAT = "dcccl.export/1"
@@ -51,7 +52,8 @@ class NetworkExport:
            sample_count: Optional[int] = None) -> NetworkExport:
         """Snapshot ``network`` (weights copied to CPU) as an export."""
         state = {key: value.detach().to("cpu", copy=True) for key, value in network.state_dict().items()}
-        return cls(role, backbone, num_classes, in_chans, state, sample_count)
+        recorded = replace(backbone, name=rebuildable_name(backbone.name))
+        return cls(role, recorded, num_classes, in_chans, state, sample_count)
 
     def build(self) -> nn.Module:
         """Rebuild the network and load the exported weights."""

@@ -75,10 +75,12 @@ class FusionModule(StageModule):
                                                           self.weights))
         self.finetune_head = finetune_head
         # Only the head is trainable (also without fine-tuning: DDP refuses a module with nothing to train);
-        # the body stays in eval mode so the fused batch-norm statistics are kept.
+        # the body stays in eval mode so the fused batch-norm statistics are kept. Without fine-tuning a
+        # network lacking timm's head API is fine.
         self.co_submodel.requires_grad_(False)
         self.co_submodel.eval()
-        self.head().requires_grad_(True)
+        if finetune_head or hasattr(self.co_submodel, "get_classifier"):
+            self.head().requires_grad_(True)
         self.cloud_submodel: Optional[nn.Module] = None
         if finetune_head:
             if cloud_submodel is None:

@@ -163,3 +163,19 @@ def test_failed_atomic_write_removes_its_temporary_file(tmp_path: Path) -> None:
         atomic_write_bytes(blocker, b"data")
     assert _files(tmp_path) == ["target"]
     assert _files(blocker) == []
+
+
+def test_a_key_registered_outside_dcccl_is_recorded_as_a_module_path(tmp_path: Path) -> None:
+    from dcccl.backbones.registry import _REGISTRY, register_backbone
+
+    @register_backbone(key="exports_test_net")
+    def _build(num_classes: int, in_chans: int) -> SmallCNN:
+        return SmallCNN(num_classes, in_chans, width=4, depth=1)
+
+    try:
+        spec = BackboneSpec("exports_test_net")
+        export = NetworkExport.of(spec.build(10, 1), "co_submodel", spec, 10, 1)
+        assert export.backbone.name == f"{__name__}:exports_test_net"  # rebuildable in a fresh process
+        assert NetworkExport.of(SmallCNN(10, 1), "co_submodel", SPEC, 10, 1).backbone.name == "small_cnn"
+    finally:
+        del _REGISTRY["exports_test_net"]

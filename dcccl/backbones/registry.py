@@ -42,6 +42,18 @@ def register_backbone(fn: _BuilderT | None = None, *, key: str | None = None) ->
     return _register(fn) if fn is not None else _register
 
 
+def rebuildable_name(name: str) -> str:
+    """A name that rebuilds the backbone in a fresh process.
+
+    A key registered by a module outside dcccl is only known once that module is imported; as
+    ``module:key`` the module is imported on lookup. Other names are returned unchanged.
+    """
+    builder = _REGISTRY.get(name)
+    if builder is None or builder.__module__.split(".")[0] == "dcccl":
+        return name
+    return f"{builder.__module__}:{name}"
+
+
 def list_backbones() -> list[str]:
     """Names of the registered custom backbones (any timm model name is accepted as well)."""
     return sorted(_REGISTRY)
