@@ -52,3 +52,21 @@ def test_bad_pipeline_input_is_one_clear_line(tmp_path: Path) -> None:
     result = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(tmp_path / "r"), "--rounds", "0")
     assert result.returncode == 2
     assert "rounds must be at least 1" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_split_resnet_config_runs_through_the_pipeline(tmp_path: Path) -> None:
+    from dcccl.exports import load_export
+
+    result = dcccl("pipeline", "--config", "configs/split_resnet.yaml", "--run_dir", str(tmp_path), "--rounds", "1",
+                   "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "2",
+                   "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    cloud = load_export(tmp_path / "cloud/cloud_submodel.pt")
+    co = load_export(tmp_path / "rounds/round_001/fusion/co_submodel.pt")
+    control = load_export(tmp_path / "distill/control_model.pt")
+    assert cloud.backbone.name == co.backbone.name == control.backbone.name == "split"
+    assert (cloud.backbone.kwargs["part"], co.backbone.kwargs["part"], control.backbone.kwargs["part"]) == (
+        "cloud", "co", "co")
+    assert co.backbone.kwargs["base"]["name"] == "resnet10t" and co.backbone.kwargs["ratio"] == 0.25
+    assert "served/acc" in json.loads((tmp_path / "metrics.json").read_text())
