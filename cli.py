@@ -24,13 +24,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DCCCLDataModule
-from dcccl.atomic import atomic_write_text
+from dcccl.atomic import atomic_write_json, atomic_write_text
 from dcccl.backbones.registry import BackboneNotFoundError
+from dcccl.budget import DeviceBudgetExceeded
 from dcccl.comparison import Comparison, method_costs
 from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
 from dcccl.costs import control_fidelity
 from dcccl.exports import ExportError, load_network
+from dcccl.fleet_partition import label_histogram, partition_summary
+from dcccl.ledger import LedgerViolation
 from dcccl.pipeline import Pipeline, StageCall, StageFailedError
+from dcccl.plots import plot_label_histogram
 from dcccl.report import results_table
 from lightning_modules.base import StageModule
 
@@ -83,6 +87,7 @@ def stage_arguments(call: StageCall) -> list[str]:
     args += [f"--trainer.{key}={_cli_value(value)}" for key, value in call.trainer_args.items()]
     args += [f"--model.init_args.{key}={_cli_value(value)}" for key, value in call.model_args.items()]
     args += [f"--seed_everything={call.seed}", f"--data.init_args.seed={call.seed}"]
+    args += [f"--data.init_args.{key}={_cli_value(value)}" for key, value in call.data_args.items()]
     return args + call.extra_args
 
 
@@ -156,19 +161,39 @@ def build_pipeline(parser: ArgumentParser, cfg: Namespace) -> Pipeline:
     return Pipeline(**pipeline_settings(parser, cfg))
 
 
-def load_datamodule(data_config: Optional[Path], seed: int) -> DCCCLDataModule:
+def load_datamodule(data_config: Optional[Path], seed: int,
+                    data_args: Optional[dict[str, Any]] = None) -> DCCCLDataModule:
     """Instantiate the DataModule a pipeline's stages use (default: the bundled digits) with ``seed``."""
     parser = ArgumentParser()
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(DCCCLDataModule, "data")
     parser.set_defaults({"data": {"class_path": "datamodules.BundledMNISTDataModule"}})
     args = ["--config", str(data_config)] if data_config is not None else []
-    cfg = parser.parse_args([*args, f"--data.init_args.seed={seed}"])
+    extra = [f"--data.init_args.{key}={_cli_value(value)}" for key, value in (data_args or {}).items()]
+    cfg = parser.parse_args([*args, f"--data.init_args.seed={seed}", *extra])
     return parser.instantiate_classes(cfg).data
 
 
 def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def describe_data(pipeline: Pipeline) -> None:
+    """What the pipeline needs to know of the data: the fleet's partition (saved and plotted) and, for the
+    device budget gate, the shape of a sample."""
+    if pipeline.fleet.num_devices == 1 and pipeline.device_budget is None:
+        return
+    datamodule = load_datamodule(pipeline.data, pipeline.seed, pipeline.fleet_data_arguments())
+    pipeline.num_classes = datamodule.num_classes
+    pipeline.sample_shape = tuple(datamodule.train_dataset("cloud")[0][0].shape)
+    if pipeline.fleet.num_devices > 1 and _is_rank_zero():
+        labels = datamodule.data.device_labels
+        atomic_write_json(pipeline.run.fleet_partition,
+                          partition_summary(labels, datamodule.device_parts, datamodule.num_classes))
+        plot_label_histogram(label_histogram(labels, datamodule.device_parts, datamodule.num_classes),
+                             pipeline.run.fleet_partition.with_suffix(".png"),
+                             title=f"Device label distribution ({pipeline.fleet.partitioner}, "
+                                   f"{pipeline.fleet.num_devices} devices)")
 
 
 def pipeline_main(argv: list[str]) -> dict[str, Any]:
@@ -178,6 +203,7 @@ def pipeline_main(argv: list[str]) -> dict[str, Any]:
     pipeline = build_pipeline(parser, cfg)
     if _is_rank_zero():
         atomic_write_text(pipeline.run.pipeline_config, parser.dump(cfg, skip_none=False))
+    describe_data(pipeline)
     metrics = pipeline.execute(run_stage)
     if _is_rank_zero():
         print(f"\nDC-CCL results ({pipeline.run.root}):\n{results_table(metrics)}\nmetrics: {pipeline.run.metrics}")
@@ -239,7 +265,8 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     return table
 
 
-_USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError)
+_USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError,
+                LedgerViolation, DeviceBudgetExceeded)
 
 
 # Warnings about things dcccl does on purpose: frozen guides in eval mode, fusion that trains nothing.

@@ -10,6 +10,7 @@ import numpy as np
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
+from dcccl.fleet_partition import DevicePartitioner, partition_devices
 from dcccl.partition import ClassSplit, DataPartition, indices_of_classes
 
 
@@ -19,10 +20,11 @@ class SplitData:
 
     Args:
         cloud_train: Training samples held on the cloud.
-        device_train: Training samples held on the device.
+        device_train: Training samples held on the devices (all of them, before division into the fleet).
         test: All test samples (cloud-side and device-side), before restriction to the seen classes.
         test_labels: Label of every sample of ``test``.
         class_split: Which classes each side holds.
+        device_labels: Label of every sample of ``device_train`` (to divide them among devices).
     """
 
     cloud_train: Dataset
@@ -30,6 +32,7 @@ class SplitData:
     test: Dataset
     test_labels: np.ndarray
     class_split: ClassSplit
+    device_labels: np.ndarray
 
 
 class DCCCLDataModule(LightningDataModule):
@@ -41,23 +44,41 @@ class DCCCLDataModule(LightningDataModule):
     Validation uses the test samples of the classes the partition holds; ``test`` uses the union test set
     (every test sample of a class held on either side).
 
+    With a fleet (``num_devices`` > 1) the device-side training samples are divided among the devices by
+    ``device_partitioner`` and the device partition serves device ``device_index``'s share only.
+
     Args:
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
-        seed: Seed of the train/test split and of the division of shared classes.
+        seed: Seed of the train/test split, of the division of shared classes and of the fleet's partition.
         partition: Pin the training partition instead of taking it from the stage module.
+        num_devices: Number of devices the device-side samples are divided among.
+        device_index: The device whose samples the device partition serves (0-based).
+        device_partitioner: ``iid``, ``dirichlet`` (label skew by Dirichlet(``dirichlet_alpha``)) or ``by_class``.
+        dirichlet_alpha: Concentration of the Dirichlet partitioner (smaller: more skew).
+        classes_per_device: For ``by_class``: the classes each device holds.
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
-                 partition: Optional[DataPartition] = None) -> None:
+                 partition: Optional[DataPartition] = None, num_devices: int = 1, device_index: int = 0,
+                 device_partitioner: DevicePartitioner = "iid", dirichlet_alpha: float = 0.5,
+                 classes_per_device: Optional[list[list[int]]] = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= device_index < num_devices:
+            raise ValueError(f"device_index {device_index} is not one of the {num_devices} devices")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.partition = partition
+        self.num_devices = num_devices
+        self.device_index = device_index
+        self.device_partitioner = device_partitioner
+        self.dirichlet_alpha = dirichlet_alpha
+        self.classes_per_device = classes_per_device
         self._data: Optional[SplitData] = None
+        self._device_parts: Optional[list[np.ndarray]] = None
 
     @property
     @abstractmethod
@@ -97,11 +118,28 @@ class DCCCLDataModule(LightningDataModule):
             raise ValueError("no training partition: set data partition, or use a stage module that declares one")
         return partition
 
+    @property
+    def device_parts(self) -> list[np.ndarray]:
+        """Positions in the device-side training samples of each device's share (one part without a fleet)."""
+        if self._device_parts is None:
+            labels = self.data.device_labels
+            self._device_parts = partition_devices(
+                labels, self.num_devices, self.device_partitioner, self.seed, self.dirichlet_alpha,
+                self.classes_per_device,
+            ) if self.num_devices > 1 else [np.arange(len(labels))]
+        return self._device_parts
+
+    def device_dataset(self, device_index: int) -> Dataset:
+        """Training samples of one device."""
+        return Subset(self.data.device_train, self.device_parts[device_index].tolist())
+
     def train_dataset(self, partition: DataPartition) -> Dataset:
-        """Training samples of ``partition``."""
+        """Training samples of ``partition`` (for ``device``: this DataModule's device only)."""
         if partition == "pooled":
             return ConcatDataset([self.data.cloud_train, self.data.device_train])
-        return self.data.cloud_train if partition == "cloud" else self.data.device_train
+        if partition == "device":
+            return self.data.device_train if self.num_devices == 1 else self.device_dataset(self.device_index)
+        return self.data.cloud_train
 
     def train_sample_count(self) -> int:
         """Number of training samples of the partition in use (the weight of its co-submodel copy)."""

@@ -11,6 +11,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from datamodules.base import DCCCLDataModule, SplitData
+from dcccl.fleet_partition import DevicePartitioner
 from dcccl.partition import ClassSplit, DataPartition
 
 
@@ -65,8 +66,13 @@ class ImageFolderDataModule(DCCCLDataModule):
         channels: 1 (grey-scale) or 3 (RGB).
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
-        seed: Seed (kept for a uniform interface; the folders fix the split).
+        seed: Seed of the fleet's partition (the folders fix the cloud/device/test split).
         partition: Pin the training partition instead of taking it from the stage module.
+        num_devices: Number of devices the device folder's images are divided among.
+        device_index: The device whose images the device partition serves.
+        device_partitioner: ``iid``, ``dirichlet`` or ``by_class``.
+        dirichlet_alpha: Concentration of the Dirichlet partitioner (smaller: more skew).
+        classes_per_device: For ``by_class``: the class indices each device holds.
     """
 
     def __init__(
@@ -80,8 +86,15 @@ class ImageFolderDataModule(DCCCLDataModule):
         num_workers: int = 0,
         seed: int = 0,
         partition: DataPartition | None = None,
+        num_devices: int = 1,
+        device_index: int = 0,
+        device_partitioner: DevicePartitioner = "iid",
+        dirichlet_alpha: float = 0.5,
+        classes_per_device: list[list[int]] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition,
+                         num_devices=num_devices, device_index=device_index, device_partitioner=device_partitioner,
+                         dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.dirs = {"cloud": Path(cloud_dir), "device": Path(device_dir), "test": Path(test_dir)}
@@ -126,4 +139,5 @@ class ImageFolderDataModule(DCCCLDataModule):
             test=folders["test"],
             test_labels=np.asarray(folders["test"].targets, dtype=np.int64),
             class_split=ClassSplit(held["cloud"], held["device"]),
+            device_labels=np.asarray(folders["device"].targets, dtype=np.int64),
         )

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from datamodules.base import DCCCLDataModule, SplitData
+from dcccl.fleet_partition import DevicePartitioner
 from dcccl.partition import ClassSplit, DataPartition, partition_by_classes, stratified_split
 
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
@@ -38,8 +39,13 @@ class BundledMNISTDataModule(DCCCLDataModule):
         shared_device_fraction: Share of a shared digit's training samples that the device holds.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
-        seed: Seed of the train/test split and of the division of shared digits.
+        seed: Seed of the train/test split, of the division of shared digits and of the fleet's partition.
         partition: Pin the training partition instead of taking it from the stage module.
+        num_devices: Number of devices the device-side digits are divided among.
+        device_index: The device whose digits the device partition serves.
+        device_partitioner: ``iid``, ``dirichlet`` or ``by_class``.
+        dirichlet_alpha: Concentration of the Dirichlet partitioner (smaller: more skew).
+        classes_per_device: For ``by_class``: the digits each device holds.
     """
 
     def __init__(
@@ -52,8 +58,15 @@ class BundledMNISTDataModule(DCCCLDataModule):
         num_workers: int = 0,
         seed: int = 0,
         partition: DataPartition | None = None,
+        num_devices: int = 1,
+        device_index: int = 0,
+        device_partitioner: DevicePartitioner = "iid",
+        dirichlet_alpha: float = 0.5,
+        classes_per_device: list[list[int]] | None = None,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition,
+                         num_devices=num_devices, device_index=device_index, device_partitioner=device_partitioner,
+                         dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device)
         self.split_spec = ClassSplit(tuple(cloud_classes), tuple(device_classes))
         self.split_spec.validate(self.num_classes)
         self.test_fraction = test_fraction
@@ -81,4 +94,5 @@ class BundledMNISTDataModule(DCCCLDataModule):
             test=Subset(dataset, test_idx.tolist()),
             test_labels=labels[test_idx],
             class_split=self.split_spec,
+            device_labels=labels[train_idx[sides["device"]]],
         )

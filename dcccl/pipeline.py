@@ -15,6 +15,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from dcccl.atomic import atomic_write_json
+from dcccl.budget import DeviceBudget, check_device_budget
+from dcccl.exports import load_network
+from dcccl.fleet import FleetSpec
+from dcccl.ledger import Ledger, LedgerViolation
+from dcccl.ranks import is_global_zero
 from dcccl.run_dir import RunDirectory
 from dcccl.split import SplitSpec
 
@@ -42,6 +47,9 @@ class StageCall:
         outputs: The artifacts the stage must leave behind; all present means done.
         extra_args: Raw command-line arguments appended last (they win over everything).
         label: Human-readable name for progress messages.
+        data_args: Init arguments of the DataModule (the fleet's partition, the device's index).
+        device: For a device stage, the device it runs for.
+        round_index: The round the call belongs to (0 outside the rounds).
     """
 
     stage: StageName
@@ -54,6 +62,9 @@ class StageCall:
     outputs: tuple[Path, ...]
     extra_args: list[str] = field(default_factory=list)
     label: str = ""
+    data_args: dict[str, Any] = field(default_factory=dict)
+    device: Optional[int] = None
+    round_index: int = 0
 
 
 StageRunner = Callable[[StageCall], None]
@@ -106,6 +117,10 @@ class Pipeline:
             (default, as in the paper's code), the control model, or none (baselines).
         device_guide: Whether the control model guides the devices (``none``: the ablation without it).
         serve_cloud_submodel: Serve ``f + h`` (default) or the co-submodel alone (small-model baselines).
+        fleet: Many devices: their data partition, sampling, availability and aggregation (default: one device
+            that always reports).
+        device_budget: Limits the on-device part (control model + co-submodel) must fit; checked before the
+            first device trains, and the run is refused if it does not fit.
         split: Build the submodels by splitting one base model vertically instead of taking each stage's own
             backbone: the cloud submodel is the large group, the co-submodel (and the control model, which
             is distilled afterwards) the small group, all initialised from the base model's weights.
@@ -126,6 +141,8 @@ class Pipeline:
         cloud_round_guide: Guide = "cloud_submodel",
         device_guide: DeviceGuide = "control_model",
         serve_cloud_submodel: bool = True,
+        fleet: Optional[FleetSpec] = None,
+        device_budget: Optional[DeviceBudget] = None,
         split: Optional[SplitSpec] = None,
         trainer: Optional[dict[str, Any]] = None,
         stage_args: Optional[dict[str, list[str]]] = None,
@@ -150,6 +167,11 @@ class Pipeline:
         self.device_guide = device_guide
         self.serve_cloud_submodel = serve_cloud_submodel
         self.split = split
+        self.fleet = fleet if fleet is not None else FleetSpec()
+        self.device_budget = device_budget
+        self.sample_shape: Optional[tuple[int, ...]] = None  # set by the runner's owner for the budget gate
+        self.num_classes: Optional[int] = None
+        self.ledger = Ledger()
         self.trainer = dict(trainer or {})
         self.stage_args = {key: list(value) for key, value in (stage_args or {}).items()}
         self.restart_from: Optional[RestartPoint] = "cloud" if force else from_stage
@@ -171,7 +193,15 @@ class Pipeline:
             outputs=outputs,
             extra_args=self.split_arguments(stage) + list(self.stage_args.get(stage, [])),
             label=label,
+            data_args=self.fleet_data_arguments(),
         )
+
+    def fleet_data_arguments(self) -> dict[str, Any]:
+        """DataModule arguments that divide the device-side samples among the fleet (none for one device)."""
+        if self.fleet.num_devices == 1:
+            return {}
+        return {"num_devices": self.fleet.num_devices, "device_partitioner": self.fleet.partitioner,
+                "dirichlet_alpha": self.fleet.dirichlet_alpha, "classes_per_device": self.fleet.classes_per_device}
 
     @property
     def needs_control_model(self) -> bool:
@@ -214,17 +244,24 @@ class Pipeline:
                 "initial_export_path": str(run.initial_co_submodel) if first else None,
                 "export_path": str(run.cloud_copy(r)),
             }, cloud_outputs, f"{tag}: cloud side")
-            yield "rounds", self._call("device", "fit", {
-                "control_model": str(run.control_model) if self.device_guide == "control_model" else None,
-                "co_submodel": str(run.start_co_submodel(r)),
-                "export_path": str(run.device_copy(r, 0)),
-            }, (run.device_copy(r, 0),), f"{tag}: device 0")
+            reporting = self.fleet.reporting(self.seed, r)
+            for position, device in enumerate(reporting, start=1):
+                call = self._call("device", "fit", {
+                    "control_model": str(run.control_model) if self.device_guide == "control_model" else None,
+                    "co_submodel": str(run.start_co_submodel(r)),
+                    "export_path": str(run.device_copy(r, device)),
+                }, (run.device_copy(r, device),), f"{tag}: device {device} ({position}/{len(reporting)})")
+                if self.fleet.num_devices > 1:
+                    call.data_args["device_index"] = device
+                call.device, call.round_index = device, r
+                yield "rounds", call
+            fused = self.fleet.fused_copies(self.seed, r)
             yield "rounds", self._call("fusion", "fit", {
                 "cloud_copy": str(run.cloud_copy(r)),
-                "device_copies": [str(run.device_copy(r, 0))],
+                "device_copies": [str(run.device_copy(round_index, device)) for device, round_index in fused],
                 "cloud_submodel": cloud_submodel,
                 "export_path": str(run.fused_co_submodel(r)),
-            }, (run.fused_co_submodel(r),), f"{tag}: fusion")
+            }, (run.fused_co_submodel(r),), f"{tag}: fusion of the cloud copy and {len(fused)} device copies")
             yield "rounds", self.evaluation_call(run.fused_co_submodel(r), run.round_metrics(r), f"{tag}: evaluation")
 
     def evaluation_call(self, co_submodel: Path, metrics: Path, label: str) -> StageCall:
@@ -241,21 +278,27 @@ class Pipeline:
 
     def execute(self, runner: StageRunner) -> dict[str, Any]:
         """Run (or skip) every stage with ``runner``, write ``metrics.json`` and return its content."""
-        rerun = False
+        rerun, budget_checked = False, False
         restart = RESTART_ORDER.index(self.restart_from) if self.restart_from is not None else len(RESTART_ORDER)
         plan = list(self.plan())
+        self.ledger = Ledger()
         for step, (restart_point, call) in enumerate(plan, start=1):
             progress = f"[dcccl {self.name} {step}/{len(plan)}] {call.label}"
             rerun = rerun or RESTART_ORDER.index(restart_point) >= restart
             if not rerun and all(path.is_file() for path in call.outputs):
                 log.info("%s: done already, skipped (%s)", progress, call.outputs[0])
+                self._record_transfers(call)
                 continue
             rerun = True
+            if call.stage == "device":
+                self._check_device_call(call, first=not budget_checked)
+                budget_checked = True
             log.info("%s: running %s %s", progress, call.command, call.config_files[-1])
             runner(call)
             missing = [str(path) for path in call.outputs if not path.is_file()]
             if missing:
                 raise StageFailedError(f"stage {call.label!r} finished but did not write {', '.join(missing)}")
+            self._record_transfers(call)
             if call.stage == "evaluate":
                 served = json.loads(call.outputs[0].read_text()).get("served/acc")
                 log.info("%s: served accuracy %s", progress, "n/a" if served is None else f"{100 * served:.1f}%")
@@ -268,10 +311,70 @@ class Pipeline:
             with open(path) as handle:
                 history.append({"round": r, **json.load(handle)})
         final = {key: value for key, value in history[-1].items() if key != "round"}
+        totals = self.ledger.totals()
         metrics: dict[str, Any] = {
             **final,
             "rounds": history,
             "served/acc_per_round": [entry["served/acc"] for entry in history],
+            "transfers/downlink_bytes": totals["downlink_bytes"],
+            "transfers/uplink_bytes": totals["uplink_bytes"],
+            "transfers/per_round": totals["per_round"],
         }
-        atomic_write_json(self.run.metrics, metrics)
+        if is_global_zero():
+            self.ledger.save(self.run.transfers)
+            self._save_fleet_state()
+            atomic_write_json(self.run.metrics, metrics)
         return metrics
+
+    def _save_fleet_state(self) -> None:
+        """Per round: who was sampled, online, reported, and which copies the fusion averaged."""
+        for r in range(1, self.rounds + 1):
+            atomic_write_json(self.run.round_dir(r) / "fleet.json", {
+                "sampled": self.fleet.sampled(self.seed, r),
+                "online": sorted(self.fleet.online(self.seed, r)),
+                "reported": self.fleet.reporting(self.seed, r),
+                "aggregation": self.fleet.aggregation,
+                "fused_copies": [{"device": d, "round": rr} for d, rr in self.fleet.fused_copies(self.seed, r)],
+            })
+
+    def _check_device_call(self, call: StageCall, first: bool) -> None:
+        """Refuse a device stage that would receive anything but the control model and the co-submodel."""
+        allowed = {"control_model", "co_submodel", "export_path"}
+        if set(call.model_args) - allowed:
+            raise LedgerViolation(f"the device stage may only receive {sorted(allowed)}, got {sorted(call.model_args)}")
+        overriding = [a for a in call.extra_args if a.startswith(("--model.init_args.control_model",
+                                                                  "--model.init_args.co_submodel", "--model=",
+                                                                  "--model.class_path", "--data.init_args.partition"))]
+        if overriding:
+            raise LedgerViolation(f"stage_args may not change what the device stage receives: {overriding}")
+        for key in ("control_model", "co_submodel"):
+            path = call.model_args.get(key)
+            if path is not None:
+                Ledger().record_file(call.round_index, call.device or 0, "down", path)  # role check only
+        if first and self.device_budget is not None:
+            self._check_budget(call)
+
+    def _check_budget(self, call: StageCall) -> None:
+        if self.sample_shape is None or self.num_classes is None:
+            raise ValueError("the device budget gate needs the sample shape and class count of the data")
+        control = call.model_args.get("control_model")
+        measured = check_device_budget(
+            self.device_budget,  # type: ignore[arg-type]
+            load_network(call.model_args["co_submodel"], "co_submodel"),
+            load_network(control, "control_model") if control is not None else None,
+            self.sample_shape, self.num_classes,
+        )
+        log.info("[dcccl] device budget respected: %s", ", ".join(f"{k} {v:,.0f}" for k, v in measured.items()))
+
+    def _record_transfers(self, call: StageCall) -> None:
+        """Ledger entries of a device stage: what went down before it and what came up after it."""
+        if call.stage != "device":
+            return
+        device, r = call.device or 0, call.round_index
+        control = call.model_args.get("control_model")
+        if control is not None and not any(t.device == device and t.what == "control_model"
+                                           for t in self.ledger.transfers):
+            self.ledger.record_file(r, device, "down", control)  # the control model goes down once per device
+        self.ledger.record_file(r, device, "down", call.model_args["co_submodel"])
+        self.ledger.record_file(r, device, "up", call.outputs[0])
+        self.ledger.record_sample_count(r, device)

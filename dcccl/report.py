@@ -25,4 +25,7 @@ def results_table(metrics: dict[str, Any]) -> str:
     per_round = metrics.get("served/acc_per_round")
     if per_round:
         lines.append("served accuracy per round: " + ", ".join(f"{100 * acc:.1f}%" for acc in per_round))
+    if "transfers/downlink_bytes" in metrics:
+        lines.append(f"device/cloud transfers: {metrics['transfers/downlink_bytes']:,} bytes down, "
+                     f"{metrics['transfers/uplink_bytes']:,} bytes up (transfers.json)")
     return "\n".join(lines)

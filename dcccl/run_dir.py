@@ -4,7 +4,9 @@ Layout::
 
     <run_dir>/
       pipeline.yaml                         resolved pipeline config
-      metrics.json                          final metrics, per-round served accuracy
+      metrics.json                          final metrics, per-round served accuracy, transfer totals
+      transfers.json                        the device/cloud ledger: every transfer in bytes
+      fleet/partition.json, partition.png   the fleet's data partition (with several devices)
       cloud/cloud_submodel.pt               export of the cloud submodel f
       distill/control_model.pt              export of the control model g
       rounds/initial_co_submodel.pt         the co-submodel h the cloud sends down in round 1
@@ -12,6 +14,7 @@ Layout::
       rounds/round_001/device_000/co_submodel.pt      device 0's copy of h after the round
       rounds/round_001/fusion/co_submodel.pt          fused h, the start of the next round
       rounds/round_001/evaluate/metrics.json          served model after the round
+      rounds/round_001/fleet.json                     sampled, online and reporting devices, fused copies
 
 Each stage's directory also holds its resolved config (``config.yaml``) and Lightning checkpoints.
 """
@@ -40,6 +43,16 @@ class RunDirectory:
     def metrics(self) -> Path:
         """Final metrics of the run."""
         return self.root / "metrics.json"
+
+    @property
+    def transfers(self) -> Path:
+        """The device/cloud ledger."""
+        return self.root / "transfers.json"
+
+    @property
+    def fleet_partition(self) -> Path:
+        """Per-device label counts of the fleet's partition."""
+        return self.root / "fleet" / "partition.json"
 
     @property
     def cloud_submodel(self) -> Path:

@@ -10,8 +10,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from dcccl.aggregation import DeviceWeighting, fusion_weights, weighted_average
-from dcccl.exports import load_export, load_network
+from dcccl.aggregation import DeviceWeighting, RunningAverage, fusion_weights
+from dcccl.exports import NetworkExport, load_export, load_network
 from dcccl.freeze import freeze
 from lightning_modules.base import StageModule
 
@@ -29,7 +29,7 @@ class FusionModule(StageModule):
         num_classes: Number of classes (linked from the DataModule).
         in_chans: Input channels (linked from the DataModule).
         cloud_copy: Export of the cloud's trained copy.
-        device_copies: Exports of the devices' trained copies.
+        device_copies: Exports of the devices' trained copies (may be empty: no device reported this round).
         cloud_share: λ, the cloud copy's share; ``None`` weights it by its sample count like a device.
         device_weighting: Split the devices' share by sample counts or uniformly.
         finetune_head: Fine-tune the fused co-submodel's classifier on cloud samples.
@@ -54,25 +54,20 @@ class FusionModule(StageModule):
         export_path: Optional[str] = None,
     ) -> None:
         super().__init__(num_classes, in_chans, optimizer, export_path)
-        if not device_copies:
-            raise ValueError("fusion needs at least one device copy of the co-submodel")
-        cloud = load_export(cloud_copy, "co_submodel")
-        devices = [load_export(path, "co_submodel") for path in device_copies]
-        for path, export in zip([cloud_copy, *device_copies], [cloud, *devices]):
-            if export.sample_count is None:
-                raise ValueError(f"{path} records no sample count; it is not a trained co-submodel copy")
-            if export.num_classes != num_classes:
-                raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}")
-        self.weights = fusion_weights(
-            cloud.sample_count or 0, [d.sample_count or 0 for d in devices], cloud_share, device_weighting
-        )
-        self.total_samples = sum(e.sample_count or 0 for e in [cloud, *devices])
-        device_shares = ", ".join(f"{w:.3f}" for w in self.weights[1:])
+        cloud = self._checked(cloud_copy, num_classes)
+        # Two passes over the device copies, one copy in memory at a time: memory does not grow with the fleet.
+        device_counts = [self._checked(path, num_classes).sample_count or 0 for path in device_copies]
+        self.weights = fusion_weights(cloud.sample_count or 0, device_counts, cloud_share, device_weighting)
+        self.total_samples = (cloud.sample_count or 0) + sum(device_counts)
+        running = RunningAverage()
+        running.add(cloud.state_dict, self.weights[0])
+        for path, weight in zip(device_copies, self.weights[1:]):
+            running.add(load_export(path, "co_submodel").state_dict, weight)
+        device_shares = ", ".join(f"{w:.3f}" for w in self.weights[1:]) or "none reported"
         rank_zero_info(f"[dcccl] fusion weights: cloud {self.weights[0]:.3f}, devices {device_shares}")
         self.co_backbone = cloud.backbone
         self.co_submodel = cloud.build()
-        self.co_submodel.load_state_dict(weighted_average([cloud.state_dict, *[d.state_dict for d in devices]],
-                                                          self.weights))
+        self.co_submodel.load_state_dict(running.result())
         self.finetune_head = finetune_head
         # Only the head is trainable (also without fine-tuning: DDP refuses a module with nothing to train);
         # the body stays in eval mode so the fused batch-norm statistics are kept. Without fine-tuning a
@@ -86,6 +81,15 @@ class FusionModule(StageModule):
             if cloud_submodel is None:
                 raise ValueError("finetune_head needs the cloud submodel export (cloud_submodel)")
             self.cloud_submodel = freeze(load_network(cloud_submodel, "cloud_submodel", num_classes))
+
+    @staticmethod
+    def _checked(path: str, num_classes: int) -> NetworkExport:
+        export = load_export(path, "co_submodel")
+        if export.sample_count is None:
+            raise ValueError(f"{path} records no sample count; it is not a trained co-submodel copy")
+        if export.num_classes != num_classes:
+            raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}")
+        return export
 
     def head(self) -> nn.Module:
         """The fused co-submodel's classifier, through timm's head API."""

@@ -52,3 +52,13 @@ def export_factory(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return _make
+
+
+FAKE_SPEC = BackboneSpec("small_cnn", kwargs={"width": 2, "depth": 1})
+
+
+def write_fake_export(path: Path, sample_count: int = 10) -> None:
+    """A genuine, tiny export whose role follows the file name (what fake stage runners leave behind)."""
+    role: Role = "cloud_submodel" if "cloud_submodel" in path.name else (
+        "control_model" if "control_model" in path.name else "co_submodel")
+    save_export(NetworkExport.of(FAKE_SPEC.build(10, 1), role, FAKE_SPEC, 10, 1, sample_count), path)

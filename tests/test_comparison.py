@@ -12,6 +12,7 @@ import pytest
 from dcccl.comparison import METHODS, Comparison
 from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
 from dcccl.pipeline import StageCall, StageConfigs
+from tests.conftest import write_fake_export
 from tests.test_end_to_end import dcccl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -30,7 +31,7 @@ class FakeRunner:
         for output in call.outputs:
             output.parent.mkdir(parents=True, exist_ok=True)
             if output.suffix != ".json":
-                output.write_bytes(b"weights")
+                write_fake_export(output)
                 continue
             served = 0.6 if call.model_args["cloud_submodel"] else 0.5
             metrics = {f"served/{k}": served for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
@@ -73,7 +74,8 @@ def test_every_baseline_is_wired_from_the_pipeline_stages(tmp_path: Path) -> Non
     device_only = by_method["device_only"]
     assert [c.stage for c in device_only] == ["device", "device", "evaluate"]
     assert device_only[1].model_args["co_submodel"] == device_only[0].model_args["export_path"]
-    assert (run / "baselines/device_only/rounds/initial_co_submodel.pt").read_bytes() == b"weights"
+    copied = run / "baselines/device_only/rounds/initial_co_submodel.pt"
+    assert copied.read_bytes() == (run / "rounds/initial_co_submodel.pt").read_bytes()
     assert device_only[-1].model_args["cloud_submodel"] is None
     # Centralized: one stage on pooled samples, evaluated as f + h.
     centralized = by_method["centralized"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from dcccl.pipeline import Pipeline, StageCall, StageConfigs, StageFailedError
+from tests.conftest import write_fake_export
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = StageConfigs(*(CONFIGS / f"stages/{name}.yaml" for name in
@@ -28,7 +29,7 @@ class FakeRunner:
                 round_index = int(output.parent.parent.name.split("_")[1])
                 output.write_text(json.dumps({"served/acc": 0.5 + 0.1 * round_index, "cloud_only/acc": 0.4}))
             else:
-                output.write_bytes(b"weights")
+                write_fake_export(output)
 
     @property
     def labels(self) -> list[str]:
@@ -89,7 +90,7 @@ def test_missing_artifact_reruns_from_there_on(tmp_path: Path) -> None:
     (tmp_path / "run/rounds/round_002/device_000/co_submodel.pt").unlink()
     again = FakeRunner()
     make(tmp_path, rounds=2).execute(again)
-    assert again.labels == ["round 2/2: device 0", "round 2/2: fusion", "round 2/2: evaluation"]
+    assert [c.stage for c in again.calls] == ["device", "fusion", "evaluate"] and again.calls[0].round_index == 2
 
 
 @pytest.mark.parametrize(("options", "first"), [

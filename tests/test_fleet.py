@@ -1,0 +1,170 @@
+"""A fleet of devices: sampling and availability, latest-update averaging, the ledger, the budget gate."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.mnist import BundledMNISTDataModule
+from dcccl.budget import DeviceBudget, DeviceBudgetExceeded, check_device_budget
+from dcccl.costs import state_dict_bytes
+from dcccl.exports import load_export, load_network
+from dcccl.fleet import FleetSpec
+from dcccl.ledger import Ledger, LedgerViolation
+from dcccl.pipeline import Pipeline
+from tests.conftest import write_fake_export
+from tests.test_comparison import STAGES, FakeRunner
+from tests.test_end_to_end import dcccl
+
+
+def schedule(tmp_path: Path, rounds: dict[int, list[int]]) -> Path:
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({str(r): devices for r, devices in rounds.items()}))
+    return path
+
+
+def test_sampling_is_seeded_per_round_and_sized_by_the_fraction() -> None:
+    fleet = FleetSpec(num_devices=20, sample_fraction=0.3)
+    first = fleet.sampled(seed=0, round_index=1)
+    assert len(first) == math.ceil(0.3 * 20) == len(set(first))
+    assert first == fleet.sampled(seed=0, round_index=1)  # a resumed run makes the same choice
+    assert first != fleet.sampled(seed=0, round_index=2) or first != fleet.sampled(seed=1, round_index=1)
+    assert FleetSpec(num_devices=20, sample_fraction=0.01).sampled(0, 1).__len__() == 1  # at least one
+    assert FleetSpec(num_devices=5, availability=0.0).reporting(0, 1) == []
+    assert FleetSpec(num_devices=5, availability=1.0).reporting(0, 1) == [0, 1, 2, 3, 4]
+    online = [len(FleetSpec(num_devices=1000, availability=0.7).online(s, 1)) for s in range(3)]
+    assert all(650 < n < 750 for n in online)
+
+
+def test_fedavg_fuses_reporting_devices_and_latest_update_keeps_offline_ones(tmp_path: Path) -> None:
+    plan = schedule(tmp_path, {1: [0, 1, 2], 2: [1], 3: [2, 3]})
+    fedavg = FleetSpec(num_devices=4, availability_schedule=plan, aggregation="fedavg")
+    latest = FleetSpec(num_devices=4, availability_schedule=plan, aggregation="latest")
+    assert fedavg.reporting(0, 1) == [0, 1, 2] and fedavg.reporting(0, 2) == [1]
+    assert fedavg.fused_copies(0, 2) == [(1, 2)]
+    # Round 2: device 1 reported now; 0 and 2 are offline but their round-1 copies keep their weight.
+    assert latest.fused_copies(0, 2) == [(0, 1), (1, 2), (2, 1)]
+    assert latest.fused_copies(0, 3) == [(0, 1), (1, 2), (2, 3), (3, 3)]
+    with pytest.raises(ValueError, match="unknown devices"):
+        FleetSpec(num_devices=2, availability_schedule=plan)
+
+
+def test_pipeline_trains_reporting_devices_on_their_own_data_and_fuses_latest_copies(tmp_path: Path) -> None:
+    fleet = FleetSpec(num_devices=4, partitioner="dirichlet", availability_schedule=schedule(
+        tmp_path, {1: [0, 1, 2, 3], 2: [3]}), aggregation="latest")
+    runner = FakeRunner()
+    metrics = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=2, fleet=fleet).execute(runner)
+    devices = [c for c in runner.calls if c.stage == "device"]
+    assert [(c.round_index, c.data_args["device_index"]) for c in devices] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 3)]
+    assert all(c.data_args["num_devices"] == 4 and c.data_args["device_partitioner"] == "dirichlet"
+               for c in runner.calls)
+    fusion_2 = [c for c in runner.calls if c.stage == "fusion"][1]
+    assert [Path(p).parts[-3:-1] for p in fusion_2.model_args["device_copies"]] == [
+        ("round_001", "device_000"), ("round_001", "device_001"), ("round_001", "device_002"),
+        ("round_002", "device_003")]
+    state = json.loads((tmp_path / "run/rounds/round_002/fleet.json").read_text())
+    assert state["reported"] == [3] and len(state["fused_copies"]) == 4
+    assert metrics["transfers/uplink_bytes"] > 0
+
+
+def test_ledger_totals_equal_the_state_dicts_actually_transferred(tmp_path: Path) -> None:
+    runner = FakeRunner()
+    fleet = FleetSpec(num_devices=3, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1, 2]}))
+    pipeline = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=2, fleet=fleet)
+    metrics = pipeline.execute(runner)
+    run = pipeline.run
+    size = {path: state_dict_bytes(load_export(path).state_dict) for path in run.root.rglob("*.pt")}
+    g, h = size[run.control_model], size[run.initial_co_submodel]
+    # Down: g once to each of the 3 devices that ever trained; h to every device in every round it trained.
+    # Up: each trained copy plus its 8-byte sample count. Devices trained: round 1: 0, 1; round 2: 1, 2.
+    expected_down = 3 * g + 4 * h
+    expected_up = sum(size[run.device_copy(r, d)] + 8 for r, d in [(1, 0), (1, 1), (2, 1), (2, 2)])
+    assert metrics["transfers/downlink_bytes"] == expected_down
+    assert metrics["transfers/uplink_bytes"] == expected_up
+    ledger = json.loads(run.transfers.read_text())
+    assert {t["what"] for t in ledger["transfers"] if t["direction"] == "down"} == {"control_model", "co_submodel"}
+    assert {t["what"] for t in ledger["transfers"] if t["direction"] == "up"} == {"co_submodel", "sample_count"}
+    assert ledger["totals"]["per_round"]["1"]["downlink_bytes"] == 2 * g + 2 * h
+    # No cloud-submodel weight and no raw sample ever crosses: every transferred tensor is a small network's.
+    cloud = [t for t in load_export(run.cloud_submodel).state_dict.values() if t.is_floating_point()]
+    for transfer in ledger["transfers"]:
+        if not transfer["file"]:
+            continue
+        for tensor in load_export(transfer["file"]).state_dict.values():
+            assert tensor.dim() < 4 or tensor.shape[1:] != (1, 28, 28)  # not a batch of images
+            assert not any(c.shape == tensor.shape and torch.equal(c, tensor) for c in cloud if c.numel() > 16)
+
+
+def test_a_device_stage_configured_to_receive_the_cloud_submodel_is_refused(tmp_path: Path) -> None:
+    pipeline = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=1,
+                        stage_args={"device": ["--model.init_args.co_submodel=runs/x/cloud/cloud_submodel.pt"]})
+    with pytest.raises(LedgerViolation, match="may not change what the device stage receives"):
+        pipeline.execute(FakeRunner())
+    cloud = tmp_path / "cloud_submodel.pt"
+    write_fake_export(cloud)
+    with pytest.raises(LedgerViolation, match="refusing to send a cloud_submodel down"):
+        Ledger().record_file(1, 0, "down", cloud)
+    with pytest.raises(LedgerViolation, match="refusing to send a cloud_submodel up"):
+        Ledger().record_file(1, 0, "up", cloud)
+
+
+def test_device_budget_gate_states_figure_and_limit(tmp_path: Path) -> None:
+    from dcccl.backbones import BackboneSpec
+
+    co = BackboneSpec("small_cnn", kwargs={"width": 8}).build(10, 1)
+    control = BackboneSpec("small_cnn", kwargs={"width": 8}).build(10, 1)
+    measured = check_device_budget(DeviceBudget(max_params=20_000), co, control, (1, 28, 28), 10)
+    assert measured["params"] == 2 * 6274
+    with pytest.raises(DeviceBudgetExceeded, match=r"params 12,548 > limit 10,000"):
+        check_device_budget(DeviceBudget(max_params=10_000), co, control, (1, 28, 28), 10)
+    with pytest.raises(DeviceBudgetExceeded, match="peak train memory bytes .* > limit 1,000"):
+        check_device_budget(DeviceBudget(max_peak_train_memory_bytes=1000, batch_size=4), co, None, (1, 28, 28), 10)
+    # In the pipeline the gate runs before the first device trains, and refuses the run.
+    pipeline = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=1, device_budget=DeviceBudget(max_params=10))
+    pipeline.sample_shape, pipeline.num_classes = (1, 28, 28), 10
+    runner = FakeRunner()
+    with pytest.raises(DeviceBudgetExceeded):
+        pipeline.execute(runner)
+    assert "device" not in [c.stage for c in runner.calls]
+
+
+def test_each_device_gets_its_own_share_of_the_device_samples() -> None:
+    shares = [BundledMNISTDataModule(num_devices=5, device_index=k, device_partitioner="dirichlet", seed=1)
+              for k in range(5)]
+    sizes = [len(dm.train_dataset("device")) for dm in shares]
+    assert sum(sizes) == 1200 and all(size > 0 for size in sizes)
+    first = shares[0]
+    positions = [set(part.tolist()) for part in first.device_parts]
+    assert set().union(*positions) == set(range(1200)) and sum(map(len, positions)) == 1200
+    with pytest.raises(ValueError, match="not one of the 5 devices"):
+        BundledMNISTDataModule(num_devices=5, device_index=5)
+
+
+def test_fusion_of_a_round_where_no_device_reported_is_the_cloud_copy(tmp_path: Path) -> None:
+    from lightning_modules import FusionModule
+
+    cloud = tmp_path / "co_submodel.pt"
+    write_fake_export(cloud, sample_count=100)
+    module = FusionModule(10, 1, cloud_copy=str(cloud), device_copies=[])
+    assert module.weights == [1.0]
+    for key, value in load_network(cloud, "co_submodel").state_dict().items():
+        assert torch.equal(module.co_submodel.state_dict()[key], value)
+
+
+@pytest.mark.slow
+def test_small_fleet_through_the_cli(tmp_path: Path) -> None:
+    result = dcccl("pipeline", "--config", "configs/fleet.yaml", "--run_dir", str(tmp_path), "--rounds", "2",
+                   "--fleet.num_devices", "4", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+                   "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    partition = json.loads((tmp_path / "fleet/partition.json").read_text())
+    assert partition["num_devices"] == 4 and sum(d["samples"] for d in partition["devices"]) == 1200
+    assert (tmp_path / "fleet/partition.png").read_bytes()[:4] == b"\x89PNG"
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    ledger = json.loads((tmp_path / "transfers.json").read_text())
+    assert metrics["transfers/uplink_bytes"] == ledger["totals"]["uplink_bytes"] > 0
+    assert "device/cloud transfers" in result.stdout
