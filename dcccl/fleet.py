@@ -33,7 +33,8 @@ class FleetSpec:
         availability_schedule: JSON file ``{"<round>": [online device ids], ...}``, replacing ``availability``
             for the rounds it lists.
         aggregation: ``fedavg`` averages the devices that reported this round; ``latest`` (in the spirit of
-            FedLaAvg) averages every device's most recent copy, so offline devices keep their weight.
+            FedLaAvg) also keeps every offline device's most recent update (its copy minus the model it
+            started from), re-applied to this round's model, so every device's data keeps its weight.
     """
 
     num_devices: int = 1

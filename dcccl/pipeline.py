@@ -256,9 +256,14 @@ class Pipeline:
                 call.device, call.round_index = device, r
                 yield "rounds", call
             fused = self.fleet.fused_copies(self.seed, r)
+            stale = any(round_index != r for _, round_index in fused)
             yield "rounds", self._call("fusion", "fit", {
                 "cloud_copy": str(run.cloud_copy(r)),
                 "device_copies": [str(run.device_copy(round_index, device)) for device, round_index in fused],
+                # Latest-update averaging: a copy from an earlier round contributes its update, re-applied here.
+                "device_bases": [None if round_index == r else str(run.start_co_submodel(round_index))
+                                 for _, round_index in fused] if stale else None,
+                "rebase_onto": str(run.start_co_submodel(r)) if stale else None,
                 "cloud_submodel": cloud_submodel,
                 "export_path": str(run.fused_co_submodel(r)),
             }, (run.fused_co_submodel(r),), f"{tag}: fusion of the cloud copy and {len(fused)} device copies")

@@ -16,6 +16,16 @@ from dcccl.freeze import freeze
 from lightning_modules.base import StageModule
 
 
+def rebase_update(copy: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
+                  onto: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``onto + (copy - base)`` for floating-point entries: a stale device update applied to today's model.
+
+    Counters (integer entries) are taken from ``onto``.
+    """
+    return {key: onto[key] + (value - base[key]) if value.is_floating_point() else onto[key].clone()
+            for key, value in copy.items()}
+
+
 class FusionModule(StageModule):
     """Weighted average of the cloud's copy and the devices' copies of the co-submodel.
 
@@ -30,6 +40,10 @@ class FusionModule(StageModule):
         in_chans: Input channels (linked from the DataModule).
         cloud_copy: Export of the cloud's trained copy.
         device_copies: Exports of the devices' trained copies (may be empty: no device reported this round).
+        device_bases: For latest-update averaging: per device copy, the co-submodel it started from when it
+            is older than this round (``None`` for a fresh copy). Such a stale copy contributes its update,
+            re-applied to this round's start: ``rebase_onto + (copy - base)``.
+        rebase_onto: This round's starting co-submodel (needed with ``device_bases``).
         cloud_share: λ, the cloud copy's share; ``None`` weights it by its sample count like a device.
         device_weighting: Split the devices' share by sample counts or uniformly.
         finetune_head: Fine-tune the fused co-submodel's classifier on cloud samples.
@@ -46,6 +60,8 @@ class FusionModule(StageModule):
         in_chans: int,
         cloud_copy: str,
         device_copies: list[str],
+        device_bases: Optional[list[Optional[str]]] = None,
+        rebase_onto: Optional[str] = None,
         cloud_share: Optional[float] = 0.5,
         device_weighting: DeviceWeighting = "samples",
         finetune_head: bool = False,
@@ -59,10 +75,19 @@ class FusionModule(StageModule):
         device_counts = [self._checked(path, num_classes).sample_count or 0 for path in device_copies]
         self.weights = fusion_weights(cloud.sample_count or 0, device_counts, cloud_share, device_weighting)
         self.total_samples = (cloud.sample_count or 0) + sum(device_counts)
+        bases = device_bases if device_bases is not None else [None] * len(device_copies)
+        if len(bases) != len(device_copies):
+            raise ValueError(f"{len(device_copies)} device copies but {len(bases)} device bases")
+        if any(base is not None for base in bases) and rebase_onto is None:
+            raise ValueError("device_bases need rebase_onto, the co-submodel this round started from")
+        current = load_export(rebase_onto, "co_submodel").state_dict if rebase_onto is not None else None
         running = RunningAverage()
         running.add(cloud.state_dict, self.weights[0])
-        for path, weight in zip(device_copies, self.weights[1:]):
-            running.add(load_export(path, "co_submodel").state_dict, weight)
+        for path, base, weight in zip(device_copies, bases, self.weights[1:]):
+            state = load_export(path, "co_submodel").state_dict
+            if base is not None and current is not None:
+                state = rebase_update(state, load_export(base, "co_submodel").state_dict, current)
+            running.add(state, weight)
         device_shares = ", ".join(f"{w:.3f}" for w in self.weights[1:]) or "none reported"
         rank_zero_info(f"[dcccl] fusion weights: cloud {self.weights[0]:.3f}, devices {device_shares}")
         self.co_backbone = cloud.backbone

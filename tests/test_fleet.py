@@ -168,3 +168,43 @@ def test_small_fleet_through_the_cli(tmp_path: Path) -> None:
     ledger = json.loads((tmp_path / "transfers.json").read_text())
     assert metrics["transfers/uplink_bytes"] == ledger["totals"]["uplink_bytes"] > 0
     assert "device/cloud transfers" in result.stdout
+
+
+def test_stale_copies_contribute_their_update_rebased_on_the_current_model(tmp_path: Path) -> None:
+    from lightning_modules.fusion import rebase_update
+
+    copy = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}
+    base = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(2)}
+    onto = {"w": torch.tensor([10.0, 20.0]), "n": torch.tensor(9)}
+    rebased = rebase_update(copy, base, onto)
+    assert torch.equal(rebased["w"], torch.tensor([12.0, 24.0]))  # 10 + (3 - 1), 20 + (5 - 1)
+    assert rebased["n"] == 9  # counters follow the current model
+    # In the pipeline: round 2's fusion rebases device 0's round-1 copy (it started from the initial model)
+    # onto round 2's start; device 1 reported in round 2, so its copy is used as it is.
+    fleet = FleetSpec(num_devices=2, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1]}),
+                      aggregation="latest")
+    runner = FakeRunner()
+    Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=2, fleet=fleet).execute(runner)
+    fusion_1, fusion_2 = [c for c in runner.calls if c.stage == "fusion"]
+    assert fusion_1.model_args["device_bases"] is None and fusion_1.model_args["rebase_onto"] is None
+    run = tmp_path / "run"
+    assert fusion_2.model_args["device_bases"] == [str(run / "rounds/initial_co_submodel.pt"), None]
+    assert fusion_2.model_args["rebase_onto"] == str(run / "rounds/round_001/fusion/co_submodel.pt")
+
+
+def test_fusion_rebases_a_stale_copy(tmp_path: Path) -> None:
+    from lightning_modules import FusionModule
+
+    paths = {name: tmp_path / f"{name}_co_submodel.pt" for name in ("cloud", "stale", "base", "onto")}
+    for seed, path in enumerate(paths.values()):
+        torch.manual_seed(seed)
+        write_fake_export(path, sample_count=100)
+    module = FusionModule(10, 1, cloud_copy=str(paths["cloud"]), device_copies=[str(paths["stale"])],
+                          device_bases=[str(paths["base"])], rebase_onto=str(paths["onto"]))
+    state = {name: load_export(path).state_dict for name, path in paths.items()}
+    key = "head.weight"
+    expected = 0.5 * state["cloud"][key] + 0.5 * (state["onto"][key] + state["stale"][key] - state["base"][key])
+    torch.testing.assert_close(module.co_submodel.state_dict()[key], expected)
+    with pytest.raises(ValueError, match="need rebase_onto"):
+        FusionModule(10, 1, cloud_copy=str(paths["cloud"]), device_copies=[str(paths["stale"])],
+                     device_bases=[str(paths["base"])])
