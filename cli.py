@@ -35,6 +35,7 @@ from dcccl.fleet_partition import label_histogram, partition_summary
 from dcccl.ledger import LedgerViolation
 from dcccl.pipeline import Pipeline, StageCall, StageFailedError
 from dcccl.plots import plot_label_histogram
+from dcccl.ranks import is_global_zero
 from dcccl.report import results_table
 from lightning_modules.base import StageModule
 
@@ -175,7 +176,7 @@ def load_datamodule(data_config: Optional[Path], seed: int,
 
 
 def _is_rank_zero() -> bool:
-    return getattr(rank_zero_only, "rank", 0) == 0
+    return getattr(rank_zero_only, "rank", 0) == 0 and is_global_zero()
 
 
 def describe_data(pipeline: Pipeline) -> None:
@@ -281,7 +282,7 @@ class _RankZeroOnly(logging.Filter):
     """Under DDP every process runs the pipeline; only global rank zero reports progress."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(rank_zero_only, "rank", 0) == 0
+        return _is_rank_zero()
 
 
 class _DropAdvertisements(logging.Filter):

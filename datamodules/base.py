@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import numpy as np
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 
 from dcccl.fleet_partition import DevicePartitioner, partition_devices
@@ -172,5 +173,11 @@ class DCCCLDataModule(LightningDataModule):
         return self._loader(self.val_dataset(self.resolve_partition()), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        """The union test set."""
-        return self._loader(self.test_dataset(), shuffle=False)
+        """The union test set; under DDP each sample is evaluated exactly once (no padding by repetition)."""
+        dataset = self.test_dataset()
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size <= 1:
+            return self._loader(dataset, shuffle=False)
+        sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                               shuffle=False)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)

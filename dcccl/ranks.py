@@ -10,6 +10,11 @@ _RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 def global_rank() -> int:
     """This process's global rank (0 when not launched as one of several processes)."""
+    if "RANK" not in os.environ:
+        # Lightning's own multi-node launch sets only LOCAL_RANK and NODE_RANK: rank 0 of node 1 is not global zero.
+        node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", "0")))
+        if node != 0:
+            return node * 1_000_000 + int(os.environ.get("LOCAL_RANK", "0")) + 1
     for name in _RANK_VARIABLES:
         value = os.environ.get(name)
         if value is not None:

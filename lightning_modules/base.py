@@ -119,5 +119,5 @@ class SupervisedStageModule(StageModule):
         x, y = batch
         logits = self(x)
         self.val_acc.update(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y))
+        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True)
         self.log("val/acc", self.val_acc, prog_bar=True)

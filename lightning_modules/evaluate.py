@@ -97,7 +97,7 @@ class ServedModelEvaluation(StageModule):
             for key, group in GROUPS.items():
                 if group in self._group_classes:
                     results[f"{model}/{key}"] = float(self.accuracy(model, group).compute())
-        self.log_dict(results)
+        self.log_dict(results, sync_dist=True)
         if self.metrics_path is not None:
             if self.trainer.is_global_zero:
                 atomic_write_json(self.metrics_path, results)

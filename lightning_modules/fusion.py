@@ -17,12 +17,13 @@ from lightning_modules.base import StageModule
 
 
 def rebase_update(copy: dict[str, torch.Tensor], base: dict[str, torch.Tensor],
-                  onto: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``onto + (copy - base)`` for floating-point entries: a stale device update applied to today's model.
+                  onto: dict[str, torch.Tensor], parameters: set[str]) -> dict[str, torch.Tensor]:
+    """A stale device update applied to today's model: ``onto + (copy - base)`` for the ``parameters``.
 
-    Counters (integer entries) are taken from ``onto``.
+    Buffers (batch-norm statistics, counters) keep the copy's own values: a difference of variances is no
+    variance, and re-applying it could make one negative.
     """
-    return {key: onto[key] + (value - base[key]) if value.is_floating_point() else onto[key].clone()
+    return {key: onto[key] + (value - base[key]) if key in parameters else value.clone()
             for key, value in copy.items()}
 
 
@@ -81,12 +82,13 @@ class FusionModule(StageModule):
         if any(base is not None for base in bases) and rebase_onto is None:
             raise ValueError("device_bases need rebase_onto, the co-submodel this round started from")
         current = load_export(rebase_onto, "co_submodel").state_dict if rebase_onto is not None else None
+        parameters = {name for name, _ in cloud.build().named_parameters()}
         running = RunningAverage()
         running.add(cloud.state_dict, self.weights[0])
         for path, base, weight in zip(device_copies, bases, self.weights[1:]):
             state = load_export(path, "co_submodel").state_dict
             if base is not None and current is not None:
-                state = rebase_update(state, load_export(base, "co_submodel").state_dict, current)
+                state = rebase_update(state, load_export(base, "co_submodel").state_dict, current, parameters)
             running.add(state, weight)
         device_shares = ", ".join(f"{w:.3f}" for w in self.weights[1:]) or "none reported"
         rank_zero_info(f"[dcccl] fusion weights: cloud {self.weights[0]:.3f}, devices {device_shares}")

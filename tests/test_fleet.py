@@ -173,12 +173,13 @@ def test_small_fleet_through_the_cli(tmp_path: Path) -> None:
 def test_stale_copies_contribute_their_update_rebased_on_the_current_model(tmp_path: Path) -> None:
     from lightning_modules.fusion import rebase_update
 
-    copy = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(7)}
-    base = {"w": torch.tensor([1.0, 1.0]), "n": torch.tensor(2)}
-    onto = {"w": torch.tensor([10.0, 20.0]), "n": torch.tensor(9)}
-    rebased = rebase_update(copy, base, onto)
+    copy = {"w": torch.tensor([3.0, 5.0]), "var": torch.tensor([0.5]), "n": torch.tensor(7)}
+    base = {"w": torch.tensor([1.0, 1.0]), "var": torch.tensor([2.0]), "n": torch.tensor(2)}
+    onto = {"w": torch.tensor([10.0, 20.0]), "var": torch.tensor([1.0]), "n": torch.tensor(9)}
+    rebased = rebase_update(copy, base, onto, parameters={"w"})
     assert torch.equal(rebased["w"], torch.tensor([12.0, 24.0]))  # 10 + (3 - 1), 20 + (5 - 1)
-    assert rebased["n"] == 9  # counters follow the current model
+    # Buffers keep the copy's own values: 1 + (0.5 - 2) would be a negative variance.
+    assert torch.equal(rebased["var"], torch.tensor([0.5])) and rebased["n"] == 7
     # In the pipeline: round 2's fusion rebases device 0's round-1 copy (it started from the initial model)
     # onto round 2's start; device 1 reported in round 2, so its copy is used as it is.
     fleet = FleetSpec(num_devices=2, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1]}),
@@ -205,6 +206,9 @@ def test_fusion_rebases_a_stale_copy(tmp_path: Path) -> None:
     key = "head.weight"
     expected = 0.5 * state["cloud"][key] + 0.5 * (state["onto"][key] + state["stale"][key] - state["base"][key])
     torch.testing.assert_close(module.co_submodel.state_dict()[key], expected)
+    var = "features.0.1.running_var"
+    expected_var = 0.5 * state["cloud"][var] + 0.5 * state["stale"][var]
+    torch.testing.assert_close(module.co_submodel.state_dict()[var], expected_var)
     with pytest.raises(ValueError, match="need rebase_onto"):
         FusionModule(10, 1, cloud_copy=str(paths["cloud"]), device_copies=[str(paths["stale"])],
                      device_bases=[str(paths["base"])])
