@@ -80,12 +80,19 @@ def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def stage_arguments(call: StageCall) -> list[str]:
-    """The stage CLI arguments (without subcommand) that carry out ``call``."""
+def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
+    """The stage CLI arguments (without subcommand) that carry out ``call``.
+
+    When the output is not a terminal (``interactive`` false) Lightning's progress bars are turned off
+    unless the trainer options ask for them: the pipeline's own progress lines remain.
+    """
     args: list[str] = []
     for config in call.config_files:
         args += ["--config", str(config)]
-    args += [f"--trainer.{key}={_cli_value(value)}" for key, value in call.trainer_args.items()]
+    trainer_args = dict(call.trainer_args)
+    if not interactive:
+        trainer_args.setdefault("enable_progress_bar", False)
+    args += [f"--trainer.{key}={_cli_value(value)}" for key, value in trainer_args.items()]
     args += [f"--model.init_args.{key}={_cli_value(value)}" for key, value in call.model_args.items()]
     args += [f"--seed_everything={call.seed}", f"--data.init_args.seed={call.seed}"]
     args += [f"--data.init_args.{key}={_cli_value(value)}" for key, value in call.data_args.items()]
@@ -97,7 +104,7 @@ def run_stage(call: StageCall) -> None:
     with warnings.catch_warnings():
         # The pipeline's own command line is in sys.argv; the stage's arguments are given explicitly.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
-        cli = cli_main(stage_arguments(call), run=False)
+        cli = cli_main(stage_arguments(call, interactive=sys.stderr.isatty()), run=False)
     # Whatever logger is configured, a stage's checkpoints and resolved config stay in its own directory.
     for callback in cli.trainer.checkpoint_callbacks:
         if getattr(callback, "dirpath", None) is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from dcccl.budget import DeviceBudget, check_device_budget
 from dcccl.exports import load_network
 from dcccl.fleet import FleetSpec
 from dcccl.ledger import Ledger, LedgerViolation
+from dcccl.plots import plot_accuracy_per_round, plot_confusion_matrix
 from dcccl.ranks import is_global_zero
 from dcccl.run_dir import RunDirectory
 from dcccl.split import SplitSpec
@@ -287,6 +289,7 @@ class Pipeline:
         restart = RESTART_ORDER.index(self.restart_from) if self.restart_from is not None else len(RESTART_ORDER)
         plan = list(self.plan())
         self.ledger = Ledger()
+        run_started = time.perf_counter()
         for step, (restart_point, call) in enumerate(plan, start=1):
             progress = f"[dcccl {self.name} {step}/{len(plan)}] {call.label}"
             rerun = rerun or RESTART_ORDER.index(restart_point) >= restart
@@ -299,7 +302,10 @@ class Pipeline:
                 self._check_device_call(call, first=not budget_checked)
                 budget_checked = True
             log.info("%s: running %s %s", progress, call.command, call.config_files[-1])
+            started = time.perf_counter()
             runner(call)
+            log.info("%s: finished in %.1f s (run so far %.0f s)", progress, time.perf_counter() - started,
+                     time.perf_counter() - run_started)
             missing = [str(path) for path in call.outputs if not path.is_file()]
             if missing:
                 raise StageFailedError(f"stage {call.label!r} finished but did not write {', '.join(missing)}")
@@ -315,6 +321,8 @@ class Pipeline:
         for r, path in enumerate(self.evaluation_paths(), start=1):
             with open(path) as handle:
                 history.append({"round": r, **json.load(handle)})
+        confusion = history[-1].get("served/confusion_matrix")
+        history = [{k: v for k, v in entry.items() if k != "served/confusion_matrix"} for entry in history]
         final = {key: value for key, value in history[-1].items() if key != "round"}
         totals = self.ledger.totals()
         metrics: dict[str, Any] = {
@@ -328,6 +336,9 @@ class Pipeline:
         if is_global_zero():
             self.ledger.save(self.run.transfers)
             self._save_fleet_state()
+            plot_accuracy_per_round(history, self.run.root / "accuracy_per_round.png")
+            if confusion is not None:
+                plot_confusion_matrix(confusion, self.run.root / "confusion_matrix.png")
             atomic_write_json(self.run.metrics, metrics)
         return metrics
 

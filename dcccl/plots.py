@@ -108,3 +108,66 @@ def plot_label_histogram(histogram: np.ndarray, path: Path, class_names: Optiona
     fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_accuracy_per_round(history: list[dict[str, Any]], path: Path) -> Path:
+    """Served accuracy after every round: overall, on cloud classes and on device-only classes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rounds = [entry["round"] for entry in history]
+    for key, label in (("served/acc", "all classes"), ("served/acc_cloud_classes", "cloud classes"),
+                       ("served/acc_device_classes", "device-only classes")):
+        if all(key in entry for entry in history):
+            ax.plot(rounds, [100 * entry[key] for entry in history], marker="o", label=label)
+    cloud_only = history[-1].get("cloud_only/acc")
+    if cloud_only is not None:
+        ax.axhline(100 * cloud_only, linestyle=":", color="grey", label="cloud submodel alone, all classes")
+    ax.set_xlabel("round")
+    ax.set_ylabel("served accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(rounds)
+    ax.set_title("Served model after every round")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion_matrix(matrix: list[list[int]], path: Path, class_names: Optional[list[str]] = None,
+                          title: str = "Served model on the union test set") -> Path:
+    """Confusion matrix (rows: true class, columns: predicted class), counts written in the cells."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(matrix)
+    names = class_names or [str(i) for i in range(len(counts))]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(counts), 0.8 + 0.5 * len(counts)))
+    image = ax.imshow(counts, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_xticks(range(len(names)), labels=names)
+    ax.set_yticks(range(len(names)), labels=names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    threshold = counts.max() / 2 if counts.size else 0
+    for (row, col), value in np.ndenumerate(counts):
+        if value:
+            ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
+                    color="white" if value > threshold else "black")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buffer.getvalue())

@@ -6,7 +6,7 @@ from typing import Optional, cast
 
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from dcccl.atomic import atomic_write_json
 from dcccl.exports import load_network
@@ -23,7 +23,8 @@ class ServedModelEvaluation(StageModule):
 
     Groups: all test samples; samples of the classes the cloud holds; samples of the classes held only
     on devices. Run with ``dcccl test``; logs ``served/acc``, ``served/acc_cloud_classes``,
-    ``served/acc_device_classes`` and the same under ``cloud_only/``, and writes them to ``metrics_path``.
+    ``served/acc_device_classes`` and the same under ``cloud_only/``, and writes them to ``metrics_path``
+    together with the served model's confusion matrix (``served/confusion_matrix``, rows: true class).
     Without a cloud submodel the served model is the co-submodel alone (small-model baselines) and only
     ``served/*`` is reported.
 
@@ -51,6 +52,7 @@ class ServedModelEvaluation(StageModule):
             for model in MODELS
             for group in GROUPS.values()
         })
+        self.confusion = MulticlassConfusionMatrix(num_classes)
         self._group_classes: dict[str, Optional[torch.Tensor]] = {}
 
     def accuracy(self, model: str, group: str) -> MulticlassAccuracy:
@@ -89,6 +91,7 @@ class ServedModelEvaluation(StageModule):
                 continue
             for model in self.models:
                 self.accuracy(model, group).update(logits[model][mask], y[mask])
+        self.confusion.update(logits["served"], y)
 
     def on_test_epoch_end(self) -> None:
         """Log the accuracies and write them to ``metrics_path``."""
@@ -98,7 +101,8 @@ class ServedModelEvaluation(StageModule):
                 if group in self._group_classes:
                     results[f"{model}/{key}"] = float(self.accuracy(model, group).compute())
         self.log_dict(results, sync_dist=True)
+        confusion = self.confusion.compute().int().tolist()  # rows: true class, columns: predicted class
         if self.metrics_path is not None:
             if self.trainer.is_global_zero:
-                atomic_write_json(self.metrics_path, results)
+                atomic_write_json(self.metrics_path, {**results, "served/confusion_matrix": confusion})
             self.trainer.strategy.barrier("dcccl-metrics")

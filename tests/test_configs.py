@@ -86,3 +86,11 @@ def test_compare_takes_seeds_as_a_list() -> None:
     cfg = compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--seeds", "0", "1", "2"])
     assert cfg.seeds == [0, 1, 2]
     assert compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml")]).seeds is None
+
+
+def test_progress_bars_are_off_when_output_is_not_a_terminal(tmp_path: Path) -> None:
+    call = StageCall("cloud", "fit", [Path("a.yaml")], {}, {"max_epochs": 1}, 0, tmp_path, (tmp_path / "x.pt",))
+    assert "--trainer.enable_progress_bar=false" in stage_arguments(call, interactive=False)
+    assert not any("enable_progress_bar" in a for a in stage_arguments(call, interactive=True))
+    call.trainer_args["enable_progress_bar"] = True  # asked for explicitly: kept
+    assert "--trainer.enable_progress_bar=true" in stage_arguments(call, interactive=False)

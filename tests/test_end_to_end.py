@@ -32,6 +32,9 @@ def test_quickstart_pipeline_beats_cloud_submodel_and_resumes(tmp_path: Path) ->
     assert metrics["served/acc_device_classes"] > 0.3
     assert metrics["served/acc"] >= metrics["cloud_only/acc"] + 0.10
     assert len(metrics["served/acc_per_round"]) == 3
+    for plot in ("accuracy_per_round.png", "confusion_matrix.png"):
+        assert (run_dir / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "confusion_matrix" not in json.dumps(metrics)  # kept out of the scalar metrics
     for artifact in ("pipeline.yaml", "cloud/cloud_submodel.pt", "distill/control_model.pt",
                      "rounds/initial_co_submodel.pt", "rounds/round_003/fusion/co_submodel.pt",
                      "cloud/config.yaml"):

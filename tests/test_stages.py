@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
@@ -197,8 +198,12 @@ def test_evaluation_writes_accuracy_per_class_group(
                                    co_submodel=str(export_factory("co_submodel")), metrics_path=str(metrics_path))
     logged = trainer_factory().test(module, datamodule=digits, verbose=False)[0]
     written = json.loads(metrics_path.read_text())
+    confusion = written.pop("served/confusion_matrix")
     keys = {f"{m}/{k}" for m in ("served", "cloud_only") for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
     assert set(written) == keys
+    # Rows are true classes: 100 test digits each; the diagonal holds the correct predictions.
+    assert [sum(row) for row in confusion] == [100] * 10
+    assert sum(confusion[i][i] for i in range(10)) / 1000 == pytest.approx(written["served/acc"])
     for key in keys:
         assert abs(written[key] - logged[key]) < 1e-6
     # Overall accuracy is the sample-weighted mean of the two groups (700 cloud-class, 300 device-class samples).
