@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import yaml
@@ -33,6 +33,7 @@ from dcccl.costs import control_fidelity
 from dcccl.exports import ExportError, load_network
 from dcccl.fleet_partition import label_histogram, partition_summary
 from dcccl.ledger import LedgerViolation
+from dcccl.onnx_export import export_bundle
 from dcccl.pipeline import Pipeline, StageCall, StageFailedError
 from dcccl.plots import plot_label_histogram
 from dcccl.ranks import is_global_zero
@@ -43,7 +44,7 @@ log = logging.getLogger("dcccl")
 
 STAGE_HELP = """dcccl: device-cloud collaborative controlled learning. Subcommands fit/validate/test/predict run one
 stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method,
-'dcccl compare --help' compares it with the paper's baselines."""
+'dcccl compare --help' compares it with the paper's baselines, 'dcccl export --help' writes the ONNX bundle."""
 
 PIPELINE_HELP = """Run DC-CCL end to end: cloud submodel -> control model -> rounds of (cloud side, device, fusion,
 evaluation). Any --trainer.* option (e.g. --trainer.max_epochs 1, --trainer.accelerator gpu,
@@ -273,6 +274,44 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     return table
 
 
+EXPORT_HELP = """Export the on-device bundle of a pipeline run: the control model and the co-submodel (what runs on
+a device) and the served cloud + co model, as ONNX with a dynamic batch dimension, plus bundle.json (input
+shape, normalisation, class names). Parity with PyTorch is checked with onnxruntime on real test samples."""
+
+
+def export_parser() -> ArgumentParser:
+    """The parser of ``dcccl export``."""
+    parser = ArgumentParser(prog="dcccl export", description=EXPORT_HELP)
+    parser.add_argument("--run_dir", type=str, required=True, help="A pipeline run directory.")
+    parser.add_argument("--format", type=Literal["onnx"], default="onnx", help="Export format.")
+    parser.add_argument("--out_dir", type=Optional[str], default=None, help="Default: <run_dir>/export/<format>.")
+    parser.add_argument("--samples", type=int, default=256, help="Test samples for the parity check.")
+    parser.add_argument("--debug", type=bool, default=False, help="Show full tracebacks on errors.")
+    return parser
+
+
+def export_main(argv: list[str]) -> dict[str, Any]:
+    """``dcccl export``: write the ONNX bundle of a run and report the parity check."""
+    cfg = export_parser().parse_args(argv)
+    run_dir = Path(cfg.run_dir)
+    saved = run_dir / "pipeline.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"{saved} not found: --run_dir must be a pipeline run directory")
+    pipeline_cfg = pipeline_parser().parse_path(str(saved))
+    datamodule = load_datamodule(pipeline_cfg.data, pipeline_cfg.seed_everything)
+    test = datamodule.test_dataset()
+    images = torch.stack([test[i][0] for i in range(min(cfg.samples, len(test)))])  # type: ignore[arg-type]
+    out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "export" / cfg.format
+    bundle = export_bundle(run_dir, out_dir, images, datamodule.input_description())
+    for name, check in bundle["parity"].items():
+        verdict = "passed" if check["passed"] else "FAILED"
+        print(f"{name:>14}: {out_dir / bundle['files'][name]}  parity {verdict} on {check['samples']} test samples "
+              f"(max |logit diff| {check['max_abs_logit_diff']:.2e}, same top-1: {check['same_top1']})")
+    if not all(check["passed"] for check in bundle["parity"].values()):
+        raise SystemExit("dcccl export: parity check failed (see above)")
+    return bundle
+
+
 _USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError,
                 LedgerViolation, DeviceBudgetExceeded)
 
@@ -310,12 +349,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     for intended in _INTENDED_WARNINGS:
         warnings.filterwarnings("ignore", message=intended)
     command = (sys.argv[1:] if argv is None else argv)[:1]
-    if command not in (["pipeline"], ["compare"]):
+    if command not in (["pipeline"], ["compare"], ["export"]):
         cli_main(argv)  # None lets LightningCLI read sys.argv itself
         return
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv or "--debug=true" in argv
-    entry = pipeline_main if command == ["pipeline"] else compare_main
+    entry = {"pipeline": pipeline_main, "compare": compare_main, "export": export_main}[command[0]]
     try:
         entry(argv[1:])
     except _USER_ERRORS as err:

@@ -103,6 +103,15 @@ class DCCCLDataModule(LightningDataModule):
         return self._data
 
     @property
+    def class_names(self) -> list[str]:
+        """Names of the classes, by index."""
+        return [str(index) for index in range(self.num_classes)]
+
+    def input_description(self) -> dict[str, Any]:
+        """How a model input is made: sample shape, normalisation, class names (for exported bundles)."""
+        return {"shape": list(self.train_dataset("cloud")[0][0].shape), "class_names": self.class_names}
+
+    @property
     def class_split(self) -> ClassSplit:
         """Which classes the cloud and the device hold."""
         return self.data.class_split

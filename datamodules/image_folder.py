@@ -115,6 +115,16 @@ class ImageFolderDataModule(DCCCLDataModule):
         """The configured channel count."""
         return self.channels
 
+    @property
+    def class_names(self) -> list[str]:
+        """The class-folder names, by global index."""
+        return list(self.classes)
+
+    def input_description(self) -> dict[str, Any]:
+        """Resized images scaled to [0, 1], then normalised to [-1, 1] per channel."""
+        return {**super().input_description(), "scale": 1 / 255, "mean": [0.5] * self.channels,
+                "std": [0.5] * self.channels}
+
     def transform(self) -> Callable[..., Any]:
         """Resize, convert channels, scale to [-1, 1]."""
         steps: list[Any] = [transforms.Resize((self.image_size, self.image_size))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +82,10 @@ class BundledMNISTDataModule(DCCCLDataModule):
     def in_chans(self) -> int:
         """Grey-scale images."""
         return 1
+
+    def input_description(self) -> dict[str, Any]:
+        """28x28 grey-scale digits scaled to [0, 1], then normalised with MNIST's mean and std."""
+        return {**super().input_description(), "scale": 1 / 255, "mean": [_MNIST_MEAN], "std": [_MNIST_STD]}
 
     def prepare_split(self) -> SplitData:
         """Seeded stratified train/test split, then the training samples divided by class."""

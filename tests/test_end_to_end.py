@@ -41,6 +41,11 @@ def test_quickstart_pipeline_beats_cloud_submodel_and_resumes(tmp_path: Path) ->
         assert (run_dir / artifact).is_file(), artifact
     assert "served model f + h" in first.stdout
 
+    exported = dcccl("export", "--run_dir", str(run_dir), "--samples", "128")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert exported.stdout.count("parity passed on 128 test samples") == 3
+    assert (run_dir / "export/onnx/bundle.json").is_file()
+
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}
     second = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(run_dir))
     assert second.returncode == 0, second.stderr[-3000:]
