@@ -44,16 +44,29 @@ class Ledger:
 
     def __init__(self) -> None:
         self.transfers: list[Transfer] = []
+        self._described: dict[str, tuple[str, int]] = {}  # path -> (role, bytes): each export is read once
+
+    def _describe(self, path: str | Path) -> tuple[str, int]:
+        key = str(path)
+        if key not in self._described:
+            export = load_export(path)
+            self._described[key] = (export.role, state_dict_bytes(export.state_dict))
+        return self._described[key]
+
+    def check(self, device: int, direction: Direction, path: str | Path) -> tuple[str, int]:
+        """The role and size of an export, if it may go ``direction``; else :class:`LedgerViolation`."""
+        role, size = self._describe(path)
+        if role not in ALLOWED[direction]:
+            raise LedgerViolation(
+                f"refusing to send a {role} {direction} to device {device} ({path}): only "
+                f"{' and '.join(sorted(ALLOWED[direction]))} may go {direction}"
+            )
+        return role, size
 
     def record_file(self, round_index: int, device: int, direction: Direction, path: str | Path) -> Transfer:
         """Record sending an export; its role must be allowed in that direction."""
-        export = load_export(path)
-        if export.role not in ALLOWED[direction]:
-            raise LedgerViolation(
-                f"refusing to send a {export.role} {direction} to device {device} ({path}): only "
-                f"{' and '.join(sorted(ALLOWED[direction]))} may go {direction}"
-            )
-        transfer = Transfer(round_index, device, direction, export.role, state_dict_bytes(export.state_dict), str(path))
+        role, size = self.check(device, direction, path)
+        transfer = Transfer(round_index, device, direction, role, size, str(path))
         self.transfers.append(transfer)
         return transfer
 

@@ -366,7 +366,7 @@ class Pipeline:
         for key in ("control_model", "co_submodel"):
             path = call.model_args.get(key)
             if path is not None:
-                Ledger().record_file(call.round_index, call.device or 0, "down", path)  # role check only
+                self.ledger.check(call.device or 0, "down", path)
         if first and self.device_budget is not None:
             self._check_budget(call)
 

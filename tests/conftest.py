@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from lightning.pytorch import Trainer
 from datamodules.mnist import BundledMNISTDataModule
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.exports import NetworkExport, Role, save_export
+from dcccl.pipeline import StageCall
 
 TINY = BackboneSpec("small_cnn", kwargs={"width": 4, "depth": 2})
 
@@ -62,3 +64,24 @@ def write_fake_export(path: Path, sample_count: int = 10) -> None:
     role: Role = "cloud_submodel" if "cloud_submodel" in path.name else (
         "control_model" if "control_model" in path.name else "co_submodel")
     save_export(NetworkExport.of(FAKE_SPEC.build(10, 1), role, FAKE_SPEC, 10, 1, sample_count), path)
+
+
+class RecordingRunner:
+    """A fake stage runner: records every call and writes the outputs it promises (tiny genuine exports, and
+    the metrics of :meth:`metrics` for evaluations)."""
+
+    def __init__(self) -> None:
+        self.calls: list[StageCall] = []
+
+    def metrics(self, call: StageCall, output: Path) -> dict[str, Any]:
+        """What an evaluation writes."""
+        raise NotImplementedError
+
+    def __call__(self, call: StageCall) -> None:
+        self.calls.append(call)
+        for output in call.outputs:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            if output.suffix == ".json":
+                output.write_text(json.dumps(self.metrics(call, output)))
+            else:
+                write_fake_export(output)

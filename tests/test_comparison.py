@@ -12,7 +12,7 @@ import pytest
 from dcccl.comparison import METHODS, Comparison
 from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
 from dcccl.pipeline import StageCall, StageConfigs
-from tests.conftest import write_fake_export
+from tests.conftest import RecordingRunner
 from tests.test_end_to_end import dcccl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -20,24 +20,15 @@ STAGES = StageConfigs(**{name: CONFIGS / f"stages/{name}.yaml" for name in (
     "cloud", "distill", "cloud_round", "device", "fusion", "evaluate", "centralized", "fedavg_client")})
 
 
-class FakeRunner:
-    """Writes every promised output; evaluations report 0.5 (+0.1 with the cloud submodel served)."""
+class FakeRunner(RecordingRunner):
+    """Evaluations report 0.5 (0.6 with the cloud submodel served, and 0.4 for the cloud submodel alone)."""
 
-    def __init__(self) -> None:
-        self.calls: list[StageCall] = []
-
-    def __call__(self, call: StageCall) -> None:
-        self.calls.append(call)
-        for output in call.outputs:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            if output.suffix != ".json":
-                write_fake_export(output)
-                continue
-            served = 0.6 if call.model_args["cloud_submodel"] else 0.5
-            metrics = {f"served/{k}": served for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
-            if call.model_args["cloud_submodel"]:
-                metrics.update({f"cloud_only/{k}": 0.4 for k in ("acc", "acc_cloud_classes", "acc_device_classes")})
-            output.write_text(json.dumps(metrics))
+    def metrics(self, call: StageCall, output: Path) -> dict[str, Any]:
+        served = 0.6 if call.model_args["cloud_submodel"] else 0.5
+        metrics = {f"served/{k}": served for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
+        if call.model_args["cloud_submodel"]:
+            metrics.update({f"cloud_only/{k}": 0.4 for k in ("acc", "acc_cloud_classes", "acc_device_classes")})
+        return metrics
 
     def of(self, run_dir: Path) -> list[StageCall]:
         return [c for c in self.calls if c.work_dir.is_relative_to(run_dir) and

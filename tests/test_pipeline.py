@@ -4,32 +4,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from dcccl.pipeline import Pipeline, StageCall, StageConfigs, StageFailedError
-from tests.conftest import write_fake_export
+from tests.conftest import RecordingRunner
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGES = StageConfigs(*(CONFIGS / f"stages/{name}.yaml" for name in
                         ("cloud", "distill", "cloud_round", "device", "fusion", "evaluate")))
 
 
-class FakeRunner:
-    """Writes the promised outputs (evaluation: metrics that grow with the round) and records every call."""
+class FakeRunner(RecordingRunner):
+    """Evaluations report a served accuracy that grows with the round."""
 
-    def __init__(self) -> None:
-        self.calls: list[StageCall] = []
-
-    def __call__(self, call: StageCall) -> None:
-        self.calls.append(call)
-        for output in call.outputs:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            if output.suffix == ".json":
-                round_index = int(output.parent.parent.name.split("_")[1])
-                output.write_text(json.dumps({"served/acc": 0.5 + 0.1 * round_index, "cloud_only/acc": 0.4}))
-            else:
-                write_fake_export(output)
+    def metrics(self, call: StageCall, output: Path) -> dict[str, Any]:
+        round_index = int(output.parent.parent.name.split("_")[1])
+        return {"served/acc": 0.5 + 0.1 * round_index, "cloud_only/acc": 0.4}
 
     @property
     def labels(self) -> list[str]:
