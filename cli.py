@@ -12,33 +12,46 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
 from jsonargparse.typing import register_type
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DCCCLDataModule
-from dcccl.atomic import atomic_write_json, atomic_write_text
-from dcccl.backbones.registry import BackboneNotFoundError
+from dcccl.atomic import DISK_FULL_ERRNOS, DiskFullError, atomic_write_json, atomic_write_text
+from dcccl.backbones.registry import BackboneNotFoundError, check_backbone
+from dcccl.backbones.spec import BackboneSpec
 from dcccl.budget import DeviceBudgetExceeded
+from dcccl.bundle_export import export_bundle
 from dcccl.comparison import Comparison, method_costs
 from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
 from dcccl.costs import control_fidelity
 from dcccl.exports import ExportError, load_network
 from dcccl.fleet_partition import label_histogram, partition_summary
 from dcccl.ledger import LedgerViolation
-from dcccl.onnx_export import export_bundle
+from dcccl.manifest import ConfigChangedError, IntegrityError
 from dcccl.pipeline import Pipeline, StageCall, StageFailedError
 from dcccl.plots import plot_label_histogram
+from dcccl.preflight import check_budget_before_running, check_reused_exports
 from dcccl.ranks import is_global_zero
 from dcccl.report import results_table
-from lightning_modules.base import StageModule
+from dcccl.tracking import (
+    finish_wandb_run,
+    log_pipeline_summary,
+    name_next_wandb_run,
+    prepare_wandb_environment,
+    wandb_logger_args,
+)
+from lightning_modules.base import NonFiniteLossError, StageModule
 
 log = logging.getLogger("dcccl")
 
@@ -52,6 +65,26 @@ evaluation). Any --trainer.* option (e.g. --trainer.max_epochs 1, --trainer.acce
 the stages whose artifacts exist; --force re-runs all, --from_stage re-runs from a point."""
 
 
+def _plain(value: Any) -> Any:
+    """A parsed option as plain dicts and lists (jsonargparse namespaces converted)."""
+    if isinstance(value, Namespace):
+        return value.as_dict()
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+class ConfigToLoggers(SaveConfigCallback):
+    """Saves the resolved config next to the logs, as LightningCLI does, and also hands it to every logger
+    (the W&B run's config, CSV and TensorBoard hyperparameters)."""
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Log the resolved config as the run's hyperparameters."""
+        config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
 class DCCCLCLI(LightningCLI):
     """LightningCLI with the DataModule's shape linked into every stage and the bundled digits as default data."""
 
@@ -61,17 +94,43 @@ class DCCCLCLI(LightningCLI):
         parser.link_arguments("data.in_chans", "model.init_args.in_chans", apply_on="instantiate")
         parser.set_defaults({"data": {"class_path": "datamodules.BundledMNISTDataModule"}})
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The trainer, logging to CSV in its ``default_root_dir`` unless a logger is configured.
 
-def cli_main(args: Optional[list[str]] = None, run: bool = True) -> DCCCLCLI:
-    """Build (and with ``run`` execute) the stage CLI; ``args`` replaces ``sys.argv[1:]``."""
-    return DCCCLCLI(
+        (Lightning's own default switches to TensorBoard whenever ``tensorboard`` happens to be installed;
+        dcccl's default stays the same on every machine. ``--trainer.logger TensorBoardLogger`` picks it.)
+        """
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
+            kwargs["logger"] = CSVLogger(save_dir=trainer_config.get("default_root_dir") or os.getcwd())
+        return super().instantiate_trainer(**kwargs)
+
+    def before_instantiate_classes(self) -> None:
+        """With a W&B logger configured, pick its mode (offline without key or network) before it starts."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if wandb_logger_args(_plain(config.get("trainer.logger"))) is not None:
+            prepare_wandb_environment()
+
+
+# Parse errors raise jsonargparse's ArgumentError instead of printing the usage: main() reports them in one line.
+_RAISE_PARSE_ERRORS: dict[str, Any] = {"exit_on_error": False,
+                                       **{name: {"exit_on_error": False} for name in LightningCLI.subcommands()}}
+
+
+def cli_main(args: Optional[list[str]] = None, run: bool = True, cli_class: type[DCCCLCLI] = DCCCLCLI) -> DCCCLCLI:
+    """Build (and with ``run`` execute) the stage CLI; ``args`` replaces ``sys.argv[1:]``.
+
+    ``cli_class`` may narrow what happens after parsing (the pipeline's input check parses only).
+    """
+    return cli_class(
         StageModule,
         DCCCLDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        save_config_callback=ConfigToLoggers,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": STAGE_HELP},
+        parser_kwargs={"description": STAGE_HELP, **_RAISE_PARSE_ERRORS},
         args=args,
         run=run,
     )
@@ -101,18 +160,33 @@ def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
 
 
 def run_stage(call: StageCall) -> None:
-    """Execute one stage call in this process through :func:`cli_main`."""
+    """Execute one stage call in this process through :func:`cli_main`.
+
+    With W&B, the stage gets its own run (grouped by pipeline, job type = stage, named by round and device),
+    closed when the stage ends.
+    """
+    if wandb_logger_args(call.trainer_args.get("logger")) is not None:
+        name_next_wandb_run(group=call.group or call.stage, job_type=call.stage, name=call.run_name)
     with warnings.catch_warnings():
         # The pipeline's own command line is in sys.argv; the stage's arguments are given explicitly.
         warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
         cli = cli_main(stage_arguments(call, interactive=sys.stderr.isatty()), run=False)
-    # Whatever logger is configured, a stage's checkpoints and resolved config stay in its own directory.
+    # Whatever logger is configured, a stage's checkpoints and resolved config stay in its own directory,
+    # with a last.ckpt to resume from if the stage is interrupted.
     for callback in cli.trainer.checkpoint_callbacks:
         if getattr(callback, "dirpath", None) is None:
-            callback.dirpath = str(call.work_dir / "checkpoints")  # type: ignore[attr-defined]
+            callback.dirpath = str(call.last_checkpoint.parent)  # type: ignore[attr-defined]
+        callback.save_last = True  # type: ignore[attr-defined]
+    for callback in cli.trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(callback, SaveConfigCallback):
+            callback.save_to_log_dir = False  # written below, into the stage's own directory
     if cli.trainer.is_global_zero:
         atomic_write_text(call.work_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
-    getattr(cli.trainer, call.command)(cli.model, datamodule=cli.datamodule)
+    resume_from = {"ckpt_path": str(call.last_checkpoint)} if call.resume and call.command == "fit" else {}
+    try:
+        getattr(cli.trainer, call.command)(cli.model, datamodule=cli.datamodule, **resume_from)
+    finally:
+        finish_wandb_run()
 
 
 def split_trainer_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
@@ -144,7 +218,8 @@ register_type(Path, serializer=str, deserializer=_absolute_path)
 
 def pipeline_parser() -> ArgumentParser:
     """The parser of ``dcccl pipeline``, built from :class:`dcccl.pipeline.Pipeline`'s signature."""
-    parser = ArgumentParser(prog="dcccl pipeline", description=PIPELINE_HELP, env_prefix="DCCCL", default_env=False)
+    parser = ArgumentParser(prog="dcccl pipeline", description=PIPELINE_HELP, env_prefix="DCCCL", default_env=False,
+                            exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Pipeline config file (YAML); repeatable.")
     parser.add_argument("--debug", type=bool, default=False, help="Show full tracebacks on errors.")
     parser.add_class_arguments(Pipeline, fail_untyped=True)
@@ -173,7 +248,7 @@ def build_pipeline(parser: ArgumentParser, cfg: Namespace) -> Pipeline:
 def load_datamodule(data_config: Optional[Path], seed: int,
                     data_args: Optional[dict[str, Any]] = None) -> DCCCLDataModule:
     """Instantiate the DataModule a pipeline's stages use (default: the bundled digits) with ``seed``."""
-    parser = ArgumentParser()
+    parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(DCCCLDataModule, "data")
     parser.set_defaults({"data": {"class_path": "datamodules.BundledMNISTDataModule"}})
@@ -205,16 +280,100 @@ def describe_data(pipeline: Pipeline) -> None:
                                    f"{pipeline.fleet.num_devices} devices)")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input is refused before the pipeline writes anything. Each check lives with what it checks (the DataModule,
+# the stage parser, the backbone registry, dcccl.preflight); this section only calls them in order.
+
+
+class _ParseOnlyCLI(DCCCLCLI):
+    """A stage's arguments parsed and type-checked by the very parser the stage runs with; nothing is instantiated
+    (the artifacts a stage reads may not exist yet) and no seed is set."""
+
+    def _set_seed(self) -> None:
+        """Seeding belongs to the stage's run, not to the check."""
+
+    def before_instantiate_classes(self) -> None:
+        """Nothing is instantiated."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is instantiated."""
+
+
+def parse_stage(call: StageCall) -> Namespace:
+    """The config ``call``'s stage would run with; a stage config that does not parse raises ``ValueError``."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
+        try:
+            return cli_main(stage_arguments(call), run=False, cli_class=_ParseOnlyCLI).config
+        except ArgumentError as err:
+            files = ", ".join(str(path) for path in call.config_files)
+            raise ValueError(f"the {call.stage} stage's config does not parse ({files}): {one_line(str(err))}") from err
+
+
+def backbone_specs(value: Any) -> Iterator[dict[str, Any]]:
+    """Every backbone spec (a mapping with ``name``, ``checkpoint_path`` and ``kwargs``) nested in ``value``,
+    including base models nested in a spec's ``kwargs`` (the ``split`` backbone)."""
+    if isinstance(value, Namespace):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        if {"name", "checkpoint_path", "kwargs"} <= set(value):
+            yield value
+        for item in value.values():
+            yield from backbone_specs(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from backbone_specs(item)
+
+
+def _model_backbone(config: Optional[Namespace], key: str) -> Optional[BackboneSpec]:
+    value = config.get(f"model.init_args.{key}") if config is not None else None
+    if value is None:
+        return None
+    return BackboneSpec.from_dict(value.as_dict() if isinstance(value, Namespace) else dict(value))
+
+
+def validate_inputs(pipeline: Pipeline) -> None:
+    """Check the data, every stage's config and what the run directory would reuse; write nothing.
+
+    Raises the error of the first check that fails: the DataModule's (folders, class split, images, fleet
+    partition), the stage parser's (unknown keys, wrong types), the registry's (unknown backbone, unreadable
+    weights), the manifest's (kept artifacts corrupted, or made with another config) and :mod:`dcccl.preflight`'s
+    (kept exports trained on other data, device budget exceeded).
+    """
+    datamodule = load_datamodule(pipeline.data, pipeline.seed, pipeline.fleet_data_arguments())
+    datamodule.data  # noqa: B018 - prepares the split, which checks it
+    datamodule.device_parts  # noqa: B018 - the fleet's partition checks itself
+    configs: dict[str, Namespace] = {}
+    for _, call in pipeline.plan():
+        if call.stage not in configs:
+            configs[call.stage] = parse_stage(call)
+            for spec in backbone_specs(configs[call.stage].get("model")):
+                check_backbone(spec["name"], spec["checkpoint_path"])
+    reused = check_reused_exports(pipeline, datamodule.num_classes, datamodule.in_chans)
+    if pipeline.device_budget is not None:
+        check_budget_before_running(
+            pipeline, reused, _model_backbone(configs.get("distill"), "backbone"),
+            _model_backbone(configs.get("cloud_round"), "co_backbone"),
+            tuple(datamodule.train_dataset("cloud")[0][0].shape), datamodule.num_classes, datamodule.in_chans)
+
+
 def pipeline_main(argv: list[str]) -> dict[str, Any]:
     """``dcccl pipeline``: parse, save the resolved config, run every stage, print the results."""
     parser = pipeline_parser()
     cfg = parse_with_trainer_options(parser, argv)
     pipeline = build_pipeline(parser, cfg)
+    validate_inputs(pipeline)  # before anything is written: bad input leaves an existing run directory as it was
     if _is_rank_zero():
         atomic_write_text(pipeline.run.pipeline_config, parser.dump(cfg, skip_none=False))
     describe_data(pipeline)
     metrics = pipeline.execute(run_stage)
     if _is_rank_zero():
+        wandb_args = wandb_logger_args(pipeline.trainer.get("logger"))
+        if wandb_args is not None:
+            log_pipeline_summary(metrics, yaml.safe_load(parser.dump(cfg, skip_none=False)), pipeline.name,
+                                 wandb_args.get("save_dir") or wandb_args.get("dir") or pipeline.run.root,
+                                 wandb_args.get("project"),
+                                 (pipeline.run.accuracy_plot, pipeline.run.confusion_plot))
         print(f"\nDC-CCL results ({pipeline.run.root}):\n{results_table(metrics)}\nmetrics: {pipeline.run.metrics}")
     return metrics
 
@@ -275,15 +434,17 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
 
 
 EXPORT_HELP = """Export the on-device bundle of a pipeline run: the control model and the co-submodel (what runs on
-a device) and the served cloud + co model, as ONNX with a dynamic batch dimension, plus bundle.json (input
-shape, normalisation, class names). Parity with PyTorch is checked with onnxruntime on real test samples."""
+a device) and the served cloud + co model, as ONNX or TorchScript with a dynamic batch dimension, plus bundle.json
+(input shape, normalisation, class names). Parity with PyTorch is checked on real test samples by running the
+written files (onnxruntime for ONNX, torch.jit.load for TorchScript)."""
 
 
 def export_parser() -> ArgumentParser:
     """The parser of ``dcccl export``."""
-    parser = ArgumentParser(prog="dcccl export", description=EXPORT_HELP)
+    parser = ArgumentParser(prog="dcccl export", description=EXPORT_HELP, exit_on_error=False)
     parser.add_argument("--run_dir", type=str, required=True, help="A pipeline run directory.")
-    parser.add_argument("--format", type=Literal["onnx"], default="onnx", help="Export format.")
+    parser.add_argument("--format", type=Literal["onnx", "torchscript"], default="onnx",
+                        help="Export format: onnx (.onnx graphs) or torchscript (traced .pt files for torch.jit.load).")
     parser.add_argument("--out_dir", type=Optional[str], default=None, help="Default: <run_dir>/export/<format>.")
     parser.add_argument("--samples", type=int, default=256, help="Test samples for the parity check.")
     parser.add_argument("--debug", type=bool, default=False, help="Show full tracebacks on errors.")
@@ -291,7 +452,7 @@ def export_parser() -> ArgumentParser:
 
 
 def export_main(argv: list[str]) -> dict[str, Any]:
-    """``dcccl export``: write the ONNX bundle of a run and report the parity check."""
+    """``dcccl export``: write the bundle of a run in the chosen format and report the parity check."""
     cfg = export_parser().parse_args(argv)
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "pipeline.yaml"
@@ -302,18 +463,84 @@ def export_main(argv: list[str]) -> dict[str, Any]:
     test = datamodule.test_dataset()
     images = torch.stack([test[i][0] for i in range(min(cfg.samples, len(test)))])  # type: ignore[arg-type]
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "export" / cfg.format
-    bundle = export_bundle(run_dir, out_dir, images, datamodule.input_description())
+    bundle = export_bundle(run_dir, out_dir, images, datamodule.input_description(), cfg.format)
     for name, check in bundle["parity"].items():
         verdict = "passed" if check["passed"] else "FAILED"
         print(f"{name:>14}: {out_dir / bundle['files'][name]}  parity {verdict} on {check['samples']} test samples "
-              f"(max |logit diff| {check['max_abs_logit_diff']:.2e}, same top-1: {check['same_top1']})")
+              f"with {check['runtime']} (max |logit diff| {check['max_abs_logit_diff']:.2e}, "
+              f"same top-1: {check['same_top1']})")
     if not all(check["passed"] for check in bundle["parity"].values()):
         raise SystemExit("dcccl export: parity check failed (see above)")
     return bundle
 
 
 _USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError,
-                LedgerViolation, DeviceBudgetExceeded)
+                LedgerViolation, DeviceBudgetExceeded, NonFiniteLossError, DiskFullError, IntegrityError,
+                ConfigChangedError)
+
+# Lines of jsonargparse's messages that say nothing to a user (a class that fails is reported as a Union mismatch).
+_PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
+                 "Given value:", "- Expected a <class 'NoneType'>")
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line, without jsonargparse's type-matching details."""
+    lines = (line.strip() for line in message.splitlines())
+    return " ".join(line.removeprefix("- ") for line in lines if line and not line.startswith(_PARSER_NOISE))
+
+
+def _raised_in_jsonargparse(err: BaseException) -> bool:
+    innermost = err.__traceback__
+    while innermost is not None and innermost.tb_next is not None:
+        innermost = innermost.tb_next
+    return innermost is not None and "jsonargparse" in Path(innermost.tb_frame.f_code.co_filename).parts
+
+
+def _file_being_written(err: BaseException) -> Optional[str]:
+    """The file a failed write was writing, when the error does not say: the innermost frame's path variable
+    (Lightning's checkpoint writer reports a full disk without the file name)."""
+    frames = []
+    trace = err.__traceback__
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    for frame in reversed(frames):
+        for name in ("filepath", "urlpath", "path", "filename"):
+            value = frame.f_locals.get(name)
+            if isinstance(value, (str, os.PathLike)):
+                return str(value)
+    return None
+
+
+def user_error_message(err: BaseException) -> Optional[str]:
+    """What is wrong with the user's input, in one line; ``None`` when ``err`` is not about the input (a bug)."""
+    if isinstance(err, ArgumentError):
+        return one_line(str(err))
+    while err.__cause__ is not None and _raised_in_jsonargparse(err):  # jsonargparse wraps errors of __init__
+        err = err.__cause__
+    if isinstance(err, _USER_ERRORS):
+        return one_line(str(err))
+    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
+        return str(DiskFullError(err.errno, err.filename or _file_being_written(err) or "a file"))
+    return None
+
+
+def take_debug_flag(args: list[str]) -> tuple[bool, list[str]]:
+    """Whether ``args`` ask for tracebacks (``--debug``, ``--debug=true``, ``--debug true``), and ``args`` without
+    that flag (the stage CLI does not know it)."""
+    debug, rest, position = False, [], 0
+    while position < len(args):
+        token = args[position]
+        position += 1
+        if token == "--debug":
+            value = args[position].lower() if position < len(args) else ""
+            debug = value != "false"
+            position += value in ("true", "false")
+        elif token.startswith("--debug="):
+            debug = token.partition("=")[2].lower() == "true"
+        else:
+            rest.append(token)
+    return debug, rest
 
 
 # Warnings about things dcccl does on purpose: frozen guides in eval mode, fusion that trains nothing.
@@ -348,19 +575,23 @@ def main(argv: Optional[list[str]] = None) -> None:
     log.addFilter(_RankZeroOnly())
     for intended in _INTENDED_WARNINGS:
         warnings.filterwarnings("ignore", message=intended)
-    command = (sys.argv[1:] if argv is None else argv)[:1]
-    if command not in (["pipeline"], ["compare"], ["export"]):
-        cli_main(argv)  # None lets LightningCLI read sys.argv itself
-        return
-    argv = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in argv or "--debug=true" in argv
-    entry = {"pipeline": pipeline_main, "compare": compare_main, "export": export_main}[command[0]]
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug, rest = take_debug_flag(args)  # understood by every command, with or without a value
+    entries = {"pipeline": pipeline_main, "compare": compare_main, "export": export_main}
     try:
-        entry(argv[1:])
-    except _USER_ERRORS as err:
-        if debug:
+        if args[:1] and args[0] in entries:
+            entries[args[0]](rest[1:])
+        else:
+            with warnings.catch_warnings():  # the arguments are sys.argv's, less --debug
+                warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
+                cli_main(rest)
+    except Exception as err:
+        message = None if debug else user_error_message(err)
+        if message is None:
             raise
-        print(f"dcccl {command[0]}: error: {err}\n(run with --debug for the traceback)", file=sys.stderr)
+        command = f"dcccl {args[0]}" if args[:1] and not args[0].startswith("-") else "dcccl"
+        hint = f"see {command} --help" if isinstance(err, ArgumentError) else "--debug shows the traceback"
+        print(f"{command}: error: {message} ({hint})", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
+from torchvision import transforms
 
 from dcccl.fleet_partition import DevicePartitioner, partition_devices
-from dcccl.partition import ClassSplit, DataPartition, indices_of_classes
+from dcccl.partition import ClassSplit, DataPartition, indices_of_classes, unlearnable_classes
+from dcccl.sampling import EpochSeededSampler
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
 @dataclass
@@ -34,6 +43,57 @@ class SplitData:
     test_labels: np.ndarray
     class_split: ClassSplit
     device_labels: np.ndarray
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image file under ``folder`` (recursive, by extension in any case), sorted by relative path.
+
+    Hidden files and folders (names starting with ``.``) are skipped.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+        ValueError: ``folder`` holds no image file.
+    """
+    if not folder.is_dir():
+        raise FileNotFoundError(f"predict folder not found: {folder}")
+    files = sorted((path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+                    and not any(part.startswith(".") for part in path.relative_to(folder).parts)),
+                   key=lambda path: path.relative_to(folder).as_posix())
+    if not files:
+        raise ValueError(f"no images in {folder} (looked recursively for {', '.join(IMAGE_EXTENSIONS)} files)")
+    return files
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """Image files as model inputs: item ``i`` is ``(sample, path of file i relative to root)``.
+
+    Args:
+        root: The folder the paths are reported relative to.
+        files: The image files, in order.
+        transform: Turns a loaded image into a sample.
+    """
+
+    def __init__(self, root: Path, files: list[Path], transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.root = root
+        self.files = files
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+        path = self.files[index]
+        try:
+            with Image.open(path) as opened:
+                opened.load()  # decode now: a truncated file fails here, naming the file
+                image = opened.copy()
+        except (OSError, SyntaxError, ValueError) as err:  # how PIL reports unidentified, truncated or broken files
+            raise ValueError(f"cannot read image {path}: {err}") from err
+        return self.transform(image), path.relative_to(self.root).as_posix()
 
 
 class DCCCLDataModule(LightningDataModule):
@@ -58,12 +118,18 @@ class DCCCLDataModule(LightningDataModule):
         device_partitioner: ``iid``, ``dirichlet`` (label skew by Dirichlet(``dirichlet_alpha``)) or ``by_class``.
         dirichlet_alpha: Concentration of the Dirichlet partitioner (smaller: more skew).
         classes_per_device: For ``by_class``: the classes each device holds.
+        predict_folder: Folder of image files that ``predict`` runs on (recursively; converted to the format of
+            this DataModule's own samples by :meth:`predict_transform`).
+        allow_unlearnable_test_classes: Go on (with a warning) when the test samples hold classes that neither the
+            cloud nor the devices hold, evaluating without them; by default such data is refused, since no model
+            of the method can learn those classes.
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
                  partition: Optional[DataPartition] = None, num_devices: int = 1, device_index: int = 0,
                  device_partitioner: DevicePartitioner = "iid", dirichlet_alpha: float = 0.5,
-                 classes_per_device: Optional[list[list[int]]] = None) -> None:
+                 classes_per_device: Optional[list[list[int]]] = None, predict_folder: Optional[str] = None,
+                 allow_unlearnable_test_classes: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -78,6 +144,8 @@ class DCCCLDataModule(LightningDataModule):
         self.device_partitioner = device_partitioner
         self.dirichlet_alpha = dirichlet_alpha
         self.classes_per_device = classes_per_device
+        self.predict_folder = predict_folder
+        self.allow_unlearnable_test_classes = allow_unlearnable_test_classes
         self._data: Optional[SplitData] = None
         self._device_parts: Optional[list[np.ndarray]] = None
 
@@ -99,8 +167,25 @@ class DCCCLDataModule(LightningDataModule):
     def data(self) -> SplitData:
         """The prepared split (prepared on first use)."""
         if self._data is None:
-            self._data = self.prepare_split()
+            data = self.prepare_split()
+            self.check_test_classes(data)
+            self._data = data
         return self._data
+
+    def check_test_classes(self, data: SplitData) -> None:
+        """Refuse test samples of classes that neither side holds (or warn, if ``allow_unlearnable_test_classes``)."""
+        unheld = unlearnable_classes(data.class_split, data.test_labels)
+        if not unheld:
+            return
+        names = ", ".join(self.class_names[c] if 0 <= c < len(self.class_names) else str(c) for c in unheld)
+        problem = f"the test samples hold classes that neither the cloud nor any device holds ({names}): nothing can " \
+                  "learn them"
+        if not self.allow_unlearnable_test_classes:
+            raise ValueError(f"{problem}; add training samples of them, remove them from the test data, or set data "
+                             "allow_unlearnable_test_classes (--data.init_args.allow_unlearnable_test_classes=true) "
+                             "to evaluate without them")
+        warnings.warn(f"{problem}. They are left out of every evaluation (allow_unlearnable_test_classes is set).",
+                      UserWarning, stacklevel=2)
 
     @property
     def class_names(self) -> list[str]:
@@ -110,6 +195,25 @@ class DCCCLDataModule(LightningDataModule):
     def input_description(self) -> dict[str, Any]:
         """How a model input is made: sample shape, normalisation, class names (for exported bundles)."""
         return {"shape": list(self.train_dataset("cloud")[0][0].shape), "class_names": self.class_names}
+
+    def predict_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """How a loaded image file becomes a sample in the format of this DataModule's own samples.
+
+        The default follows :meth:`input_description`: the image is converted to RGB, resized to the samples'
+        height and width, reduced to ``in_chans`` channels (1: grey-scale, 3: RGB), scaled to [0, 1] and
+        normalised with the described ``mean`` and ``std`` when there are any. Override it for other formats.
+        """
+        if self.in_chans not in (1, 3):
+            raise ValueError(f"image files are read as 1 or 3 channels, the data has {self.in_chans}: "
+                             "override predict_transform")
+        description = self.input_description()
+        height, width = description["shape"][-2:]
+        steps: list[Any] = [transforms.Lambda(_to_rgb), transforms.Resize((height, width))]
+        steps.append(transforms.Grayscale(num_output_channels=1) if self.in_chans == 1 else transforms.Lambda(_to_rgb))
+        steps.append(transforms.ToTensor())
+        if "mean" in description:
+            steps.append(transforms.Normalize(description["mean"], description["std"]))
+        return transforms.Compose(steps)
 
     @property
     def class_split(self) -> ClassSplit:
@@ -171,7 +275,9 @@ class DCCCLDataModule(LightningDataModule):
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("a data partition is empty: check the class split and the data folders")
         kwargs: dict[str, Any] = {"persistent_workers": True} if self.num_workers > 0 else {}
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers, **kwargs)
+        # Seeded per epoch: a stage resumed from its last checkpoint sees the order an uninterrupted run saw.
+        sampler = EpochSeededSampler(dataset, self.seed) if shuffle else None  # type: ignore[arg-type]
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training samples of the partition in use."""
@@ -181,9 +287,22 @@ class DCCCLDataModule(LightningDataModule):
         """Test samples of the classes the partition in use holds."""
         return self._loader(self.val_dataset(self.resolve_partition()), shuffle=False)
 
+    def predict_dataset(self) -> ImageFiles:
+        """Every image file under ``predict_folder`` as ``(sample, path relative to the folder)``."""
+        if self.predict_folder is None:
+            raise ValueError("no folder to predict on: set data predict_folder (--data.init_args.predict_folder DIR)")
+        root = Path(self.predict_folder)
+        return ImageFiles(root, image_files(root), self.predict_transform())
+
+    def predict_dataloader(self) -> DataLoader:
+        """The image files under ``predict_folder``, in order; under DDP each file is predicted exactly once."""
+        return self._evaluation_loader(self.predict_dataset())
+
     def test_dataloader(self) -> DataLoader:
         """The union test set; under DDP each sample is evaluated exactly once (no padding by repetition)."""
-        dataset = self.test_dataset()
+        return self._evaluation_loader(self.test_dataset())
+
+    def _evaluation_loader(self, dataset: Dataset) -> DataLoader:
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.world_size <= 1:
             return self._loader(dataset, shuffle=False)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from PIL import Image
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, has_file_allowed_extension
 
 from datamodules.base import DCCCLDataModule, SplitData
 from dcccl.fleet_partition import DevicePartitioner
@@ -23,6 +26,53 @@ def class_names(*roots: Path) -> list[str]:
             raise FileNotFoundError(f"data folder not found: {root}")
         names.update(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     return sorted(names)
+
+
+class UnreadableImageError(ValueError):
+    """Image files of a data folder that cannot be read as images."""
+
+
+# PIL reports unreadable files as OSError (UnidentifiedImageError, truncation), SyntaxError or ValueError.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError)
+# Folders whose every image header was read once in this process (a pipeline builds a DataModule per stage).
+_CHECKED_FOLDERS: set[tuple[str, int]] = set()
+
+
+def _holds_image(folder: Path) -> bool:
+    """Whether ``folder`` holds an image file anywhere below it (ImageFolder searches class folders recursively)."""
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(has_file_allowed_extension(name, IMG_EXTENSIONS) for name in files):
+            return True
+    return False
+
+
+def empty_class_folders(root: Path) -> list[Path]:
+    """The class folders under ``root`` that hold no image file."""
+    return [entry for entry in sorted(root.iterdir())
+            if entry.is_dir() and not entry.name.startswith(".") and not _holds_image(entry)]
+
+
+def unreadable_images(paths: Iterable[str]) -> list[tuple[str, str]]:
+    """The files among ``paths`` that PIL cannot read as images, each with the reason.
+
+    Reads each file's header and lets PIL verify what it can without decoding (e.g. PNG chunk checksums).
+    """
+    unreadable = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except _IMAGE_ERRORS as err:  # PIL's reason without the file name, which the caller reports anyway
+            unreadable.append((path, str(err).replace(f" '{path}'", "").strip() or type(err).__name__))
+    return unreadable
+
+
+def load_image(path: str) -> Any:
+    """ImageFolder's loader (an RGB PIL image); a file that cannot be decoded is named in the error."""
+    try:
+        return default_loader(path)
+    except _IMAGE_ERRORS as err:
+        raise UnreadableImageError(f"cannot read image {path} ({err}): fix or remove the file") from err
 
 
 def _to_rgb(image: Any) -> Any:
@@ -45,7 +95,21 @@ class GlobalClassImageFolder(ImageFolder):
         self, root: Path, class_to_idx: dict[str, int], transform: Optional[Callable[..., Any]] = None
     ) -> None:
         self._global_class_to_idx = class_to_idx
-        super().__init__(str(root), transform=transform, allow_empty=True)
+        super().__init__(str(root), transform=transform, loader=load_image, allow_empty=True)
+
+    def check_images(self) -> None:
+        """Raise :class:`UnreadableImageError` naming the files of this folder that cannot be read as images."""
+        key = (self.root, len(self.samples))
+        if key in _CHECKED_FOLDERS:
+            return
+        unreadable = unreadable_images(path for path, _ in self.samples)
+        if unreadable:
+            named = ", ".join(path for path, _ in unreadable[:5]) + (", ..." if len(unreadable) > 5 else "")
+            raise UnreadableImageError(
+                f"{len(unreadable)} file(s) in {self.root} cannot be read as images: {named} "
+                f"(first: {unreadable[0][1]}): fix or remove them"
+            )
+        _CHECKED_FOLDERS.add(key)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         """The global classes, whatever this folder holds."""
@@ -73,6 +137,10 @@ class ImageFolderDataModule(DCCCLDataModule):
         device_partitioner: ``iid``, ``dirichlet`` or ``by_class``.
         dirichlet_alpha: Concentration of the Dirichlet partitioner (smaller: more skew).
         classes_per_device: For ``by_class``: the class indices each device holds.
+        predict_folder: Folder of image files that ``predict`` runs on (recursively; converted to this
+            DataModule's sample format).
+        allow_unlearnable_test_classes: Go on (with a warning) when test samples hold classes that neither side
+            holds, evaluating without them; refused by default.
     """
 
     def __init__(
@@ -91,16 +159,31 @@ class ImageFolderDataModule(DCCCLDataModule):
         device_partitioner: DevicePartitioner = "iid",
         dirichlet_alpha: float = 0.5,
         classes_per_device: list[list[int]] | None = None,
+        predict_folder: str | None = None,
+        allow_unlearnable_test_classes: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition,
                          num_devices=num_devices, device_index=device_index, device_partitioner=device_partitioner,
-                         dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device)
+                         dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device,
+                         predict_folder=predict_folder, allow_unlearnable_test_classes=allow_unlearnable_test_classes)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.dirs = {"cloud": Path(cloud_dir), "device": Path(device_dir), "test": Path(test_dir)}
+        for side, folder in self.dirs.items():
+            if not folder.is_dir():
+                raise FileNotFoundError(f"data folder not found: {folder} ({side}_dir): point {side}_dir at a folder "
+                                        "with one sub-folder of images per class")
         self.classes = class_names(*self.dirs.values())
         if not self.classes:
-            raise ValueError(f"no class folders in {', '.join(str(d) for d in self.dirs.values())}")
+            raise ValueError(f"no class folders in {', '.join(str(d) for d in self.dirs.values())}: put the images "
+                             "in <folder>/<class name>/, one sub-folder per class")
+        empty = [folder for root in self.dirs.values() for folder in empty_class_folders(root)]
+        if empty:
+            raise ValueError(
+                f"class folder(s) without images: {', '.join(str(folder) for folder in empty)}: add images "
+                f"({', '.join(IMG_EXTENSIONS)}) or remove the folder(s); a side that does not hold a class needs "
+                "no folder for it"
+            )
         self.class_to_idx = {name: index for index, name in enumerate(self.classes)}
         self.image_size = image_size
         self.channels = channels
@@ -135,13 +218,19 @@ class ImageFolderDataModule(DCCCLDataModule):
         steps += [transforms.ToTensor(), transforms.Normalize([0.5] * self.channels, [0.5] * self.channels)]
         return transforms.Compose(steps)
 
+    def predict_transform(self) -> Callable[..., Any]:
+        """The folders' own transform, after the RGB conversion that ImageFolder's loader applies to every file."""
+        return transforms.Compose([transforms.Lambda(_to_rgb), self.transform()])
+
     def prepare_split(self) -> SplitData:
         """Index the three folders with the global class map."""
         folders = {side: GlobalClassImageFolder(path, self.class_to_idx, self.transform())
                    for side, path in self.dirs.items()}
         for side, folder in folders.items():
             if len(folder) == 0:
-                raise ValueError(f"the {side} folder {self.dirs[side]} holds no images")
+                raise ValueError(f"the {side} folder {self.dirs[side]} holds no images: put the {side}'s images in "
+                                 f"{self.dirs[side]}/<class name>/, one sub-folder per class")
+            folder.check_images()
         held = {side: tuple(sorted(set(folders[side].targets))) for side in ("cloud", "device")}
         return SplitData(
             cloud_train=folders["cloud"],

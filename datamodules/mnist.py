@@ -47,6 +47,10 @@ class BundledMNISTDataModule(DCCCLDataModule):
         device_partitioner: ``iid``, ``dirichlet`` or ``by_class``.
         dirichlet_alpha: Concentration of the Dirichlet partitioner (smaller: more skew).
         classes_per_device: For ``by_class``: the digits each device holds.
+        predict_folder: Folder of image files that ``predict`` runs on (recursively; converted to this
+            DataModule's sample format).
+        allow_unlearnable_test_classes: Go on (with a warning) when test samples hold classes that neither side
+            holds, evaluating without them; refused by default.
     """
 
     def __init__(
@@ -64,10 +68,13 @@ class BundledMNISTDataModule(DCCCLDataModule):
         device_partitioner: DevicePartitioner = "iid",
         dirichlet_alpha: float = 0.5,
         classes_per_device: list[list[int]] | None = None,
+        predict_folder: str | None = None,
+        allow_unlearnable_test_classes: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition,
                          num_devices=num_devices, device_index=device_index, device_partitioner=device_partitioner,
-                         dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device)
+                         dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device,
+                         predict_folder=predict_folder, allow_unlearnable_test_classes=allow_unlearnable_test_classes)
         self.split_spec = ClassSplit(tuple(cloud_classes), tuple(device_classes))
         self.split_spec.validate(self.num_classes)
         self.test_fraction = test_fraction

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dcccl.atomic import atomic_torch_save
-from dcccl.backbones.registry import rebuildable_name
+from dcccl.backbones.registry import rebuildable_name, torch_load_problem
 from dcccl.backbones.spec import BackboneSpec
 
 EXPORT_FORMAT = "dcccl.export/1"
@@ -91,9 +91,11 @@ def load_export(path: str | Path, role: Optional[Role] = None) -> NetworkExport:
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt or foreign files
-        raise ExportError(f"{file} is not a readable dcccl export: {err}") from err
+        raise ExportError(f"{file} is not a readable dcccl export ({torch_load_problem(file, err)}): point it at a "
+                          ".pt file that a dcccl stage wrote") from err
     if not isinstance(payload, dict) or payload.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{file} is not a dcccl export (expected format {EXPORT_FORMAT!r})")
+        raise ExportError(f"{file} is not a dcccl export (expected format {EXPORT_FORMAT!r}): point it at a .pt file "
+                          "that a dcccl stage wrote")
     missing = [key for key in ("role", "backbone", "num_classes", "in_chans", "state_dict") if key not in payload]
     if missing:
         raise ExportError(f"{file} is an incomplete dcccl export: missing {', '.join(missing)}")
@@ -107,6 +109,18 @@ def load_export(path: str | Path, role: Optional[Role] = None) -> NetworkExport:
         state_dict=payload["state_dict"],
         sample_count=payload.get("sample_count"),
     )
+
+
+def check_export_fits(path: str | Path, num_classes: int, in_chans: int,
+                      advice: str = "every submodel must predict the same classes from the same inputs") -> None:
+    """Raise :class:`ExportError` (ending with ``advice``) unless the export at ``path`` predicts ``num_classes``
+    classes from ``in_chans`` input channels, as the data has."""
+    export = load_export(path)
+    if (export.num_classes, export.in_chans) != (num_classes, in_chans):
+        raise ExportError(
+            f"{path} was trained for {export.num_classes} classes and {export.in_chans} input channels but the data "
+            f"has {num_classes} classes and {in_chans} channels: {advice}"
+        )
 
 
 def load_network(path: str | Path, role: Role, num_classes: Optional[int] = None) -> nn.Module:

@@ -43,14 +43,20 @@ class ClassSplit:
 
     def validate(self, num_classes: int) -> None:
         """Raise ``ValueError`` with a clear message if the split does not fit ``num_classes`` classes."""
+        if not self.cloud_classes and not self.device_classes:
+            raise ValueError("neither the cloud nor the devices hold any class: cloud_classes and device_classes are "
+                             f"empty; list class indices (0..{num_classes - 1}) in both")
         if not self.cloud_classes:
-            raise ValueError("the cloud holds no classes: cloud_classes is empty")
+            raise ValueError("the cloud holds no classes: cloud_classes is empty; list the class indices whose "
+                             "training samples the cloud holds")
         if not self.device_classes:
-            raise ValueError("the devices hold no classes: device_classes is empty")
+            raise ValueError("the devices hold no classes: device_classes is empty; list the class indices whose "
+                             "training samples the devices hold (DC-CCL needs device samples to learn from)")
         for side, classes in (("cloud", self.cloud_classes), ("device", self.device_classes)):
             bad = [c for c in classes if not 0 <= c < num_classes]
             if bad:
-                raise ValueError(f"{side}_classes {bad} are out of range: the data has classes 0..{num_classes - 1}")
+                raise ValueError(f"{side}_classes {bad} are out of range: the data has classes 0..{num_classes - 1}; "
+                                 f"fix {side}_classes in the data config")
             if len(set(classes)) != len(classes):
                 raise ValueError(f"{side}_classes lists a class twice: {list(classes)}")
 
@@ -100,6 +106,11 @@ def partition_by_classes(
         "cloud": np.sort(np.concatenate(cloud)) if cloud else empty,
         "device": np.sort(np.concatenate(device)) if device else empty,
     }
+
+
+def unlearnable_classes(split: ClassSplit, test_labels: np.ndarray) -> tuple[int, ...]:
+    """Classes with test samples that neither the cloud nor the devices hold: no model of the method can learn them."""
+    return tuple(sorted(set(np.unique(test_labels).tolist()) - set(split.seen_classes)))
 
 
 def indices_of_classes(labels: np.ndarray, classes: tuple[int, ...]) -> np.ndarray:

@@ -7,8 +7,10 @@ runner that executes a call through the same LightningCLI parser users run by ha
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,10 +22,12 @@ from dcccl.budget import DeviceBudget, check_device_budget
 from dcccl.exports import load_network
 from dcccl.fleet import FleetSpec
 from dcccl.ledger import Ledger, LedgerViolation
+from dcccl.manifest import ConfigChangedError, Manifest, config_fingerprint
 from dcccl.plots import plot_accuracy_per_round, plot_confusion_matrix
 from dcccl.ranks import is_global_zero
 from dcccl.run_dir import RunDirectory
 from dcccl.split import SplitSpec
+from dcccl.tracking import with_save_dirs
 
 log = logging.getLogger("dcccl")
 
@@ -52,6 +56,9 @@ class StageCall:
         data_args: Init arguments of the DataModule (the fleet's partition, the device's index).
         device: For a device stage, the device it runs for.
         round_index: The round the call belongs to (0 outside the rounds).
+        group: The pipeline run the call belongs to (its name).
+        fingerprint: Hash of everything that decides what the call produces (set by the coordinator).
+        resume: Continue from the stage's last checkpoint (set by the coordinator for an interrupted stage).
     """
 
     stage: StageName
@@ -67,6 +74,23 @@ class StageCall:
     data_args: dict[str, Any] = field(default_factory=dict)
     device: Optional[int] = None
     round_index: int = 0
+    group: str = ""
+    fingerprint: str = ""
+    resume: bool = False
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Where the stage's last checkpoint is kept."""
+        return RunDirectory.last_checkpoint(self.work_dir)
+
+    @property
+    def run_name(self) -> str:
+        """Name of the call's tracking run: pipeline, round and device, e.g. ``quickstart/round2/device3``."""
+        parts = [self.group] if self.group else []
+        if self.round_index:
+            parts.append(f"round{self.round_index}")
+        parts.append(self.stage if self.device is None else f"device{self.device}")
+        return "/".join(parts)
 
 
 StageRunner = Callable[[StageCall], None]
@@ -130,6 +154,8 @@ class Pipeline:
         stage_args: Extra command-line arguments per stage name, e.g. ``{cloud: ["--model.init_args.lr=0.01"]}``.
         force: Re-run every stage even if its artifacts exist.
         from_stage: Re-run from this point on (``cloud``, ``distill`` or ``rounds``), keep what comes before.
+        rerun_changed: When the config of a finished stage changed since it ran, re-run from that stage on
+            instead of refusing.
     """
 
     def __init__(
@@ -150,6 +176,7 @@ class Pipeline:
         stage_args: Optional[dict[str, list[str]]] = None,
         force: bool = False,
         from_stage: Optional[RestartPoint] = None,
+        rerun_changed: bool = False,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"rounds must be at least 1, got {rounds}")
@@ -177,25 +204,32 @@ class Pipeline:
         self.trainer = dict(trainer or {})
         self.stage_args = {key: list(value) for key, value in (stage_args or {}).items()}
         self.restart_from: Optional[RestartPoint] = "cloud" if force else from_stage
+        self.rerun_changed = rerun_changed
 
     def _call(self, stage: StageName, command: Literal["fit", "test"], model_args: dict[str, Any],
-              outputs: tuple[Path, ...], label: str) -> StageCall:
+              outputs: tuple[Path, ...], label: str, round_index: int = 0) -> StageCall:
         config_files = [Path(getattr(self.stages, stage))]
         if self.data is not None:
             config_files.insert(0, Path(self.data))
         work_dir = outputs[0].parent
+        trainer_args = {**self.trainer, "default_root_dir": str(work_dir)}
+        if trainer_args.get("logger") not in (None, True, False):
+            # W&B runs land in the run directory, TensorBoard and CSV logs in the stage's own directory.
+            trainer_args["logger"] = with_save_dirs(trainer_args["logger"], self.run.root, work_dir)
         return StageCall(
             stage=stage,
             command=command,
             config_files=config_files,
             model_args=model_args,
-            trainer_args={**self.trainer, "default_root_dir": str(work_dir)},
+            trainer_args=trainer_args,
             seed=self.seed,
             work_dir=work_dir,
             outputs=outputs,
             extra_args=self.split_arguments(stage) + list(self.stage_args.get(stage, [])),
             label=label,
             data_args=self.fleet_data_arguments(),
+            round_index=round_index,
+            group=self.name,
         )
 
     def fleet_data_arguments(self) -> dict[str, Any]:
@@ -245,17 +279,17 @@ class Pipeline:
                 "co_submodel": None if first else str(run.start_co_submodel(r)),
                 "initial_export_path": str(run.initial_co_submodel) if first else None,
                 "export_path": str(run.cloud_copy(r)),
-            }, cloud_outputs, f"{tag}: cloud side")
+            }, cloud_outputs, f"{tag}: cloud side", r)
             reporting = self.fleet.reporting(self.seed, r)
             for position, device in enumerate(reporting, start=1):
                 call = self._call("device", "fit", {
                     "control_model": str(run.control_model) if self.device_guide == "control_model" else None,
                     "co_submodel": str(run.start_co_submodel(r)),
                     "export_path": str(run.device_copy(r, device)),
-                }, (run.device_copy(r, device),), f"{tag}: device {device} ({position}/{len(reporting)})")
+                }, (run.device_copy(r, device),), f"{tag}: device {device} ({position}/{len(reporting)})", r)
                 if self.fleet.num_devices > 1:
                     call.data_args["device_index"] = device
-                call.device, call.round_index = device, r
+                call.device = device
                 yield "rounds", call
             fused = self.fleet.fused_copies(self.seed, r)
             stale = any(round_index != r for _, round_index in fused)
@@ -268,8 +302,10 @@ class Pipeline:
                 "rebase_onto": str(run.start_co_submodel(r)) if stale else None,
                 "cloud_submodel": cloud_submodel,
                 "export_path": str(run.fused_co_submodel(r)),
-            }, (run.fused_co_submodel(r),), f"{tag}: fusion of the cloud copy and {len(fused)} device copies")
-            yield "rounds", self.evaluation_call(run.fused_co_submodel(r), run.round_metrics(r), f"{tag}: evaluation")
+            }, (run.fused_co_submodel(r),), f"{tag}: fusion of the cloud copy and {len(fused)} device copies", r)
+            evaluation = self.evaluation_call(run.fused_co_submodel(r), run.round_metrics(r), f"{tag}: evaluation")
+            evaluation.round_index = r
+            yield "rounds", evaluation
 
     def evaluation_call(self, co_submodel: Path, metrics: Path, label: str) -> StageCall:
         """Evaluate the served model made of ``co_submodel`` (plus the cloud submodel, if served)."""
@@ -284,24 +320,39 @@ class Pipeline:
         return [self.run.round_metrics(r) for r in range(1, self.rounds + 1)]
 
     def execute(self, runner: StageRunner) -> dict[str, Any]:
-        """Run (or skip) every stage with ``runner``, write ``metrics.json`` and return its content."""
+        """Run (or skip) every stage with ``runner``, write ``metrics.json`` and return its content.
+
+        A stage whose artifacts exist is skipped once the manifest confirms them (same bytes, same config).
+        A stage that was interrupted continues from its last checkpoint; one that must run again because the
+        user asked, or because an earlier stage ran again, starts from scratch.
+        """
         rerun, budget_checked = False, False
         restart = RESTART_ORDER.index(self.restart_from) if self.restart_from is not None else len(RESTART_ORDER)
         plan = list(self.plan())
         self.ledger = Ledger()
+        manifest = Manifest(self.run.manifest)
+        if is_global_zero():  # what a kill left mid-write under a temporary name (never under a final name)
+            for stale in self.run.root.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         run_started = time.perf_counter()
         for step, (restart_point, call) in enumerate(plan, start=1):
             progress = f"[dcccl {self.name} {step}/{len(plan)}] {call.label}"
-            rerun = rerun or RESTART_ORDER.index(restart_point) >= restart
-            if not rerun and all(path.is_file() for path in call.outputs):
-                log.info("%s: done already, skipped (%s)", progress, call.outputs[0])
-                self._record_transfers(call)
-                continue
+            call.fingerprint = self.fingerprint(call)
+            fresh = rerun or RESTART_ORDER.index(restart_point) >= restart
+            if not fresh and all(path.is_file() for path in call.outputs):
+                if self._finished_as_configured(call, manifest):
+                    log.info("%s: done already, skipped (%s)", progress, call.outputs[0])
+                    self._record_transfers(call)
+                    continue
+                log.info("%s: its config changed since it ran; running it and every later stage again", progress)
+                fresh = True
             rerun = True
             if call.stage == "device":
                 self._check_device_call(call, first=not budget_checked)
                 budget_checked = True
-            log.info("%s: running %s %s", progress, call.command, call.config_files[-1])
+            call.resume = self._prepare_stage_dir(call, fresh)
+            resumed = f" (resuming from {call.last_checkpoint})" if call.resume else ""
+            log.info("%s: running %s %s%s", progress, call.command, call.config_files[-1], resumed)
             started = time.perf_counter()
             runner(call)
             log.info("%s: finished in %.1f s (run so far %.0f s)", progress, time.perf_counter() - started,
@@ -309,11 +360,87 @@ class Pipeline:
             missing = [str(path) for path in call.outputs if not path.is_file()]
             if missing:
                 raise StageFailedError(f"stage {call.label!r} finished but did not write {', '.join(missing)}")
+            if is_global_zero():
+                manifest.record(call.outputs, call.label, call.fingerprint)
             self._record_transfers(call)
             if call.stage == "evaluate":
                 served = json.loads(call.outputs[0].read_text()).get("served/acc")
                 log.info("%s: served accuracy %s", progress, "n/a" if served is None else f"{100 * served:.1f}%")
-        return self.collect_metrics()
+        metrics = self.collect_metrics()
+        if is_global_zero():
+            manifest.record((self.run.metrics, self.run.transfers), "pipeline", self.fingerprint_of_run(plan))
+        return metrics
+
+    def fingerprint(self, call: StageCall) -> str:
+        """Hash of everything that decides what ``call`` produces (see :func:`dcccl.manifest.config_fingerprint`)."""
+        return config_fingerprint(call.stage, call.command, call.config_files, call.model_args, call.trainer_args,
+                                  call.data_args, call.seed, call.extra_args, self.run.root)
+
+    @staticmethod
+    def fingerprint_of_run(plan: list[tuple[RestartPoint, StageCall]]) -> str:
+        """Hash of the fingerprints of every stage call of the run."""
+        return hashlib.sha256("".join(call.fingerprint for _, call in plan).encode()).hexdigest()
+
+    def reused_outputs(self) -> list[Path]:
+        """The artifacts :meth:`execute` would keep rather than produce again; reads, writes nothing.
+
+        A stage is kept when every output exists, no restart point or earlier stage forces it to run, and the
+        manifest confirms its artifacts (same bytes, same config).
+
+        Raises:
+            IntegrityError: A kept artifact's bytes differ from those recorded (corrupted or truncated).
+            ConfigChangedError: A finished stage's config changed and ``rerun_changed`` is off.
+        """
+        restart = RESTART_ORDER.index(self.restart_from) if self.restart_from is not None else len(RESTART_ORDER)
+        manifest = Manifest(self.run.manifest)
+        reused: list[Path] = []
+        for restart_point, call in self.plan():
+            if RESTART_ORDER.index(restart_point) >= restart or not all(path.is_file() for path in call.outputs):
+                break
+            call.fingerprint = self.fingerprint(call)
+            if not self._finished_as_configured(call, manifest, adopt=False):
+                break
+            reused += [path for path in call.outputs if path not in reused]
+        return reused
+
+    def _finished_as_configured(self, call: StageCall, manifest: Manifest, adopt: bool = True) -> bool:
+        """Whether a stage's existing artifacts are intact and were made with the current config.
+
+        Raises:
+            IntegrityError: an artifact's bytes differ from those recorded (corrupted or truncated).
+            ConfigChangedError: the config changed and ``rerun_changed`` is off.
+        """
+        for path in call.outputs:
+            manifest.verify(path)
+        recorded = {entry.config_sha256 for path in call.outputs if (entry := manifest.entry(path)) is not None}
+        if not recorded:  # written before the manifest existed (or just before a kill): adopt as they are
+            if adopt and is_global_zero():
+                manifest.record(call.outputs, call.label, call.fingerprint)
+            return True
+        if recorded == {call.fingerprint}:
+            return True
+        if not self.rerun_changed:
+            raise ConfigChangedError(
+                f"the config of the finished stage {call.label!r} changed since it ran ({call.outputs[0]}). "
+                "Re-run with --rerun_changed true to run it and every later stage again, choose a point with "
+                "--from_stage, or use a new --run_dir")
+        return False
+
+    def _prepare_stage_dir(self, call: StageCall, fresh: bool) -> bool:
+        """Whether ``call`` continues an interrupted start with the same config from its last checkpoint.
+
+        Otherwise its old checkpoints are removed (before the new start is recorded, so every rank that reads
+        the record finds them gone).
+        """
+        state = RunDirectory.stage_state(call.work_dir)
+        same_start = not fresh and state.is_file() and \
+            json.loads(state.read_text()).get("config_sha256") == call.fingerprint
+        if same_start and call.last_checkpoint.is_file():
+            return True
+        if is_global_zero():
+            shutil.rmtree(call.last_checkpoint.parent, ignore_errors=True)
+            atomic_write_json(state, {"stage": call.label, "config_sha256": call.fingerprint})
+        return False
 
     def collect_metrics(self) -> dict[str, Any]:
         """Merge the evaluations into ``metrics.json``: the last one's figures plus a per-round history."""
@@ -336,9 +463,9 @@ class Pipeline:
         if is_global_zero():
             self.ledger.save(self.run.transfers)
             self._save_fleet_state()
-            plot_accuracy_per_round(history, self.run.root / "accuracy_per_round.png")
+            plot_accuracy_per_round(history, self.run.accuracy_plot)
             if confusion is not None:
-                plot_confusion_matrix(confusion, self.run.root / "confusion_matrix.png")
+                plot_confusion_matrix(confusion, self.run.confusion_plot)
             atomic_write_json(self.run.metrics, metrics)
         return metrics
 

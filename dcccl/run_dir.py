@@ -5,7 +5,11 @@ Layout::
     <run_dir>/
       pipeline.yaml                         resolved pipeline config
       metrics.json                          final metrics, per-round served accuracy, transfer totals
+      manifest.json                         per artifact: SHA-256, the stage that wrote it, its config's hash
       transfers.json                        the device/cloud ledger: every transfer in bytes
+      accuracy_per_round.png                served accuracy per round (all, cloud and device classes)
+      confusion_matrix.png                  confusion matrix of the final served model on the union test set
+      wandb/                                W&B runs of the stages and of the pipeline (with a W&B logger)
       fleet/partition.json, partition.png   the fleet's data partition (with several devices)
       cloud/cloud_submodel.pt               export of the cloud submodel f
       distill/control_model.pt              export of the control model g
@@ -16,7 +20,9 @@ Layout::
       rounds/round_001/evaluate/metrics.json          served model after the round
       rounds/round_001/fleet.json                     sampled, online and reporting devices, fused copies
 
-Each stage's directory also holds its resolved config (``config.yaml``) and Lightning checkpoints.
+Each stage's directory also holds its resolved config (``config.yaml``), Lightning checkpoints
+(``checkpoints/last.ckpt`` is where an interrupted stage resumes) and ``stage.json`` (the config hash of the
+stage's last start).
 """
 
 from __future__ import annotations
@@ -45,9 +51,34 @@ class RunDirectory:
         return self.root / "metrics.json"
 
     @property
+    def manifest(self) -> Path:
+        """SHA-256, stage and config hash of every artifact."""
+        return self.root / "manifest.json"
+
+    @staticmethod
+    def last_checkpoint(stage_dir: Path) -> Path:
+        """The checkpoint an interrupted stage resumes from."""
+        return stage_dir / "checkpoints" / "last.ckpt"
+
+    @staticmethod
+    def stage_state(stage_dir: Path) -> Path:
+        """Which config a stage was last started with (to know whether its checkpoints still apply)."""
+        return stage_dir / "stage.json"
+
+    @property
     def transfers(self) -> Path:
         """The device/cloud ledger."""
         return self.root / "transfers.json"
+
+    @property
+    def accuracy_plot(self) -> Path:
+        """Served accuracy per round."""
+        return self.root / "accuracy_per_round.png"
+
+    @property
+    def confusion_plot(self) -> Path:
+        """Confusion matrix of the final served model."""
+        return self.root / "confusion_matrix.png"
 
     @property
     def fleet_partition(self) -> Path:

@@ -1,4 +1,4 @@
-"""One LightningModule per DC-CCL stage; each runs alone through ``dcccl fit``/``dcccl test``."""
+"""One LightningModule per DC-CCL stage; each runs alone through ``dcccl fit``/``dcccl test``/``dcccl predict``."""
 
 from lightning_modules.base import StageModule
 from lightning_modules.centralized import CentralizedModule
@@ -9,6 +9,7 @@ from lightning_modules.distill import ControlDistillationModule
 from lightning_modules.evaluate import ServedModelEvaluation
 from lightning_modules.fusion import FusionModule
 from lightning_modules.guided import GuidedCoTrainingModule
+from lightning_modules.predict import ServedModelPrediction
 
 __all__ = [
     "CentralizedModule",
@@ -19,5 +20,6 @@ __all__ = [
     "FusionModule",
     "GuidedCoTrainingModule",
     "ServedModelEvaluation",
+    "ServedModelPrediction",
     "StageModule",
 ]

@@ -16,6 +16,10 @@ from dcccl.exports import NetworkExport, Role, save_export
 from dcccl.partition import DataPartition
 
 
+class NonFiniteLossError(ArithmeticError):
+    """A stage's training loss became NaN or infinite; training of that stage stops."""
+
+
 class StageModule(LightningModule):
     """Base of the stage modules.
 
@@ -55,6 +59,16 @@ class StageModule(LightningModule):
         """Re-assert eval mode of the frozen networks (Lightning restores recorded modes after validation)."""
         for network in self.frozen_networks():
             network.eval()
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Stop the stage on a NaN or infinite loss, before it reaches the weights (one check per step)."""
+        if not bool(torch.isfinite(loss.detach()).all()):
+            where = f" (in {self.trainer.default_root_dir})" if self._trainer is not None else ""
+            raise NonFiniteLossError(
+                f"{type(self).__name__}{where}: the training loss is {loss.detach().float().sum().item()} at global "
+                f"step {self.global_step} (epoch {self.current_epoch}); the stage was stopped and exported nothing: "
+                "lower the learning rate, or check the data for NaN/inf values"
+            )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates."""

@@ -60,7 +60,8 @@ class CloudCoTrainingModule(GuidedCoTrainingModule):
                          export_path)
         self.initial_export_path = initial_export_path
 
-    def on_fit_start(self) -> None:
-        """Write the co-submodel as the round starts from it, when asked to."""
-        if self.initial_export_path is not None:
+    def setup(self, stage: str) -> None:
+        """Write the co-submodel as the round starts from it, when asked to (before a checkpoint is restored,
+        so a resumed stage writes the same starting point)."""
+        if stage == "fit" and self.initial_export_path is not None:
             self.write_export(self.co_submodel, "co_submodel", self.co_backbone, path=self.initial_export_path)

@@ -115,7 +115,8 @@ class FusionModule(StageModule):
         if export.sample_count is None:
             raise ValueError(f"{path} records no sample count; it is not a trained co-submodel copy")
         if export.num_classes != num_classes:
-            raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}")
+            raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}: fuse only "
+                             "copies of the co-submodel trained on this data")
         return export
 
     def head(self) -> nn.Module:

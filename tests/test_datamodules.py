@@ -237,6 +237,7 @@ def test_image_folder_invalid_channels(image_dirs: dict[str, Path]) -> None:
 def test_image_folder_side_without_images(image_dirs: dict[str, Path]) -> None:
     for image in (image_dirs["device"] / "emu").iterdir():
         image.unlink()
+    (image_dirs["device"] / "emu").rmdir()  # an empty class folder is refused outright (tests/test_bad_input.py)
     datamodule = _folder_module(image_dirs)  # emu is still a class name (the test folder has it)
     assert datamodule.num_classes == 3
     with pytest.raises(ValueError, match="the device folder .* holds no images"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -110,6 +111,68 @@ def _strip_module_prefix(state: dict[str, Any], own_keys: set[str]) -> dict[str,
     return {key[len(best):]: value for key, value in state.items() if key.startswith(best)}
 
 
+class WeightsFileError(ValueError):
+    """A ``checkpoint_path`` names a file that holds no weights torch can read."""
+
+
+def torch_load_problem(path: Path, err: Exception) -> str:
+    """Why ``torch.load`` failed on ``path``, in a few words (torch's own messages run to paragraphs)."""
+    with open(path, "rb") as handle:
+        head = handle.read(2)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # neither torch's zip nor its legacy pickle
+        return "not a file written by torch.save"
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return first if len(first) <= 160 else first[:157] + "..."
+
+
+def read_state_dict(checkpoint_path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The state dict a local weights file holds: a plain state dict (e.g. a timm checkpoint), one wrapped under
+    ``state_dict`` or ``model``, or a Lightning checkpoint's (keys still carry the module's attribute prefix).
+
+    Args:
+        checkpoint_path: The file.
+        mmap: Map the tensors instead of reading them (a cheap check; only for files in torch's zip format).
+
+    Raises:
+        FileNotFoundError: There is no such file.
+        WeightsFileError: torch cannot read the file, or it holds no state dict.
+    """
+    path = Path(checkpoint_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"pretrained weights file not found: {path}; fix checkpoint_path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as err:  # torch raises several types for foreign or corrupt files
+        raise WeightsFileError(
+            f"{path} is not a weights file torch can read ({torch_load_problem(path, err)}): point checkpoint_path at "
+            "a state dict, a timm checkpoint or a Lightning checkpoint"
+        ) from err
+    for wrapper_key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
+            state = state[wrapper_key]
+    if not isinstance(state, dict):
+        raise WeightsFileError(f"{path} does not hold a state dict: point checkpoint_path at a state dict, a timm "
+                               "checkpoint or a Lightning checkpoint")
+    return state
+
+
+def check_backbone(name: str, checkpoint_path: str | Path | None = None) -> None:
+    """Check, without building anything, that ``name`` names a backbone and ``checkpoint_path`` a weights file.
+
+    Raises:
+        BackboneNotFoundError: ``name`` is neither registered, importable nor a timm model (close names listed).
+        FileNotFoundError: ``checkpoint_path`` does not exist.
+        WeightsFileError: ``checkpoint_path`` holds no weights torch can read.
+    """
+    if name not in _REGISTRY:
+        if ":" in name:
+            _import_builder(name)
+        elif not timm.is_model(name):
+            raise _not_found(name)
+    if checkpoint_path is not None:
+        read_state_dict(checkpoint_path, mmap=True)
+
+
 def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
     """Load weights from a local file into ``network``; a classifier of another size is left as initialised.
 
@@ -117,14 +180,7 @@ def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
     and a Lightning checkpoint (the module's attribute prefix, e.g. ``cloud_submodel.``, is dropped).
     """
     path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for wrapper_key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper_key), dict):
-            state = state[wrapper_key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
+    state = read_state_dict(path)
     own = network.state_dict()
     state = _strip_module_prefix(state, set(own))
     head_keys = _classifier_keys(network)

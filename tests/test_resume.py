@@ -1,0 +1,115 @@
+"""Nothing lost: a pipeline killed (SIGKILL) inside a stage and between rounds resumes where it stopped and ends
+with exactly the metrics of a run that was never interrupted; the manifest guards what it skips."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--rounds", "2", "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "2",
+         "--trainer.enable_progress_bar", "false"]
+
+
+def _command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-c", "import cli; cli.main()", "pipeline", "--config", "configs/quickstart.yaml",
+            "--run_dir", str(run_dir), *SMALL, *extra]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def run_pipeline(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Run the pipeline to its end."""
+    return subprocess.run(_command(run_dir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+
+
+def kill_pipeline_when(run_dir: Path, moment: Callable[[], bool]) -> str:
+    """Start the pipeline, SIGKILL it as soon as ``moment()`` holds and return what it had printed."""
+    log = run_dir.parent / f"{run_dir.name}.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(_command(run_dir), cwd=ROOT, env=_env(), stdout=output, stderr=output)
+        deadline = time.monotonic() + 300
+        try:
+            while not moment():
+                assert process.poll() is None, f"the pipeline ended before the moment to kill it:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "the moment to kill the pipeline never came"
+                time.sleep(0.01)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    return log.read_text()
+
+
+def _inside_stage(stage_dir: Path, export: str) -> Callable[[], bool]:
+    """Between a stage's first checkpoint and its export: the stage is half done."""
+    return lambda: (stage_dir / "checkpoints" / "last.ckpt").is_file() and not (stage_dir / export).exists()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small pipeline run that nothing interrupted."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_pipeline(run_dir, "--trainer.deterministic", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deterministic: true" in (run_dir / "cloud" / "config.yaml").read_text()  # reaches every stage
+    return run_dir
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_to_the_metrics_of_an_uninterrupted_run(uninterrupted: Path, tmp_path: Path) -> None:
+    """Two runs of one config and seed (one of them killed three times) end with identical metrics."""
+    expected = json.loads((uninterrupted / "metrics.json").read_text())
+    run_dir = tmp_path / "run"
+    # 1: in the middle of the cloud submodel's training (3 epochs, killed after the first checkpoint).
+    kill_pipeline_when(run_dir, _inside_stage(run_dir / "cloud", "cloud_submodel.pt"))
+    assert not (run_dir / "cloud" / "cloud_submodel.pt").exists()
+    # 2: in the middle of a device's training in round 1.
+    second = kill_pipeline_when(run_dir, _inside_stage(run_dir / "rounds/round_001/device_000", "co_submodel.pt"))
+    assert f"resuming from {run_dir / 'cloud/checkpoints/last.ckpt'}" in second
+    # 3: between the rounds, right after round 1's evaluation.
+    third = kill_pipeline_when(run_dir, (run_dir / "rounds/round_001/evaluate/metrics.json").is_file)
+    assert f"resuming from {run_dir / 'rounds/round_001/device_000/checkpoints/last.ckpt'}" in third
+    assert "cloud submodel: done already, skipped" in third
+    assert not (run_dir / "metrics.json").exists()
+
+    resumed = run_pipeline(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "round 1/2: evaluation: done already, skipped" in resumed.stderr
+    assert json.loads((run_dir / "metrics.json").read_text()) == expected
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())["artifacts"]
+    assert {"cloud/cloud_submodel.pt", "rounds/round_002/fusion/co_submodel.pt", "metrics.json"} <= set(manifest)
+    assert manifest["cloud/cloud_submodel.pt"]["stage"] == "cloud submodel"
+    assert not list(run_dir.rglob("*.tmp"))  # no half-written file left behind
+
+
+@pytest.mark.slow
+def test_changed_config_and_corrupted_artifact_are_refused_by_name(uninterrupted: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    before = {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()}
+
+    changed = run_pipeline(run_dir, "--trainer.deterministic", "true",
+                           "--stage_args", '{"distill": ["--model.init_args.temperature=2"]}')
+    assert changed.returncode == 2
+    assert "the config of the finished stage 'control model' changed" in changed.stderr
+    assert "--rerun_changed" in changed.stderr and "Traceback" not in changed.stderr
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+    cloud = run_dir / "cloud" / "cloud_submodel.pt"
+    cloud.write_bytes(cloud.read_bytes()[:-100])  # truncated
+    corrupted = run_pipeline(run_dir, "--trainer.deterministic", "true")
+    assert corrupted.returncode == 2
+    assert f"{cloud} is corrupted or truncated" in corrupted.stderr
