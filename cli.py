@@ -226,9 +226,24 @@ def pipeline_parser() -> ArgumentParser:
     return parser
 
 
+# Switches that read naturally alone on a command line: ``--force`` means ``--force true``.
+BARE_SWITCHES = ("--force", "--rerun_changed", "--debug")
+
+
+def with_bare_switches(argv: list[str]) -> list[str]:
+    """``argv`` with ``true`` after each of :data:`BARE_SWITCHES` given without a value."""
+    completed: list[str] = []
+    for position, token in enumerate(argv):
+        completed.append(token)
+        following = argv[position + 1] if position + 1 < len(argv) else "--"
+        if token in BARE_SWITCHES and following.startswith("--"):
+            completed.append("true")
+    return completed
+
+
 def parse_with_trainer_options(parser: ArgumentParser, argv: list[str]) -> Namespace:
     """Parse ``argv``; ``--trainer.*`` options are merged into the config's ``trainer`` dict (they win)."""
-    trainer_overrides, rest = split_trainer_arguments(argv)
+    trainer_overrides, rest = split_trainer_arguments(with_bare_switches(argv))
     cfg = parser.parse_args(rest)
     cfg.trainer = {**(cfg.trainer or {}), **trainer_overrides}
     return cfg
@@ -407,6 +422,8 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     cfg = parse_with_trainer_options(parser, argv)
     settings = pipeline_settings(parser, cfg)
     comparison = Comparison(settings, cfg.seeds)
+    for seed in comparison.seeds:  # bad input is refused before anything is written, as for the pipeline
+        validate_inputs(comparison.variants(seed)["dcccl"])
     if _is_rank_zero():
         atomic_write_text(comparison.root / "compare.yaml", parser.dump(cfg, skip_none=False))
     results = comparison.execute(run_stage)

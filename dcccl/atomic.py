@@ -32,6 +32,12 @@ class DiskFullError(OSError):
                 "the file size limit) and run the same command again; finished stages are kept")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (same-directory temporary file + ``os.replace``).
 
@@ -45,6 +51,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     except OSError as err:
         raise (DiskFullError(err.errno, target) if err.errno in DISK_FULL_ERRNOS else err) from err
     try:
+        os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes the file private; artifacts get the usual mode
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -422,7 +422,7 @@ class Pipeline:
         if not self.rerun_changed:
             raise ConfigChangedError(
                 f"the config of the finished stage {call.label!r} changed since it ran ({call.outputs[0]}). "
-                "Re-run with --rerun_changed true to run it and every later stage again, choose a point with "
+                "Re-run with --rerun_changed to run it and every later stage again, choose a point with "
                 "--from_stage, or use a new --run_dir")
         return False
 

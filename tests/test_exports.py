@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,9 @@ def test_atomic_write_text_and_torch_save(tmp_path: Path) -> None:
     atomic_torch_save({"x": torch.arange(3)}, tmp_path / "t.pt")
     assert torch.equal(torch.load(tmp_path / "t.pt", weights_only=True)["x"], torch.arange(3))
     assert _files(tmp_path) == ["note.txt", "t.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "note.txt").stat().st_mode & 0o777 == 0o666 & ~umask  # not private like a temporary file
 
 
 def test_failed_atomic_write_removes_its_temporary_file(tmp_path: Path) -> None:

@@ -121,3 +121,11 @@ def test_invalid_pipeline_options(tmp_path: Path, bad: dict) -> None:
 def test_missing_config_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="config file not found: .*nowhere.yaml"):
         make(tmp_path, data=tmp_path / "nowhere.yaml")
+
+
+def test_bare_switches_read_as_true() -> None:
+    from cli import with_bare_switches
+
+    assert with_bare_switches(["--force", "--rounds", "2", "--rerun_changed"]) == [
+        "--force", "true", "--rounds", "2", "--rerun_changed", "true"]
+    assert with_bare_switches(["--force", "false", "--debug"]) == ["--force", "false", "--debug", "true"]
