@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -28,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DCCCLDataModule
 from dcccl.atomic import DISK_FULL_ERRNOS, DiskFullError, atomic_write_json, atomic_write_text
-from dcccl.backbones.registry import BackboneNotFoundError, check_backbone
+from dcccl.backbones.registry import BackboneNotFoundError, check_backbone, torch_load_problem
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.budget import DeviceBudgetExceeded
 from dcccl.bundle_export import export_bundle
@@ -85,6 +86,9 @@ class ConfigToLoggers(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
+_CKPT_ADVICE = "point --ckpt_path at a .ckpt file a stage saved, e.g. <stage dir>/checkpoints/last.ckpt"
+
+
 class DCCCLCLI(LightningCLI):
     """LightningCLI with the DataModule's shape linked into every stage and the bundled digits as default data."""
 
@@ -104,6 +108,21 @@ class DCCCLCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True) and "logger" not in kwargs:
             kwargs["logger"] = CSVLogger(save_dir=trainer_config.get("default_root_dir") or os.getcwd())
         return super().instantiate_trainer(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then make sure a ``--ckpt_path`` file is a Lightning checkpoint before Lightning reads it."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path is None or not Path(path).is_file():
+            return  # Lightning's own names (last, best, ...) and its own message for a missing file
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=False)
+        except Exception as err:  # torch raises several types for foreign or corrupt files
+            raise ValueError(f"{path} is not a Lightning checkpoint ({torch_load_problem(Path(path), err)}): "
+                             f"{_CKPT_ADVICE}") from err
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict in it): {_CKPT_ADVICE}")
 
     def before_instantiate_classes(self) -> None:
         """With a W&B logger configured, pick its mode (offline without key or network) before it starts."""

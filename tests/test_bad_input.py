@@ -248,6 +248,10 @@ def _cases(tmp: Path, template: Path) -> dict[str, Case]:
                                                    "--model.init_args.cloud_submodel", str(text_file)),
                                              ("notes.txt is not a readable dcccl export",
                                               "not a file written by torch.save")),
+        "ckpt_path not a checkpoint (fit)": (stage("fit", "--config", "configs/stages/cloud.yaml",
+                                                   "--ckpt_path", str(text_file)),
+                                             ("notes.txt is not a Lightning checkpoint",
+                                              "not a file written by torch.save", "checkpoints/last.ckpt")),
         "device budget exceeded": (pipeline("budget", "--device_budget.max_params", "10"),
                                    ("exceeds the device budget", "params", "> limit 10")),
     }
@@ -279,7 +283,8 @@ FAST_CASES = ["missing data folder", "empty data folder", "empty class folder", 
               "nobody holds a class", "unlearnable digit", "unknown backbone", "unknown backbone (fit)",
               "run directory from other data", "evaluate mismatched exports", "fuse mismatched copies",
               "unknown pipeline key", "unknown stage config key", "unknown key (fit)",
-              "split base weights not a checkpoint", "export path is a text file (fit)", "device budget exceeded"]
+              "split base weights not a checkpoint", "export path is a text file (fit)",
+              "ckpt_path not a checkpoint (fit)", "device budget exceeded"]
 
 
 @pytest.mark.parametrize("name", FAST_CASES)
