@@ -195,7 +195,7 @@ def run_stage(call: StageCall) -> None:
     for callback in cli.trainer.checkpoint_callbacks:
         if getattr(callback, "dirpath", None) is None:
             callback.dirpath = str(call.last_checkpoint.parent)  # type: ignore[attr-defined]
-        callback.save_last = True  # type: ignore[attr-defined]
+        callback.save_last = "link"  # type: ignore[attr-defined]  # a link to the newest checkpoint, no copy
     for callback in cli.trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(callback, SaveConfigCallback):
             callback.save_to_log_dir = False  # written below, into the stage's own directory
