@@ -16,7 +16,9 @@ Methods:
 
 from __future__ import annotations
 
+import json
 import logging
+import statistics
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -25,11 +27,12 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from dcccl.atomic import atomic_write_bytes
+from dcccl.atomic import atomic_write_bytes, atomic_write_json
 from dcccl.costs import parameter_count, peak_training_memory_bytes, state_dict_bytes, training_flops_per_sample
 from dcccl.exports import load_network
 from dcccl.freeze import freeze
 from dcccl.pipeline import Pipeline, RestartPoint, StageCall, StageRunner
+from dcccl.ranks import is_global_zero
 
 log = logging.getLogger("dcccl")
 
@@ -46,22 +49,50 @@ METHOD_TITLES: dict[str, str] = {
 
 
 class DeviceOnlyBaseline(Pipeline):
-    """The co-submodel trained on the device's samples alone, round after round, never fused."""
+    """The co-submodel trained on one device's samples alone, round after round, never fused.
+
+    With a fleet every device trains its own model on its own share (no device needs the network, so all of
+    them train in every round) and the reported metrics are the mean over the devices' models, each evaluated
+    on the union test set; ``per_device`` in its metrics lists them one by one.
+    """
 
     def plan(self) -> Iterator[tuple[RestartPoint, StageCall]]:
-        """Device stages chained through their own copies, then an evaluation of the last copy alone."""
-        start = self.run.initial_co_submodel
-        for r in range(1, self.rounds + 1):
-            copy = self.run.device_copy(r, 0)
-            yield "rounds", self._call("device", "fit", {
-                "control_model": None, "co_submodel": str(start), "export_path": str(copy),
-            }, (copy,), f"round {r}/{self.rounds}: device 0 alone")
-            start = copy
-        yield "rounds", self.evaluation_call(start, self.evaluation_paths()[0], "evaluation")
+        """Per device: device stages chained through their own copies, then an evaluation of the last copy."""
+        for device in range(self.fleet.num_devices):
+            start = self.run.initial_co_submodel
+            for r in range(1, self.rounds + 1):
+                copy = self.run.device_copy(r, device)
+                call = self._call("device", "fit", {
+                    "control_model": None, "co_submodel": str(start), "export_path": str(copy),
+                }, (copy,), f"round {r}/{self.rounds}: device {device} alone", r)
+                if self.fleet.num_devices > 1:
+                    call.data_args["device_index"] = device
+                call.device = device
+                yield "rounds", call
+                start = copy
+            label = "evaluation" if self.fleet.num_devices == 1 else f"evaluation of device {device}"
+            yield "rounds", self.evaluation_call(start, self.evaluation_paths()[device], label)
 
     def evaluation_paths(self) -> list[Path]:
-        """One evaluation, after the last round."""
-        return [self.run.root / "evaluate" / "metrics.json"]
+        """One evaluation per device, after the last round."""
+        if self.fleet.num_devices == 1:
+            return [self.run.root / "evaluate" / "metrics.json"]
+        return [self.run.root / "evaluate" / f"device_{device:03d}" / "metrics.json"
+                for device in range(self.fleet.num_devices)]
+
+    def collect_metrics(self) -> dict[str, Any]:
+        """One device: as the pipeline reports it. A fleet: the mean over the devices' models."""
+        if self.fleet.num_devices == 1:
+            return super().collect_metrics()
+        per_device = [json.loads(path.read_text()) for path in self.evaluation_paths()]
+        mean = {key: statistics.fmean(entry[key] for entry in per_device)
+                for key, value in per_device[0].items() if isinstance(value, (int, float))}
+        metrics = {**mean, "rounds": [{"round": self.rounds, **mean}], "served/acc_per_round": [mean["served/acc"]],
+                   "per_device": [{key: entry[key] for key in mean} for entry in per_device]}
+        if is_global_zero():
+            self.ledger.save(self.run.transfers)
+            atomic_write_json(self.run.metrics, metrics)
+        return metrics
 
 
 class CentralizedBaseline(Pipeline):

@@ -144,6 +144,7 @@ def log_pipeline_summary(metrics: dict[str, Any], config: dict[str, Any], group:
     """
     import wandb
 
+    prepare_wandb_environment()  # every stage may have been skipped, so no stage chose the mode yet
     finish_wandb_run()
     run = wandb.init(project=project, group=group, job_type="pipeline", name=f"{group}/summary",
                      dir=str(save_dir), config=config)

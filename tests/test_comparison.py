@@ -78,6 +78,34 @@ def test_every_baseline_is_wired_from_the_pipeline_stages(tmp_path: Path) -> Non
     assert set(results[3]) == set(METHODS)
 
 
+class PerDeviceRunner(FakeRunner):
+    """Device ``d``'s model alone scores 0.1 * (d + 1)."""
+
+    def metrics(self, call: StageCall, output: Path) -> dict[str, Any]:
+        if output.parent.name.startswith("device_"):
+            device = int(output.parent.name.split("_")[1])
+            return {f"served/{k}": 0.1 * (device + 1) for k in ("acc", "acc_cloud_classes", "acc_device_classes")}
+        return super().metrics(call, output)
+
+
+def test_on_device_only_baseline_of_a_fleet_trains_every_device_alone_and_averages(tmp_path: Path) -> None:
+    from dcccl.fleet import FleetSpec
+
+    runner = PerDeviceRunner()
+    results = Comparison(settings(tmp_path, fleet=FleetSpec(num_devices=3, availability=0.5))).execute(runner)
+    device_only = runner.of(tmp_path / "run/baselines/device_only")
+    trained = [c for c in device_only if c.stage == "device"]
+    assert [(c.device, c.round_index) for c in trained] == [(d, r) for d in range(3) for r in (1, 2)]
+    assert all(c.data_args["device_index"] == c.device for c in trained)
+    for first, second in zip(trained[::2], trained[1::2]):  # each device's chain of its own copies
+        assert second.model_args["co_submodel"] == first.model_args["export_path"]
+    assert [c.stage for c in device_only].count("evaluate") == 3
+    metrics = results[3]["device_only"]
+    assert metrics["served/acc"] == pytest.approx(0.2)  # mean of 0.1, 0.2, 0.3
+    assert [entry["served/acc"] for entry in metrics["per_device"]] == pytest.approx([0.1, 0.2, 0.3])
+    assert metrics["served/acc_per_round"] == pytest.approx([0.2])
+
+
 def test_second_comparison_skips_everything_and_seeds_get_their_own_directories(tmp_path: Path) -> None:
     Comparison(settings(tmp_path)).execute(FakeRunner())
     again = FakeRunner()
