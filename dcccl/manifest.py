@@ -41,6 +41,11 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _signature(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def _relative(value: Any, root: Path) -> Any:
     """Paths under ``root`` made relative, so a moved run directory keeps its fingerprints."""
     if isinstance(value, list):
@@ -97,6 +102,8 @@ class Manifest:
         self.path = Path(path)
         self.root = self.path.parent
         self.entries: dict[str, ManifestEntry] = {}
+        # Size and modification time of the files whose hash was confirmed: an unchanged file is hashed once.
+        self._confirmed: dict[str, tuple[int, int]] = {}
         if self.path.is_file():
             try:
                 raw = json.loads(self.path.read_text())
@@ -119,7 +126,9 @@ class Manifest:
     def record(self, paths: tuple[Path, ...], stage: str, config_sha256: str) -> None:
         """Record artifacts just written by ``stage`` and save the manifest (atomically)."""
         for path in paths:
-            self.entries[self.key(path)] = ManifestEntry(sha256_of(path), stage, config_sha256)
+            key = self.key(path)
+            self.entries[key] = ManifestEntry(sha256_of(path), stage, config_sha256)
+            self._confirmed[key] = _signature(path)
         self.save()
 
     def save(self) -> None:
@@ -128,8 +137,12 @@ class Manifest:
 
     def verify(self, path: Path) -> None:
         """Raise :class:`IntegrityError` if ``path``'s bytes are not those recorded."""
-        entry = self.entry(path)
-        if entry is not None and sha256_of(path) != entry.sha256:
-            raise IntegrityError(
-                f"{path} is corrupted or truncated: its SHA-256 differs from the one recorded when stage "
-                f"{entry.stage!r} wrote it. Delete it (and what follows) or re-run with --from_stage / --force")
+        key, entry = self.key(path), self.entry(path)
+        if entry is None or self._confirmed.get(key) == _signature(path):
+            return
+        if sha256_of(path) == entry.sha256:
+            self._confirmed[key] = _signature(path)
+            return
+        raise IntegrityError(
+            f"{path} is corrupted or truncated: its SHA-256 differs from the one recorded when stage "
+            f"{entry.stage!r} wrote it. Delete it (and what follows) or re-run with --from_stage / --force")

@@ -205,6 +205,7 @@ class Pipeline:
         self.stage_args = {key: list(value) for key, value in (stage_args or {}).items()}
         self.restart_from: Optional[RestartPoint] = "cloud" if force else from_stage
         self.rerun_changed = rerun_changed
+        self._manifest: Optional[Manifest] = None
 
     def _call(self, stage: StageName, command: Literal["fit", "test"], model_args: dict[str, Any],
               outputs: tuple[Path, ...], label: str, round_index: int = 0) -> StageCall:
@@ -327,10 +328,9 @@ class Pipeline:
         user asked, or because an earlier stage ran again, starts from scratch.
         """
         rerun, budget_checked = False, False
-        restart = RESTART_ORDER.index(self.restart_from) if self.restart_from is not None else len(RESTART_ORDER)
         plan = list(self.plan())
         self.ledger = Ledger()
-        manifest = Manifest(self.run.manifest)
+        manifest = self.manifest
         if is_global_zero():  # what a kill left mid-write under a temporary name (never under a final name)
             for stale in self.run.root.rglob(".*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -338,7 +338,7 @@ class Pipeline:
         for step, (restart_point, call) in enumerate(plan, start=1):
             progress = f"[dcccl {self.name} {step}/{len(plan)}] {call.label}"
             call.fingerprint = self.fingerprint(call)
-            fresh = rerun or RESTART_ORDER.index(restart_point) >= restart
+            fresh = rerun or self._forced(restart_point)
             if not fresh and all(path.is_file() for path in call.outputs):
                 if self._finished_as_configured(call, manifest):
                     log.info("%s: done already, skipped (%s)", progress, call.outputs[0])
@@ -391,17 +391,27 @@ class Pipeline:
             IntegrityError: A kept artifact's bytes differ from those recorded (corrupted or truncated).
             ConfigChangedError: A finished stage's config changed and ``rerun_changed`` is off.
         """
-        restart = RESTART_ORDER.index(self.restart_from) if self.restart_from is not None else len(RESTART_ORDER)
-        manifest = Manifest(self.run.manifest)
         reused: list[Path] = []
         for restart_point, call in self.plan():
-            if RESTART_ORDER.index(restart_point) >= restart or not all(path.is_file() for path in call.outputs):
+            if self._forced(restart_point) or not all(path.is_file() for path in call.outputs):
                 break
             call.fingerprint = self.fingerprint(call)
-            if not self._finished_as_configured(call, manifest, adopt=False):
+            if not self._finished_as_configured(call, self.manifest, adopt=False):
                 break
             reused += [path for path in call.outputs if path not in reused]
         return reused
+
+    @property
+    def manifest(self) -> Manifest:
+        """The run directory's manifest, read once (its checks of unchanged files hold for the whole run)."""
+        if self._manifest is None:
+            self._manifest = Manifest(self.run.manifest)
+        return self._manifest
+
+    def _forced(self, restart_point: RestartPoint) -> bool:
+        """Whether ``force``/``from_stage`` make the stages of ``restart_point`` run again."""
+        return self.restart_from is not None and \
+            RESTART_ORDER.index(restart_point) >= RESTART_ORDER.index(self.restart_from)
 
     def _finished_as_configured(self, call: StageCall, manifest: Manifest, adopt: bool = True) -> bool:
         """Whether a stage's existing artifacts are intact and were made with the current config.
