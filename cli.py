@@ -1,58 +1,54 @@
 """The ``dcccl`` command: single stages through LightningCLI, the whole method through ``dcccl pipeline``.
 
 ``dcccl fit|validate|test|predict ...`` is LightningCLI over the stage modules and DataModules.
-``dcccl pipeline ...`` drives every stage in order, building each one through the same parser.
+``dcccl pipeline``, ``compare`` and ``export`` parse their settings here and hand them to the core (``dcccl``);
+the stage runner below runs each stage call of a plan through the very parser ``dcccl fit`` uses.
 """
 
 from __future__ import annotations
 
-import inspect
+import importlib
 import json
 import logging
 import os
 import sys
 import warnings
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import torch
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentError, ArgumentParser, Namespace
 from jsonargparse.typing import register_type
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import DCCCLDataModule
-from dcccl.atomic import DISK_FULL_ERRNOS, DiskFullError, atomic_write_json, atomic_write_text
-from dcccl.backbones.registry import BackboneNotFoundError, check_backbone, torch_load_problem
-from dcccl.backbones.spec import BackboneSpec
-from dcccl.budget import DeviceBudgetExceeded
-from dcccl.bundle_export import export_bundle
-from dcccl.comparison import Comparison, method_costs
-from dcccl.comparison_report import build_comparison, markdown_table, write_outputs
-from dcccl.costs import control_fidelity
-from dcccl.exports import ExportError, load_network
-from dcccl.fleet_partition import label_histogram, partition_summary
-from dcccl.ledger import LedgerViolation
-from dcccl.manifest import ConfigChangedError, IntegrityError
-from dcccl.pipeline import Pipeline, StageCall, StageFailedError
-from dcccl.plots import plot_label_histogram
-from dcccl.preflight import check_budget_before_running, check_reused_exports
-from dcccl.ranks import is_global_zero
-from dcccl.report import results_table
-from dcccl.tracking import (
+from dcccl.deploy.bundle import export_run, parity_report
+from dcccl.errors import ConfigError, one_line, user_error_message
+from dcccl.methods import METHODS, select, stage_names
+from dcccl.methods.comparison import Comparison, control_fidelity_of, method_costs
+from dcccl.reporting.comparison import build_comparison, markdown_table, write_outputs
+from dcccl.reporting.fleet import write_partition_report
+from dcccl.reporting.tables import results_table
+from dcccl.reporting.tracking import (
     finish_wandb_run,
-    log_pipeline_summary,
+    log_run_summary,
     name_next_wandb_run,
     prepare_wandb_environment,
     wandb_logger_args,
 )
-from lightning_modules.base import NonFiniteLossError, StageModule
+from dcccl.run.atomic import DISK_FULL_ERRNOS, DiskFullError, atomic_write_text
+from dcccl.run.boundary import ResolvedStage
+from dcccl.run.config_path import ConfigPath
+from dcccl.run.execution import PlanRun
+from dcccl.run.exports import check_lightning_checkpoint
+from dcccl.run.plan import dcccl_plan
+from dcccl.run.ranks import is_global_zero
+from dcccl.run.settings import PipelineSettings, RestartPoint
+from dcccl.run.steps import StageCall
+from lightning_modules import STAGE_MODULES, StageModule
 
 log = logging.getLogger("dcccl")
 
@@ -60,16 +56,21 @@ STAGE_HELP = """dcccl: device-cloud collaborative controlled learning. Subcomman
 stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method,
 'dcccl compare --help' compares it with the paper's baselines, 'dcccl export --help' writes the ONNX bundle."""
 
-PIPELINE_HELP = """Run DC-CCL end to end: cloud submodel -> control model -> rounds of (cloud side, device, fusion,
+PIPELINE_HELP = """Run DC-CCL end to end: cloud submodel -> control model -> rounds of (cloud side, devices, fusion,
 evaluation). Any --trainer.* option (e.g. --trainer.max_epochs 1, --trainer.accelerator gpu,
 --trainer.devices 2 --trainer.strategy ddp) is applied to every stage. Re-running the same command skips
 the stages whose artifacts exist; --force re-runs all, --from_stage re-runs from a point."""
+
+# Files named in a config file are relative to that file (jsonargparse reads each file from its folder).
+register_type(ConfigPath, serializer=str, deserializer=ConfigPath)
 
 
 def _plain(value: Any) -> Any:
     """A parsed option as plain dicts and lists (jsonargparse namespaces converted)."""
     if isinstance(value, Namespace):
-        return value.as_dict()
+        return _plain(value.as_dict())
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items() if key != "__path__"}
     if isinstance(value, list):
         return [_plain(item) for item in value]
     return value
@@ -84,9 +85,6 @@ class ConfigToLoggers(SaveConfigCallback):
         config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
-
-
-_CKPT_ADVICE = "point --ckpt_path at a .ckpt file a stage saved, e.g. <stage dir>/checkpoints/last.ckpt"
 
 
 class DCCCLCLI(LightningCLI):
@@ -114,15 +112,9 @@ class DCCCLCLI(LightningCLI):
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path is None or not Path(path).is_file():
-            return  # Lightning's own names (last, best, ...) and its own message for a missing file
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=False)
-        except Exception as err:  # torch raises several types for foreign or corrupt files
-            raise ValueError(f"{path} is not a Lightning checkpoint ({torch_load_problem(Path(path), err)}): "
-                             f"{_CKPT_ADVICE}") from err
-        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-            raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict in it): {_CKPT_ADVICE}")
+        if path is not None and Path(path).is_file():  # else Lightning's own names (last, best) and messages
+            check_lightning_checkpoint(path, "point --ckpt_path at a .ckpt file a stage saved, e.g. "
+                                             "<stage dir>/checkpoints/last.ckpt")
 
     def before_instantiate_classes(self) -> None:
         """With a W&B logger configured, pick its mode (offline without key or network) before it starts."""
@@ -131,28 +123,32 @@ class DCCCLCLI(LightningCLI):
             prepare_wandb_environment()
 
 
+class _ParseOnlyCLI(DCCCLCLI):
+    """The stage parser without instantiating anything (artifacts a stage reads may not exist yet) or seeding."""
+
+    def _set_seed(self) -> None:
+        """Seeding belongs to the stage's run, not to the check."""
+
+    def before_instantiate_classes(self) -> None:
+        """Nothing is instantiated."""
+
+    def instantiate_classes(self) -> None:
+        """Nothing is instantiated."""
+
+
 # Parse errors raise jsonargparse's ArgumentError instead of printing the usage: main() reports them in one line.
 _RAISE_PARSE_ERRORS: dict[str, Any] = {"exit_on_error": False,
                                        **{name: {"exit_on_error": False} for name in LightningCLI.subcommands()}}
 
 
 def cli_main(args: Optional[list[str]] = None, run: bool = True, cli_class: type[DCCCLCLI] = DCCCLCLI) -> DCCCLCLI:
-    """Build (and with ``run`` execute) the stage CLI; ``args`` replaces ``sys.argv[1:]``.
-
-    ``cli_class`` may narrow what happens after parsing (the pipeline's input check parses only).
-    """
-    return cli_class(
-        StageModule,
-        DCCCLDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_callback=ConfigToLoggers,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"description": STAGE_HELP, **_RAISE_PARSE_ERRORS},
-        args=args,
-        run=run,
-    )
+    """Build (and with ``run`` execute) the stage CLI; ``args`` replaces ``sys.argv[1:]``."""
+    with warnings.catch_warnings():  # the arguments are given explicitly on purpose
+        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
+        return cli_class(StageModule, DCCCLDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                         auto_configure_optimizers=False, save_config_callback=ConfigToLoggers,
+                         save_config_kwargs={"overwrite": True},
+                         parser_kwargs={"description": STAGE_HELP, **_RAISE_PARSE_ERRORS}, args=args, run=run)
 
 
 def _cli_value(value: Any) -> str:
@@ -165,9 +161,7 @@ def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
     When the output is not a terminal (``interactive`` false) Lightning's progress bars are turned off
     unless the trainer options ask for them: the pipeline's own progress lines remain.
     """
-    args: list[str] = []
-    for config in call.config_files:
-        args += ["--config", str(config)]
+    args = [arg for config in call.config_files for arg in ("--config", str(config))]
     trainer_args = dict(call.trainer_args)
     if not interactive:
         trainer_args.setdefault("enable_progress_bar", False)
@@ -175,111 +169,101 @@ def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
     args += [f"--model.init_args.{key}={_cli_value(value)}" for key, value in call.model_args.items()]
     args += [f"--seed_everything={call.seed}", f"--data.init_args.seed={call.seed}"]
     args += [f"--data.init_args.{key}={_cli_value(value)}" for key, value in call.data_args.items()]
-    return args + call.extra_args
+    return args + list(call.extra_args)
 
 
-def run_stage(call: StageCall) -> None:
-    """Execute one stage call in this process through :func:`cli_main`.
+class LightningStageRunner:
+    """Runs a plan's stage calls in this process through :func:`cli_main`, the parser users run by hand.
 
-    With W&B, the stage gets its own run (grouped by pipeline, job type = stage, named by round and device),
-    closed when the stage ends.
+    Args:
+        interactive: Whether the output is a terminal (progress bars); default: whether stderr is one.
     """
-    if wandb_logger_args(call.trainer_args.get("logger")) is not None:
-        name_next_wandb_run(group=call.group or call.stage, job_type=call.stage, name=call.run_name)
-    with warnings.catch_warnings():
-        # The pipeline's own command line is in sys.argv; the stage's arguments are given explicitly.
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
-        cli = cli_main(stage_arguments(call, interactive=sys.stderr.isatty()), run=False)
-    # Whatever logger is configured, a stage's checkpoints and resolved config stay in its own directory,
-    # with a last.ckpt to resume from if the stage is interrupted.
-    for callback in cli.trainer.checkpoint_callbacks:
-        if getattr(callback, "dirpath", None) is None:
-            callback.dirpath = str(call.last_checkpoint.parent)  # type: ignore[attr-defined]
-        callback.save_last = "link"  # type: ignore[attr-defined]  # a link to the newest checkpoint, no copy
-    for callback in cli.trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, SaveConfigCallback):
-            callback.save_to_log_dir = False  # written below, into the stage's own directory
-    if cli.trainer.is_global_zero:
-        atomic_write_text(call.work_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
-    resume_from = {"ckpt_path": str(call.last_checkpoint)} if call.resume and call.command == "fit" else {}
-    try:
-        getattr(cli.trainer, call.command)(cli.model, datamodule=cli.datamodule, **resume_from)
-    finally:
-        finish_wandb_run()
+
+    def __init__(self, interactive: Optional[bool] = None) -> None:
+        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+        self._parser: Optional[LightningArgumentParser] = None
+
+    def resolve(self, call: StageCall) -> ResolvedStage:
+        """The config ``call``'s stage would run with; a stage config that does not parse raises ``ConfigError``."""
+        args = stage_arguments(call)
+        try:
+            if self._parser is None:  # built once: parsing is cheap, building the parser is not
+                cli = cli_main(args, run=False, cli_class=_ParseOnlyCLI)
+                self._parser, config = cli.parser, cli.config
+            else:
+                config = self._parser.parse_args(args)
+        except ArgumentError as err:
+            files = ", ".join(str(path) for path in call.config_files)
+            raise ConfigError(f"the {call.stage} stage's config does not parse ({files}): "
+                              f"{one_line(str(err))}") from err
+        model, data = _plain(config.model), _plain(config.data)
+        module_class = _import_class(model["class_path"])
+        return ResolvedStage(module_class, STAGE_MODULES[call.stage], getattr(module_class, "data_partition", None),
+                             dict(model.get("init_args") or {}), data)
+
+    def __call__(self, call: StageCall, resume: bool) -> None:
+        """Run ``call``; with W&B it gets its own run (grouped by pipeline, job type = stage), closed at its end."""
+        if wandb_logger_args(call.trainer_args.get("logger")) is not None:
+            name_next_wandb_run(group=call.group or call.stage, job_type=call.stage, name=call.run_name)
+        cli = cli_main(stage_arguments(call, interactive=self.interactive), run=False)
+        # Whatever logger is configured, a stage's checkpoints and resolved config stay in its own directory,
+        # with a last.ckpt to resume from if the stage is interrupted.
+        for callback in cli.trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None) is None:
+                callback.dirpath = str(call.last_checkpoint.parent)  # type: ignore[attr-defined]
+            callback.save_last = "link"  # type: ignore[attr-defined]  # a link to the newest checkpoint, no copy
+        for callback in cli.trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(callback, SaveConfigCallback):
+                callback.save_to_log_dir = False  # written below, into the stage's own directory
+        if cli.trainer.is_global_zero:
+            atomic_write_text(call.work_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
+        resume_from = {"ckpt_path": str(call.last_checkpoint)} if resume and call.command == "fit" else {}
+        try:
+            getattr(cli.trainer, call.command)(cli.model, datamodule=cli.datamodule, **resume_from)
+        except OSError as err:  # Lightning's checkpoint writer does not say which file did not fit
+            if err.errno in DISK_FULL_ERRNOS and not isinstance(err, DiskFullError):
+                raise DiskFullError(err.errno, err.filename or call.work_dir) from err
+            raise
+        finally:
+            finish_wandb_run()
 
 
-def split_trainer_arguments(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
-    """Take ``--trainer.KEY VALUE`` / ``--trainer.KEY=VALUE`` out of ``argv``; values are parsed as YAML."""
-    trainer: dict[str, Any] = {}
-    rest: list[str] = []
-    tokens = iter(argv)
-    for token in tokens:
-        if not token.startswith("--trainer."):
-            rest.append(token)
-            continue
-        key, sep, raw = token[len("--trainer."):].partition("=")
-        if not sep:
-            raw = next(tokens, None)  # type: ignore[assignment]
-            if raw is None:
-                raise SystemExit(f"dcccl pipeline: --trainer.{key} needs a value")
-        trainer[key] = yaml.safe_load(raw)
-    return trainer, rest
+def _import_class(class_path: str) -> type:
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
 
 
-def _absolute_path(value: str | Path) -> Path:
-    # jsonargparse deserialises values read from a config file while in that file's folder.
-    return Path(value).absolute()
+# ---------------------------------------------------------------------------------------------------------------------
+# dcccl pipeline, compare, export
 
 
-# Input files named in a config file are relative to that file; on the command line, to the working directory.
-register_type(Path, serializer=str, deserializer=_absolute_path)
-
-
-def pipeline_parser() -> ArgumentParser:
-    """The parser of ``dcccl pipeline``, built from :class:`dcccl.pipeline.Pipeline`'s signature."""
-    parser = ArgumentParser(prog="dcccl pipeline", description=PIPELINE_HELP, env_prefix="DCCCL", default_env=False,
-                            exit_on_error=False)
+def pipeline_parser(prog: str = "dcccl pipeline", description: str = PIPELINE_HELP) -> ArgumentParser:
+    """The parser of ``dcccl pipeline``: :class:`PipelineSettings` plus what to re-run."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="Pipeline config file (YAML); repeatable.")
-    parser.add_argument("--debug", type=bool, default=False, help="Show full tracebacks on errors.")
-    parser.add_class_arguments(Pipeline, fail_untyped=True)
+    parser.add_class_arguments(PipelineSettings, fail_untyped=True)
+    parser.add_argument("--force", action=ActionYesNo, default=False, help="Re-run every stage.")
+    parser.add_argument("--from_stage", type=Optional[RestartPoint], default=None,
+                        help="Re-run from this point on (cloud, distill or rounds), keep what comes before.")
+    parser.add_argument("--rerun_changed", action=ActionYesNo, default=False,
+                        help="Re-run a finished stage whose config changed (and every later one) instead of refusing.")
+    parser.add_argument("--debug", action=ActionYesNo, default=False, help="Show full tracebacks on errors.")
     return parser
 
 
-# Switches that read naturally alone on a command line: ``--force`` means ``--force true``.
-BARE_SWITCHES = ("--force", "--rerun_changed", "--debug")
-
-
-def with_bare_switches(argv: list[str]) -> list[str]:
-    """``argv`` with ``true`` after each of :data:`BARE_SWITCHES` given without a value."""
-    completed: list[str] = []
-    for position, token in enumerate(argv):
-        completed.append(token)
-        following = argv[position + 1] if position + 1 < len(argv) else "--"
-        if token in BARE_SWITCHES and following.startswith("--"):
-            completed.append("true")
-    return completed
-
-
-def parse_with_trainer_options(parser: ArgumentParser, argv: list[str]) -> Namespace:
-    """Parse ``argv``; ``--trainer.*`` options are merged into the config's ``trainer`` dict (they win)."""
-    trainer_overrides, rest = split_trainer_arguments(with_bare_switches(argv))
-    cfg = parser.parse_args(rest)
-    cfg.trainer = {**(cfg.trainer or {}), **trainer_overrides}
-    return cfg
-
-
-def pipeline_settings(parser: ArgumentParser, cfg: Namespace) -> dict[str, Any]:
-    """Keyword arguments of :class:`Pipeline` from a parsed pipeline config (dataclasses instantiated)."""
+def settings_from(parser: ArgumentParser, cfg: Namespace) -> PipelineSettings:
+    """The settings of a parsed pipeline config (nested classes instantiated), with its stage names checked."""
     init = parser.instantiate_classes(cfg)
-    return {name: init[name] for name in inspect.signature(Pipeline).parameters}
+    settings = PipelineSettings(**{name: init[name] for name in PipelineSettings.__dataclass_fields__})
+    settings.check_stage_names(stage_names())
+    return settings
 
 
-def build_pipeline(parser: ArgumentParser, cfg: Namespace) -> Pipeline:
-    """Instantiate the pipeline from a parsed config."""
-    return Pipeline(**pipeline_settings(parser, cfg))
+def _restart_point(cfg: Namespace) -> Optional[RestartPoint]:
+    return "cloud" if cfg.force else cfg.from_stage
 
 
-def load_datamodule(data_config: Optional[Path], seed: int,
+def load_datamodule(data_config: Optional[str], seed: int,
                     data_args: Optional[dict[str, Any]] = None) -> DCCCLDataModule:
     """Instantiate the DataModule a pipeline's stages use (default: the bundled digits) with ``seed``."""
     parser = ArgumentParser(exit_on_error=False)
@@ -288,181 +272,84 @@ def load_datamodule(data_config: Optional[Path], seed: int,
     parser.set_defaults({"data": {"class_path": "datamodules.BundledMNISTDataModule"}})
     args = ["--config", str(data_config)] if data_config is not None else []
     extra = [f"--data.init_args.{key}={_cli_value(value)}" for key, value in (data_args or {}).items()]
-    cfg = parser.parse_args([*args, f"--data.init_args.seed={seed}", *extra])
-    return parser.instantiate_classes(cfg).data
+    return parser.instantiate_classes(parser.parse_args([*args, f"--data.init_args.seed={seed}", *extra])).data
+
+
+def datamodule_of(settings: PipelineSettings) -> DCCCLDataModule:
+    """The DataModule of a run's settings, with the fleet's partition."""
+    return load_datamodule(settings.data, settings.seed_everything, settings.fleet.data_arguments())
 
 
 def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0 and is_global_zero()
 
 
-def describe_data(pipeline: Pipeline) -> None:
-    """What the pipeline needs to know of the data: the fleet's partition (saved and plotted) and, for the
-    device budget gate, the shape of a sample."""
-    if pipeline.fleet.num_devices == 1 and pipeline.device_budget is None:
-        return
-    datamodule = load_datamodule(pipeline.data, pipeline.seed, pipeline.fleet_data_arguments())
-    pipeline.num_classes = datamodule.num_classes
-    pipeline.sample_shape = tuple(datamodule.train_dataset("cloud")[0][0].shape)
-    if pipeline.fleet.num_devices > 1 and _is_rank_zero():
-        labels = datamodule.data.device_labels
-        atomic_write_json(pipeline.run.fleet_partition,
-                          partition_summary(labels, datamodule.device_parts, datamodule.num_classes))
-        plot_label_histogram(label_histogram(labels, datamodule.device_parts, datamodule.num_classes),
-                             pipeline.run.fleet_partition.with_suffix(".png"),
-                             title=f"Device label distribution ({pipeline.fleet.partitioner}, "
-                                   f"{pipeline.fleet.num_devices} devices)")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Bad input is refused before the pipeline writes anything. Each check lives with what it checks (the DataModule,
-# the stage parser, the backbone registry, dcccl.preflight); this section only calls them in order.
-
-
-class _ParseOnlyCLI(DCCCLCLI):
-    """A stage's arguments parsed and type-checked by the very parser the stage runs with; nothing is instantiated
-    (the artifacts a stage reads may not exist yet) and no seed is set."""
-
-    def _set_seed(self) -> None:
-        """Seeding belongs to the stage's run, not to the check."""
-
-    def before_instantiate_classes(self) -> None:
-        """Nothing is instantiated."""
-
-    def instantiate_classes(self) -> None:
-        """Nothing is instantiated."""
-
-
-def parse_stage(call: StageCall) -> Namespace:
-    """The config ``call``'s stage would run with; a stage config that does not parse raises ``ValueError``."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
-        try:
-            return cli_main(stage_arguments(call), run=False, cli_class=_ParseOnlyCLI).config
-        except ArgumentError as err:
-            files = ", ".join(str(path) for path in call.config_files)
-            raise ValueError(f"the {call.stage} stage's config does not parse ({files}): {one_line(str(err))}") from err
-
-
-def backbone_specs(value: Any) -> Iterator[dict[str, Any]]:
-    """Every backbone spec (a mapping with ``name``, ``checkpoint_path`` and ``kwargs``) nested in ``value``,
-    including base models nested in a spec's ``kwargs`` (the ``split`` backbone)."""
-    if isinstance(value, Namespace):
-        value = value.as_dict()
-    if isinstance(value, dict):
-        if {"name", "checkpoint_path", "kwargs"} <= set(value):
-            yield value
-        for item in value.values():
-            yield from backbone_specs(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from backbone_specs(item)
-
-
-def _model_backbone(config: Optional[Namespace], key: str) -> Optional[BackboneSpec]:
-    value = config.get(f"model.init_args.{key}") if config is not None else None
-    if value is None:
-        return None
-    return BackboneSpec.from_dict(value.as_dict() if isinstance(value, Namespace) else dict(value))
-
-
-def validate_inputs(pipeline: Pipeline) -> None:
-    """Check the data, every stage's config and what the run directory would reuse; write nothing.
-
-    Raises the error of the first check that fails: the DataModule's (folders, class split, images, fleet
-    partition), the stage parser's (unknown keys, wrong types), the registry's (unknown backbone, unreadable
-    weights), the manifest's (kept artifacts corrupted, or made with another config) and :mod:`dcccl.preflight`'s
-    (kept exports trained on other data, device budget exceeded).
-    """
-    datamodule = load_datamodule(pipeline.data, pipeline.seed, pipeline.fleet_data_arguments())
-    datamodule.data  # noqa: B018 - prepares the split, which checks it
-    datamodule.device_parts  # noqa: B018 - the fleet's partition checks itself
-    configs: dict[str, Namespace] = {}
-    for _, call in pipeline.plan():
-        if call.stage not in configs:
-            configs[call.stage] = parse_stage(call)
-            for spec in backbone_specs(configs[call.stage].get("model")):
-                check_backbone(spec["name"], spec["checkpoint_path"])
-    reused = check_reused_exports(pipeline, datamodule.num_classes, datamodule.in_chans)
-    if pipeline.device_budget is not None:
-        check_budget_before_running(
-            pipeline, reused, _model_backbone(configs.get("distill"), "backbone"),
-            _model_backbone(configs.get("cloud_round"), "co_backbone"),
-            tuple(datamodule.train_dataset("cloud")[0][0].shape), datamodule.num_classes, datamodule.in_chans)
-
-
 def pipeline_main(argv: list[str]) -> dict[str, Any]:
-    """``dcccl pipeline``: parse, save the resolved config, run every stage, print the results."""
+    """``dcccl pipeline``: parse, check everything before writing, run what must run, print the results."""
     parser = pipeline_parser()
-    cfg = parse_with_trainer_options(parser, argv)
-    pipeline = build_pipeline(parser, cfg)
-    validate_inputs(pipeline)  # before anything is written: bad input leaves an existing run directory as it was
+    cfg = parser.parse_args(argv)
+    settings = settings_from(parser, cfg)
+    runner = LightningStageRunner()
+    plan_run = PlanRun(settings, dcccl_plan(settings), runner, _restart_point(cfg), cfg.rerun_changed)
+    data = None
+    if not plan_run.up_to_date:
+        data = datamodule_of(settings).describe()  # loading the data checks it
+        plan_run.check(data)  # before anything is written: bad input leaves an existing run directory as it was
+        if _is_rank_zero():
+            atomic_write_text(settings.run.pipeline_config, parser.dump(cfg, skip_none=False))
+            if settings.fleet.num_devices > 1:
+                write_partition_report(settings.run, data, settings.fleet)
+    metrics = plan_run.execute(data)
     if _is_rank_zero():
-        atomic_write_text(pipeline.run.pipeline_config, parser.dump(cfg, skip_none=False))
-    describe_data(pipeline)
-    metrics = pipeline.execute(run_stage)
-    if _is_rank_zero():
-        wandb_args = wandb_logger_args(pipeline.trainer.get("logger"))
-        if wandb_args is not None:
-            log_pipeline_summary(metrics, yaml.safe_load(parser.dump(cfg, skip_none=False)), pipeline.name,
-                                 wandb_args.get("save_dir") or wandb_args.get("dir") or pipeline.run.root,
-                                 wandb_args.get("project"),
-                                 (pipeline.run.accuracy_plot, pipeline.run.confusion_plot))
-        print(f"\nDC-CCL results ({pipeline.run.root}):\n{results_table(metrics)}\nmetrics: {pipeline.run.metrics}")
+        if wandb_logger_args(settings.trainer.get("logger")) is not None:
+            log_run_summary(settings, metrics, yaml.safe_load(parser.dump(cfg, skip_none=False)))
+        print(f"\nDC-CCL results ({settings.run.root}):\n{results_table(metrics)}\nmetrics: {settings.run.metrics}")
     return metrics
 
 
-COMPARE_HELP = """Compare DC-CCL with its baselines on the same data partition and seed: cloud-only model,
-device-affordable small model (FedAvg), on-device only, DC-CCL without control model, DC-CCL, centralized
-(privacy-violating upper bound). Takes any pipeline config; reuses and skips what the run directory holds.
+COMPARE_HELP = """Compare DC-CCL with its baselines on the same data partition and seed: every method of
+dcccl.methods (cloud-only model, device-affordable small model with FedAvg, on-device only, DC-CCL without control
+model, DC-CCL, centralized upper bound). Takes any pipeline config; reuses and skips what the run directory holds.
 Writes comparison.json, comparison.md and PNG plots into the run directory."""
 
 
 def compare_parser() -> ArgumentParser:
-    """The parser of ``dcccl compare``: the pipeline's options plus ``--seeds``."""
-    parser = pipeline_parser()
-    parser.prog, parser.description = "dcccl compare", COMPARE_HELP
+    """The parser of ``dcccl compare``: the pipeline's options plus ``--seeds`` and ``--methods``."""
+    parser = pipeline_parser("dcccl compare", COMPARE_HELP)
     parser.add_argument("--seeds", type=int, default=None, nargs="+",
                         help="Seeds to repeat every method with (mean and std are reported), e.g. --seeds 0 1 2.")
+    parser.add_argument("--methods", type=str, default=None, nargs="+",
+                        help=f"Methods to compare (default: all of {', '.join(sorted(METHODS))}).")
     return parser
 
 
-def _device_batch(datamodule: DCCCLDataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    return next(iter(DataLoader(datamodule.train_dataset("device"), batch_size=datamodule.batch_size)))
-
-
-def _dataset_bytes(dataset: Dataset) -> int:
-    return sum(x.numel() * x.element_size() for x, _ in DataLoader(dataset, batch_size=256))
-
-
 def compare_main(argv: list[str]) -> dict[str, Any]:
-    """``dcccl compare``: every method, cost figures, fidelity, then comparison.json/.md and plots."""
+    """``dcccl compare``: every method for every seed, cost figures, fidelity, then comparison.json/.md and plots."""
     parser = compare_parser()
-    cfg = parse_with_trainer_options(parser, argv)
-    settings = pipeline_settings(parser, cfg)
-    comparison = Comparison(settings, cfg.seeds)
-    for seed in comparison.seeds:  # bad input is refused before anything is written, as for the pipeline
-        validate_inputs(comparison.variants(seed)["dcccl"])
+    cfg = parser.parse_args(argv)
+    settings = settings_from(parser, cfg)
+    methods = select(cfg.methods)
+    comparison = Comparison(settings, cfg.seeds, methods)
+    runner = LightningStageRunner()
+    runs = [(method_run, PlanRun(method_run.settings, method_run.plan, runner, _restart_point(cfg), cfg.rerun_changed,
+                                 metrics=method_run.metrics))
+            for seed in comparison.seeds for method_run in comparison.runs(seed)]
+    datamodules = {seed: datamodule_of(comparison.reference_settings(seed)) for seed in comparison.seeds}
+    data = {seed: datamodule.describe() for seed, datamodule in datamodules.items()}
+    for method_run, plan_run in runs:  # bad input is refused before anything is written, as for the pipeline
+        plan_run.check(data[method_run.seed])
     if _is_rank_zero():
         atomic_write_text(comparison.root / "compare.yaml", parser.dump(cfg, skip_none=False))
-    results = comparison.execute(run_stage)
+    results: dict[int, dict[str, dict[str, Any]]] = {seed: {} for seed in comparison.seeds}
+    for method_run, plan_run in runs:
+        log.info("[dcccl compare] seed %d: %s", method_run.seed, method_run.method.title)
+        results[method_run.seed][method_run.method.name] = plan_run.execute(data[method_run.seed])
     if not _is_rank_zero():
         return {}
-    fidelity = {}
-    for seed in comparison.seeds:
-        datamodule = load_datamodule(settings["data"], seed)
-        run = comparison.variants(seed)["dcccl"].run
-        cloud = load_network(run.cloud_submodel, "cloud_submodel")
-        control = load_network(run.control_model, "control_model")
-        fidelity[seed] = {
-            f"{side}_test": control_fidelity(cloud, control, DataLoader(datamodule.val_dataset(side), batch_size=256))
-            for side in ("cloud", "device")
-        }
-    first = comparison.seeds[0]
-    datamodule = load_datamodule(settings["data"], first)
-    x, y = _device_batch(datamodule)
-    costs = method_costs(comparison.variants(first), x, y, _dataset_bytes(datamodule.train_dataset("device")))
-    table = build_comparison(results, costs, fidelity)
+    fidelity = {seed: control_fidelity_of(comparison.reference_settings(seed).run, datamodules[seed])
+                for seed in comparison.seeds}
+    costs = method_costs(comparison.runs(comparison.seeds[0]), datamodules[comparison.seeds[0]])
+    table = build_comparison(results, costs, fidelity, methods)
     paths = write_outputs(table, comparison.root)
     print(f"\nDC-CCL comparison ({comparison.root}):\n\n{markdown_table(table)}")
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
@@ -483,7 +370,7 @@ def export_parser() -> ArgumentParser:
                         help="Export format: onnx (.onnx graphs) or torchscript (traced .pt files for torch.jit.load).")
     parser.add_argument("--out_dir", type=Optional[str], default=None, help="Default: <run_dir>/export/<format>.")
     parser.add_argument("--samples", type=int, default=256, help="Test samples for the parity check.")
-    parser.add_argument("--debug", type=bool, default=False, help="Show full tracebacks on errors.")
+    parser.add_argument("--debug", action=ActionYesNo, default=False, help="Show full tracebacks on errors.")
     return parser
 
 
@@ -493,96 +380,24 @@ def export_main(argv: list[str]) -> dict[str, Any]:
     run_dir = Path(cfg.run_dir)
     saved = run_dir / "pipeline.yaml"
     if not saved.is_file():
-        raise FileNotFoundError(f"{saved} not found: --run_dir must be a pipeline run directory")
+        raise ConfigError(f"{saved} not found: --run_dir must be a pipeline run directory")
     pipeline_cfg = pipeline_parser().parse_path(str(saved))
     datamodule = load_datamodule(pipeline_cfg.data, pipeline_cfg.seed_everything)
-    test = datamodule.test_dataset()
-    images = torch.stack([test[i][0] for i in range(min(cfg.samples, len(test)))])  # type: ignore[arg-type]
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "export" / cfg.format
-    bundle = export_bundle(run_dir, out_dir, images, datamodule.input_description(), cfg.format)
-    for name, check in bundle["parity"].items():
-        verdict = "passed" if check["passed"] else "FAILED"
-        print(f"{name:>14}: {out_dir / bundle['files'][name]}  parity {verdict} on {check['samples']} test samples "
-              f"with {check['runtime']} (max |logit diff| {check['max_abs_logit_diff']:.2e}, "
-              f"same top-1: {check['same_top1']})")
+    bundle = export_run(run_dir, out_dir, datamodule.test_dataset(), datamodule.input_description(), cfg.format,
+                        cfg.samples)
+    print("\n".join(parity_report(bundle, out_dir)))
     if not all(check["passed"] for check in bundle["parity"].values()):
         raise SystemExit("dcccl export: parity check failed (see above)")
     return bundle
 
 
-_USER_ERRORS = (ExportError, BackboneNotFoundError, StageFailedError, FileNotFoundError, ValueError,
-                LedgerViolation, DeviceBudgetExceeded, NonFiniteLossError, DiskFullError, IntegrityError,
-                ConfigChangedError)
+# ---------------------------------------------------------------------------------------------------------------------
+# Errors: bad input (dcccl's own error types, parse errors, a full disk) in one line; anything else is a bug.
 
-# Lines of jsonargparse's messages that say nothing to a user (a class that fails is reported as a Union mismatch).
-_PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
-                 "Given value:", "- Expected a <class 'NoneType'>")
-
-
-def one_line(message: str) -> str:
-    """``message`` on one line, without jsonargparse's type-matching details."""
-    lines = (line.strip() for line in message.splitlines())
-    return " ".join(line.removeprefix("- ") for line in lines if line and not line.startswith(_PARSER_NOISE))
-
-
-def _raised_in_jsonargparse(err: BaseException) -> bool:
-    innermost = err.__traceback__
-    while innermost is not None and innermost.tb_next is not None:
-        innermost = innermost.tb_next
-    return innermost is not None and "jsonargparse" in Path(innermost.tb_frame.f_code.co_filename).parts
-
-
-def _file_being_written(err: BaseException) -> Optional[str]:
-    """The file a failed write was writing, when the error does not say: the innermost frame's path variable
-    (Lightning's checkpoint writer reports a full disk without the file name)."""
-    frames = []
-    trace = err.__traceback__
-    while trace is not None:
-        frames.append(trace.tb_frame)
-        trace = trace.tb_next
-    for frame in reversed(frames):
-        for name in ("filepath", "urlpath", "path", "filename"):
-            value = frame.f_locals.get(name)
-            if isinstance(value, (str, os.PathLike)):
-                return str(value)
-    return None
-
-
-def user_error_message(err: BaseException) -> Optional[str]:
-    """What is wrong with the user's input, in one line; ``None`` when ``err`` is not about the input (a bug)."""
-    if isinstance(err, ArgumentError):
-        return one_line(str(err))
-    while err.__cause__ is not None and _raised_in_jsonargparse(err):  # jsonargparse wraps errors of __init__
-        err = err.__cause__
-    if isinstance(err, _USER_ERRORS):
-        return one_line(str(err))
-    if isinstance(err, OSError) and err.errno in DISK_FULL_ERRNOS:
-        return str(DiskFullError(err.errno, err.filename or _file_being_written(err) or "a file"))
-    return None
-
-
-def take_debug_flag(args: list[str]) -> tuple[bool, list[str]]:
-    """Whether ``args`` ask for tracebacks (``--debug``, ``--debug=true``, ``--debug true``), and ``args`` without
-    that flag (the stage CLI does not know it)."""
-    debug, rest, position = False, [], 0
-    while position < len(args):
-        token = args[position]
-        position += 1
-        if token == "--debug":
-            value = args[position].lower() if position < len(args) else ""
-            debug = value != "false"
-            position += value in ("true", "false")
-        elif token.startswith("--debug="):
-            debug = token.partition("=")[2].lower() == "true"
-        else:
-            rest.append(token)
-    return debug, rest
-
-
-# Warnings about things dcccl does on purpose: frozen guides in eval mode, fusion that trains nothing.
+# Warnings about things dcccl does on purpose: frozen guides in eval mode.
 _INTENDED_WARNINGS = (
     r".*module\(s\) in eval mode at the start of training.*",
-    r".*You passed in a `val_dataloader` but have no `validation_step`.*",
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
 
@@ -601,6 +416,9 @@ class _DropAdvertisements(logging.Filter):
         return not str(record.msg).startswith("💡")
 
 
+COMMANDS = {"pipeline": pipeline_main, "compare": compare_main, "export": export_main}
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of the ``dcccl`` console script."""
     # Like `python -m`, make the user's own modules (backbones, stage subclasses) importable by name.
@@ -612,22 +430,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     for intended in _INTENDED_WARNINGS:
         warnings.filterwarnings("ignore", message=intended)
     args = sys.argv[1:] if argv is None else list(argv)
-    debug, rest = take_debug_flag(args)  # understood by every command, with or without a value
-    entries = {"pipeline": pipeline_main, "compare": compare_main, "export": export_main}
+    command = args[0] if args and args[0] in COMMANDS else None
+    debug = "--debug" in args  # every command takes it; the stage CLI does not know it
     try:
-        if args[:1] and args[0] in entries:
-            entries[args[0]](rest[1:])
+        if command is not None:
+            COMMANDS[command](args[1:])
         else:
-            with warnings.catch_warnings():  # the arguments are sys.argv's, less --debug
-                warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended")
-                cli_main(rest)
+            cli_main([arg for arg in args if arg != "--debug"])
     except Exception as err:
         message = None if debug else user_error_message(err)
         if message is None:
             raise
-        command = f"dcccl {args[0]}" if args[:1] and not args[0].startswith("-") else "dcccl"
-        hint = f"see {command} --help" if isinstance(err, ArgumentError) else "--debug shows the traceback"
-        print(f"{command}: error: {message} ({hint})", file=sys.stderr)
+        name = f"dcccl {args[0]}" if args[:1] and not args[0].startswith("-") else "dcccl"
+        hint = f"see {name} --help" if isinstance(err, ArgumentError) else "--debug shows the traceback"
+        print(f"{name}: error: {message} ({hint})", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -17,9 +17,11 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import transforms
 
-from dcccl.fleet_partition import DevicePartitioner, partition_devices
-from dcccl.partition import ClassSplit, DataPartition, indices_of_classes, unlearnable_classes
-from dcccl.sampling import EpochSeededSampler
+from dcccl.errors import DataError, MissingFileError
+from dcccl.federated.class_split import ClassSplit, DataPartition, indices_of_classes, unlearnable_classes
+from dcccl.federated.partitioners import DevicePartitioner, partition_devices
+from dcccl.run.preflight import DataDescription
+from dcccl.run.sampling import EpochSeededSampler
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -51,16 +53,16 @@ def image_files(folder: Path) -> list[Path]:
     Hidden files and folders (names starting with ``.``) are skipped.
 
     Raises:
-        FileNotFoundError: ``folder`` is not a folder.
-        ValueError: ``folder`` holds no image file.
+        MissingFileError: ``folder`` is not a folder.
+        DataError: ``folder`` holds no image file.
     """
     if not folder.is_dir():
-        raise FileNotFoundError(f"predict folder not found: {folder}")
+        raise MissingFileError(f"predict folder not found: {folder}")
     files = sorted((path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
                     and not any(part.startswith(".") for part in path.relative_to(folder).parts)),
                    key=lambda path: path.relative_to(folder).as_posix())
     if not files:
-        raise ValueError(f"no images in {folder} (looked recursively for {', '.join(IMAGE_EXTENSIONS)} files)")
+        raise DataError(f"no images in {folder} (looked recursively for {', '.join(IMAGE_EXTENSIONS)} files)")
     return files
 
 
@@ -92,7 +94,7 @@ class ImageFiles(Dataset):
                 opened.load()  # decode now: a truncated file fails here, naming the file
                 image = opened.copy()
         except (OSError, SyntaxError, ValueError) as err:  # how PIL reports unidentified, truncated or broken files
-            raise ValueError(f"cannot read image {path}: {err}") from err
+            raise DataError(f"cannot read image {path}: {err}") from err
         return self.transform(image), path.relative_to(self.root).as_posix()
 
 
@@ -132,9 +134,9 @@ class DCCCLDataModule(LightningDataModule):
                  allow_unlearnable_test_classes: bool = False) -> None:
         super().__init__()
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= device_index < num_devices:
-            raise ValueError(f"device_index {device_index} is not one of the {num_devices} devices")
+            raise DataError(f"device_index {device_index} is not one of the {num_devices} devices")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -181,7 +183,7 @@ class DCCCLDataModule(LightningDataModule):
         problem = f"the test samples hold classes that neither the cloud nor any device holds ({names}): nothing can " \
                   "learn them"
         if not self.allow_unlearnable_test_classes:
-            raise ValueError(f"{problem}; add training samples of them, remove them from the test data, or set data "
+            raise DataError(f"{problem}; add training samples of them, remove them from the test data, or set data "
                              "allow_unlearnable_test_classes (--data.init_args.allow_unlearnable_test_classes=true) "
                              "to evaluate without them")
         warnings.warn(f"{problem}. They are left out of every evaluation (allow_unlearnable_test_classes is set).",
@@ -191,6 +193,11 @@ class DCCCLDataModule(LightningDataModule):
     def class_names(self) -> list[str]:
         """Names of the classes, by index."""
         return [str(index) for index in range(self.num_classes)]
+
+    def describe(self) -> DataDescription:
+        """What the pipeline's checks and reports need to know of the data (prepares the split, which checks it)."""
+        return DataDescription(self.num_classes, self.in_chans, tuple(self.train_dataset("cloud")[0][0].shape),
+                               self.data.device_labels, self.device_parts)
 
     def input_description(self) -> dict[str, Any]:
         """How a model input is made: sample shape, normalisation, class names (for exported bundles)."""
@@ -204,7 +211,7 @@ class DCCCLDataModule(LightningDataModule):
         normalised with the described ``mean`` and ``std`` when there are any. Override it for other formats.
         """
         if self.in_chans not in (1, 3):
-            raise ValueError(f"image files are read as 1 or 3 channels, the data has {self.in_chans}: "
+            raise DataError(f"image files are read as 1 or 3 channels, the data has {self.in_chans}: "
                              "override predict_transform")
         description = self.input_description()
         height, width = description["shape"][-2:]
@@ -224,12 +231,12 @@ class DCCCLDataModule(LightningDataModule):
         """The partition to train on: pinned, or declared by the stage module attached to the trainer."""
         declared = getattr(getattr(self.trainer, "lightning_module", None), "data_partition", None)
         if self.partition is not None and declared is not None and self.partition != declared:
-            raise ValueError(
+            raise DataError(
                 f"the data is pinned to the {self.partition} partition but the stage trains on {declared} samples"
             )
         partition = self.partition or declared
         if partition is None:
-            raise ValueError("no training partition: set data partition, or use a stage module that declares one")
+            raise DataError("no training partition: set data partition, or use a stage module that declares one")
         return partition
 
     @property
@@ -273,7 +280,7 @@ class DCCCLDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if len(dataset) == 0:  # type: ignore[arg-type]
-            raise ValueError("a data partition is empty: check the class split and the data folders")
+            raise DataError("a data partition is empty: check the class split and the data folders")
         kwargs: dict[str, Any] = {"persistent_workers": True} if self.num_workers > 0 else {}
         # Seeded per epoch: a stage resumed from its last checkpoint sees the order an uninterrupted run saw.
         sampler = EpochSeededSampler(dataset, self.seed) if shuffle else None  # type: ignore[arg-type]
@@ -290,7 +297,7 @@ class DCCCLDataModule(LightningDataModule):
     def predict_dataset(self) -> ImageFiles:
         """Every image file under ``predict_folder`` as ``(sample, path relative to the folder)``."""
         if self.predict_folder is None:
-            raise ValueError("no folder to predict on: set data predict_folder (--data.init_args.predict_folder DIR)")
+            raise DataError("no folder to predict on: set data predict_folder (--data.init_args.predict_folder DIR)")
         root = Path(self.predict_folder)
         return ImageFiles(root, image_files(root), self.predict_transform())
 

@@ -14,8 +14,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, has_file_allowed_extension
 
 from datamodules.base import DCCCLDataModule, SplitData
-from dcccl.fleet_partition import DevicePartitioner
-from dcccl.partition import ClassSplit, DataPartition
+from dcccl.errors import DataError, MissingFileError
+from dcccl.federated.class_split import ClassSplit, DataPartition
+from dcccl.federated.partitioners import DevicePartitioner
 
 
 def class_names(*roots: Path) -> list[str]:
@@ -23,12 +24,12 @@ def class_names(*roots: Path) -> list[str]:
     names: set[str] = set()
     for root in roots:
         if not root.is_dir():
-            raise FileNotFoundError(f"data folder not found: {root}")
+            raise MissingFileError(f"data folder not found: {root}")
         names.update(entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith("."))
     return sorted(names)
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(DataError):
     """Image files of a data folder that cannot be read as images."""
 
 
@@ -167,19 +168,19 @@ class ImageFolderDataModule(DCCCLDataModule):
                          dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device,
                          predict_folder=predict_folder, allow_unlearnable_test_classes=allow_unlearnable_test_classes)
         if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
+            raise DataError(f"channels must be 1 or 3, got {channels}")
         self.dirs = {"cloud": Path(cloud_dir), "device": Path(device_dir), "test": Path(test_dir)}
         for side, folder in self.dirs.items():
             if not folder.is_dir():
-                raise FileNotFoundError(f"data folder not found: {folder} ({side}_dir): point {side}_dir at a folder "
+                raise MissingFileError(f"data folder not found: {folder} ({side}_dir): point {side}_dir at a folder "
                                         "with one sub-folder of images per class")
         self.classes = class_names(*self.dirs.values())
         if not self.classes:
-            raise ValueError(f"no class folders in {', '.join(str(d) for d in self.dirs.values())}: put the images "
+            raise DataError(f"no class folders in {', '.join(str(d) for d in self.dirs.values())}: put the images "
                              "in <folder>/<class name>/, one sub-folder per class")
         empty = [folder for root in self.dirs.values() for folder in empty_class_folders(root)]
         if empty:
-            raise ValueError(
+            raise DataError(
                 f"class folder(s) without images: {', '.join(str(folder) for folder in empty)}: add images "
                 f"({', '.join(IMG_EXTENSIONS)}) or remove the folder(s); a side that does not hold a class needs "
                 "no folder for it"
@@ -228,7 +229,7 @@ class ImageFolderDataModule(DCCCLDataModule):
                    for side, path in self.dirs.items()}
         for side, folder in folders.items():
             if len(folder) == 0:
-                raise ValueError(f"the {side} folder {self.dirs[side]} holds no images: put the {side}'s images in "
+                raise DataError(f"the {side} folder {self.dirs[side]} holds no images: put the {side}'s images in "
                                  f"{self.dirs[side]}/<class name>/, one sub-folder per class")
             folder.check_images()
         held = {side: tuple(sorted(set(folders[side].targets))) for side in ("cloud", "device")}

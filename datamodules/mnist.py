@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import Subset, TensorDataset
 
 from datamodules.base import DCCCLDataModule, SplitData
-from dcccl.fleet_partition import DevicePartitioner
-from dcccl.partition import ClassSplit, DataPartition, partition_by_classes, stratified_split
+from dcccl.federated.class_split import ClassSplit, DataPartition, partition_by_classes, stratified_split
+from dcccl.federated.partitioners import DevicePartitioner
 
 _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 

@@ -7,18 +7,30 @@ from lightning_modules.cloud_round import CloudCoTrainingModule
 from lightning_modules.device import DeviceCoTrainingModule
 from lightning_modules.distill import ControlDistillationModule
 from lightning_modules.evaluate import ServedModelEvaluation
-from lightning_modules.fusion import FusionModule
 from lightning_modules.guided import GuidedCoTrainingModule
+from lightning_modules.head import HeadFinetuneModule
 from lightning_modules.predict import ServedModelPrediction
 
+# The module class each stage of a plan must run (or a subclass of it): what the privacy boundary checks.
+STAGE_MODULES: dict[str, type[StageModule]] = {
+    "cloud": CloudSubmodelModule,
+    "distill": ControlDistillationModule,
+    "cloud_round": CloudCoTrainingModule,
+    "device": DeviceCoTrainingModule,
+    "head": HeadFinetuneModule,
+    "evaluate": ServedModelEvaluation,
+    "centralized": CentralizedModule,
+}
+
 __all__ = [
+    "STAGE_MODULES",
     "CentralizedModule",
     "CloudCoTrainingModule",
     "CloudSubmodelModule",
     "ControlDistillationModule",
     "DeviceCoTrainingModule",
-    "FusionModule",
     "GuidedCoTrainingModule",
+    "HeadFinetuneModule",
     "ServedModelEvaluation",
     "ServedModelPrediction",
     "StageModule",

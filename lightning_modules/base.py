@@ -12,11 +12,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.exports import NetworkExport, Role, save_export
-from dcccl.partition import DataPartition
+from dcccl.errors import DCCCLError
+from dcccl.federated.class_split import DataPartition
+from dcccl.run.exports import NetworkExport, Role, save_export
 
 
-class NonFiniteLossError(ArithmeticError):
+class NonFiniteLossError(DCCCLError, ArithmeticError):
     """A stage's training loss became NaN or infinite; training of that stage stops."""
 
 

@@ -9,7 +9,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.summed import SummedLogits
+from dcccl.errors import ConfigError
+from dcccl.method.served import SummedLogits
+from dcccl.run.exports import load_export
 from lightning_modules.base import SupervisedStageModule
 
 
@@ -17,13 +19,18 @@ class CentralizedModule(SupervisedStageModule):
     """Trains cloud submodel + co-submodel jointly, CE(f(x) + h(x), y), on cloud and device samples pooled.
 
     This is the upper bound of the comparison: it needs every device sample on the cloud, which DC-CCL
-    exists to avoid. It exports ``f`` and ``h`` like the pipeline does, so the same evaluation applies.
+    exists to avoid. It exports ``f`` and ``h`` like the pipeline does, so the same evaluation applies. In
+    ``dcccl compare`` it takes DC-CCL's own architectures: ``f`` built afresh from the spec that DC-CCL's cloud
+    submodel records (with the same pretrained weights, if any), ``h`` starting from DC-CCL's initial co-submodel.
 
     Args:
         num_classes: Number of classes (linked from the DataModule).
         in_chans: Input channels (linked from the DataModule).
-        backbone: The cloud submodel's backbone (default: ``small_cnn`` with width 32).
-        co_backbone: The co-submodel's backbone (default: ``small_cnn`` with width 8).
+        cloud_architecture: Export whose backbone spec builds a fresh cloud submodel (its trained weights are not
+            used); overrides ``backbone``.
+        co_submodel: Export of the co-submodel to start from; overrides ``co_backbone``.
+        backbone: The cloud submodel's backbone without ``cloud_architecture`` (default: ``small_cnn``, width 32).
+        co_backbone: The co-submodel's backbone without ``co_submodel`` (default: ``small_cnn``, width 8).
         optimizer: Optimizer for both submodels.
         export_path: Where to write the trained cloud submodel.
         co_export_path: Where to write the trained co-submodel.
@@ -35,6 +42,8 @@ class CentralizedModule(SupervisedStageModule):
         self,
         num_classes: int,
         in_chans: int,
+        cloud_architecture: Optional[str] = None,
+        co_submodel: Optional[str] = None,
         backbone: Optional[BackboneSpec] = None,
         co_backbone: Optional[BackboneSpec] = None,
         optimizer: Optional[OptimizerCallable] = None,
@@ -43,16 +52,24 @@ class CentralizedModule(SupervisedStageModule):
     ) -> None:
         super().__init__(num_classes, in_chans, optimizer, export_path)
         self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 32})
+        if cloud_architecture is not None:
+            self.backbone = load_export(cloud_architecture, "cloud_submodel").backbone
         self.co_backbone = co_backbone if co_backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 8})
+        start = None
+        if co_submodel is not None:
+            start = load_export(co_submodel, "co_submodel")
+            if start.num_classes != num_classes:
+                raise ConfigError(f"{co_submodel} predicts {start.num_classes} classes but the data has {num_classes}")
+            self.co_backbone = start.backbone
         self.co_export_path = co_export_path
-        self.model = SummedLogits(self.build_network(), self.build_co_network())
+        self.model = SummedLogits(self.build_network(), start.build() if start is not None else self.build_co_network())
 
     def build_network(self) -> nn.Module:
         """Build the cloud submodel; a hook to override for a custom network."""
         return self.backbone.build(self.num_classes, self.in_chans)
 
     def build_co_network(self) -> nn.Module:
-        """Build the co-submodel; a hook to override for a custom network."""
+        """Build a fresh co-submodel (without ``co_submodel``); a hook to override for a custom network."""
         return self.co_backbone.build(self.num_classes, self.in_chans)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.exports import load_export
+from dcccl.errors import ConfigError
+from dcccl.run.exports import load_export
 from lightning_modules.guided import GuidedCoTrainingModule
 
 
@@ -17,9 +18,9 @@ def _load_guide(path: Optional[str], num_classes: int) -> Optional[nn.Module]:
         return None
     export = load_export(path)
     if export.role not in ("cloud_submodel", "control_model"):
-        raise ValueError(f"{path} holds a {export.role}; the guide must be a cloud submodel or a control model")
+        raise ConfigError(f"{path} holds a {export.role}; the guide must be a cloud submodel or a control model")
     if export.num_classes != num_classes:
-        raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}")
+        raise ConfigError(f"{path} predicts {export.num_classes} classes but the data has {num_classes}")
     return export.build()
 
 

@@ -8,7 +8,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.exports import load_network
+from dcccl.run.exports import load_network
 from lightning_modules.guided import GuidedCoTrainingModule
 
 

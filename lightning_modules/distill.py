@@ -2,29 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.exports import load_network
-from dcccl.freeze import freeze
+from dcccl.errors import ConfigError
+from dcccl.method.freeze import freeze
+from dcccl.method.losses import DistillationLoss, distillation_loss
+from dcccl.run.exports import load_network
 from lightning_modules.base import StageModule
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, kind: Literal["mse", "kl"],
-                      temperature: float = 1.0) -> torch.Tensor:
-    """MSE between logits, or KL divergence between temperature-softened distributions (scaled by T^2)."""
-    if kind == "mse":
-        return F.mse_loss(student, teacher)
-    log_p_student = F.log_softmax(student / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher / temperature, dim=1)
-    return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature**2
 
 
 class ControlDistillationModule(StageModule):
@@ -51,14 +42,14 @@ class ControlDistillationModule(StageModule):
         in_chans: int,
         cloud_submodel: str,
         backbone: Optional[BackboneSpec] = None,
-        loss: Literal["mse", "kl"] = "mse",
+        loss: DistillationLoss = "mse",
         temperature: float = 4.0,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
     ) -> None:
         super().__init__(num_classes, in_chans, optimizer, export_path)
         if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+            raise ConfigError(f"temperature must be positive, got {temperature}")
         self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 8})
         self.loss_kind = loss
         self.temperature = temperature

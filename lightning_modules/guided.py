@@ -9,8 +9,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.exports import load_export
-from dcccl.freeze import freeze
+from dcccl.errors import ConfigError
+from dcccl.method.freeze import freeze
+from dcccl.run.exports import load_export
 from lightning_modules.base import SupervisedStageModule
 
 
@@ -46,7 +47,7 @@ class GuidedCoTrainingModule(SupervisedStageModule):
         if co_submodel is not None:
             start = load_export(co_submodel, "co_submodel")
             if start.num_classes != num_classes:
-                raise ValueError(f"{co_submodel} predicts {start.num_classes} classes but the data has {num_classes}")
+                raise ConfigError(f"{co_submodel} predicts {start.num_classes} classes but the data has {num_classes}")
             self.co_backbone = start.backbone
             self.co_submodel = start.build()
         else:

@@ -8,10 +8,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from dcccl.exports import Role, load_export
-from dcccl.freeze import freeze
-from dcccl.predictions import Prediction, default_predictions_path, served_model_exports, write_predictions_csv
-from dcccl.summed import SummedLogits
+from dcccl.deploy.predictions import Prediction, default_predictions_path, served_model_exports, write_predictions_csv
+from dcccl.errors import ConfigError
+from dcccl.method.freeze import freeze
+from dcccl.method.served import SummedLogits
+from dcccl.run.exports import Role, load_export
 from lightning_modules.base import StageModule
 
 
@@ -39,16 +40,16 @@ class ServedModelPrediction(StageModule):
         super().__init__(num_classes, in_chans)
         if run_dir is not None:
             if cloud_submodel is not None or co_submodel is not None:
-                raise ValueError("give either run_dir or the exports (cloud_submodel, co_submodel), not both; "
+                raise ConfigError("give either run_dir or the exports (cloud_submodel, co_submodel), not both; "
                                  "with a config that sets run_dir, add --model.init_args.run_dir=null")
             cloud_path, co_path = served_model_exports(run_dir)
             cloud_submodel, co_submodel = str(cloud_path), str(co_path)
             output = output if output is not None else str(default_predictions_path(run_dir))
         elif co_submodel is None:
-            raise ValueError("nothing to serve: set run_dir (a finished pipeline run) or co_submodel "
+            raise ConfigError("nothing to serve: set run_dir (a finished pipeline run) or co_submodel "
                              "(and cloud_submodel)")
         if output is None:
-            raise ValueError("set output, the CSV file to write (without run_dir there is no default)")
+            raise ConfigError("set output, the CSV file to write (without run_dir there is no default)")
         co_network = self._load(co_submodel, "co_submodel")
         served = co_network if cloud_submodel is None else SummedLogits(
             self._load(cloud_submodel, "cloud_submodel"), co_network)
@@ -62,9 +63,9 @@ class ServedModelPrediction(StageModule):
     def _load(self, path: str, role: Role) -> nn.Module:
         export = load_export(path, role)
         if export.num_classes != self.num_classes:
-            raise ValueError(f"{path} predicts {export.num_classes} classes but the data has {self.num_classes}")
+            raise ConfigError(f"{path} predicts {export.num_classes} classes but the data has {self.num_classes}")
         if export.in_chans != self.in_chans:
-            raise ValueError(f"{path} takes {export.in_chans}-channel images but the data has {self.in_chans}")
+            raise ConfigError(f"{path} takes {export.in_chans}-channel images but the data has {self.in_chans}")
         return export.build()
 
     def frozen_networks(self) -> list[nn.Module]:
@@ -76,7 +77,7 @@ class ServedModelPrediction(StageModule):
         names = getattr(getattr(self.trainer, "datamodule", None), "class_names", None)
         if names is not None:
             if len(names) != self.num_classes:
-                raise ValueError(f"the data names {len(names)} classes but has {self.num_classes}")
+                raise ConfigError(f"the data names {len(names)} classes but has {self.num_classes}")
             self.class_names = list(names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

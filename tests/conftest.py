@@ -13,8 +13,10 @@ from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.exports import NetworkExport, Role, save_export
-from dcccl.pipeline import StageCall
+from dcccl.run.boundary import ResolvedStage
+from dcccl.run.exports import NetworkExport, Role, save_export
+from dcccl.run.steps import StageCall
+from lightning_modules import STAGE_MODULES
 
 TINY = BackboneSpec("small_cnn", kwargs={"width": 4, "depth": 2})
 
@@ -68,17 +70,25 @@ def write_fake_export(path: Path, sample_count: int = 10) -> None:
 
 class RecordingRunner:
     """A fake stage runner: records every call and writes the outputs it promises (tiny genuine exports, and
-    the metrics of :meth:`metrics` for evaluations)."""
+    the metrics of :meth:`metrics` for evaluations); resolves every call to exactly what the plan asked for."""
 
     def __init__(self) -> None:
         self.calls: list[StageCall] = []
+        self.resumed: list[bool] = []
 
     def metrics(self, call: StageCall, output: Path) -> dict[str, Any]:
         """What an evaluation writes."""
         raise NotImplementedError
 
-    def __call__(self, call: StageCall) -> None:
+    def resolve(self, call: StageCall) -> ResolvedStage:
+        """The stage's expected module, the plan's arguments, the bundled digits."""
+        module = STAGE_MODULES[call.stage]
+        return ResolvedStage(module, module, module.data_partition, dict(call.model_args),
+                             {"class_path": "datamodules.BundledMNISTDataModule", "init_args": dict(call.data_args)})
+
+    def __call__(self, call: StageCall, resume: bool = False) -> None:
         self.calls.append(call)
+        self.resumed.append(resume)
         for output in call.outputs:
             output.parent.mkdir(parents=True, exist_ok=True)
             if output.suffix == ".json":

@@ -1,4 +1,4 @@
-"""Tests of dcccl.aggregation: weighted state-dict averaging and the fusion weights."""
+"""Tests of dcccl.federated.aggregation.averaging: weighted state-dict averaging and the fusion weights."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcccl.aggregation import RunningAverage, fusion_weights, weighted_average
+from dcccl.federated.aggregation.averaging import RunningAverage, fusion_weights, weighted_average
 
 
 def _state(conv: list[float], mean: list[float], var: list[float], tracked: int) -> dict[str, torch.Tensor]:
@@ -234,3 +234,31 @@ def test_fusion_weights_drive_weighted_average(two_states: tuple[dict, dict]) ->
     assert weights == [0.75, 0.25]
     fused = weighted_average([a, b], weights)
     assert torch.equal(fused["conv.weight"], torch.tensor([1.5, 3.0]).reshape(1, 1, 1, 2))
+
+
+def test_a_rule_of_ones_own_is_one_class_named_in_the_config(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A new aggregation rule is one file: named by class path, it is what the fusion step averages with."""
+    from pathlib import Path
+
+    from cli import pipeline_parser, settings_from
+    from dcccl.run.fusion import FusionStep, fuse_exports
+    from dcccl.run.plan import dcccl_plan
+    from tests.conftest import write_fake_export
+    from tests.custom_rule import EqualShares
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    parser = pipeline_parser()
+    settings = settings_from(parser, parser.parse_args([
+        "--config", str(configs / "quickstart.yaml"), "--run_dir", str(tmp_path), "--rounds", "1",
+        "--aggregation", '{"class_path": "tests.custom_rule.EqualShares"}']))
+    assert isinstance(settings.rule, EqualShares)
+    fusion = next(step for step in dcccl_plan(settings) if isinstance(step, FusionStep))
+    assert fusion.rule is settings.rule and fusion.describe()["rule"]["class"] == "tests.custom_rule.EqualShares"
+    for path, seed, count in ((fusion.cloud_copy, 1, 2800), (fusion.device_copies[0], 2, 1200)):
+        torch.manual_seed(seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_fake_export(path, sample_count=count)
+    fused = fuse_exports(fusion)
+    cloud, device = (torch.load(path, weights_only=True)["state_dict"]["head.weight"]
+                     for path in (fusion.cloud_copy, fusion.device_copies[0]))
+    torch.testing.assert_close(fused.state_dict["head.weight"], 0.5 * cloud + 0.5 * device)

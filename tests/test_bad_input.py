@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import resource
 import shutil
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.commands import command_env, dcccl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,15 +75,11 @@ class Outcome:
         return lines[-1] if lines else ""
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
-
-
 def run_in_one_interpreter(cases: list[list[str]], out: Path) -> list[Outcome]:
     """Run ``dcccl <argv>`` for every argv of ``cases`` in one fresh interpreter, in order."""
     out.mkdir(parents=True)
     (out / "cases.json").write_text(json.dumps(cases))
-    subprocess.run([sys.executable, "-c", DRIVER, str(out / "cases.json"), str(out)], cwd=ROOT, env=_env(),
+    subprocess.run([sys.executable, "-c", DRIVER, str(out / "cases.json"), str(out)], cwd=ROOT, env=command_env(),
                    check=True, timeout=600)
     codes = json.loads((out / "codes.json").read_text())
     return [Outcome(code, (out / f"{index}.err").read_text()) for index, code in enumerate(codes)]
@@ -130,18 +127,22 @@ def stage_config(path: Path, stage: str, **model_args: object) -> str:
 
 
 def earlier_run(run_dir: Path) -> Path:
-    """A finished one-round run of the quickstart's configs: genuine tiny exports (10 classes, 1 channel) written by a
+    """A finished one-round run of the quickstart's config: genuine tiny exports (10 classes, 1 channel) written by a
     fake stage runner, metrics, ledger, plots and a pipeline.yaml."""
-    from dcccl.pipeline import Pipeline, StageCall, StageConfigs
+    from cli import pipeline_parser, settings_from
+    from dcccl.run.execution import PlanRun
+    from dcccl.run.plan import dcccl_plan
+    from dcccl.run.steps import StageCall
     from tests.conftest import RecordingRunner
 
     class _Runner(RecordingRunner):
         def metrics(self, call: StageCall, output: Path) -> dict[str, float]:
             return {"served/acc": 0.5, "served/acc_cloud_classes": 0.6, "served/acc_device_classes": 0.3}
 
-    stages = StageConfigs(**{name: ROOT / "configs" / "stages" / f"{name}.yaml" for name in
-                             ("cloud", "distill", "cloud_round", "device", "fusion", "evaluate")})
-    Pipeline(stages, data=ROOT / "configs" / "data" / "mnist.yaml", run_dir=str(run_dir), rounds=1).execute(_Runner())
+    parser = pipeline_parser()
+    settings = settings_from(parser, parser.parse_args(["--config", str(ROOT / "configs" / "quickstart.yaml"),
+                                                        "--run_dir", str(run_dir), "--rounds", "1"]))
+    PlanRun(settings, dcccl_plan(settings), _Runner()).execute(None)
     (run_dir / "pipeline.yaml").write_text("# the config of the earlier run\nrounds: 1\n")
     return run_dir
 
@@ -159,7 +160,7 @@ class Case:
 def _cases(tmp: Path, template: Path) -> dict[str, Case]:
     """Every case that fails before training, with the inputs it needs (written under ``tmp``)."""
     from dcccl.backbones.spec import BackboneSpec
-    from dcccl.exports import NetworkExport, Role, save_export
+    from dcccl.run.exports import NetworkExport, Role, save_export
 
     folders = image_folders(tmp / "good", GOOD_LAYOUT)
     missing = {**folders, "cloud_dir": str(tmp / "no_such_folder")}
@@ -230,10 +231,10 @@ def _cases(tmp: Path, template: Path) -> dict[str, Case]:
                                               "--model.init_args.cloud_submodel", exports["cloud10"],
                                               "--model.init_args.co_submodel", exports["co5"]),
                                         ("trained for 5 classes but the data has 10", "co5.pt")),
-        "fuse mismatched copies": (stage("fit", "--config", "configs/stages/fusion.yaml",
-                                         "--model.init_args.cloud_copy", exports["co10"],
-                                         f"--model.init_args.device_copies=[{exports['co5']}]"),
-                                   ("predicts 5 classes but the data has 10", "co5.pt")),
+        "fine-tune a mismatched copy": (stage("fit", "--config", "configs/stages/head.yaml",
+                                              "--model.init_args.cloud_submodel", exports["cloud10"],
+                                              "--model.init_args.co_submodel", exports["co5"]),
+                                        ("predicts 5 classes but the data has 10", "co5.pt")),
         "unknown pipeline key": (pipeline("key", "--rounds_per_device", "2"),
                                  ("unrecognized arguments", "--rounds_per_device", "--help")),
         "unknown stage config key": (pipeline("stage_key", "--stages.cloud", stage_config(
@@ -281,7 +282,7 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Case, 
 FAST_CASES = ["missing data folder", "empty data folder", "empty class folder", "test class nobody holds",
               "corrupt images", "corrupt device images", "class id out of range", "device holds no classes",
               "nobody holds a class", "unlearnable digit", "unknown backbone", "unknown backbone (fit)",
-              "run directory from other data", "evaluate mismatched exports", "fuse mismatched copies",
+              "run directory from other data", "evaluate mismatched exports", "fine-tune a mismatched copy",
               "unknown pipeline key", "unknown stage config key", "unknown key (fit)",
               "split base weights not a checkpoint", "export path is a text file (fit)",
               "ckpt_path not a checkpoint (fit)", "device budget exceeded"]
@@ -307,7 +308,7 @@ def test_debug_shows_the_traceback(outcomes: dict[str, tuple[Case, Outcome, dict
     case, outcome, before = outcomes["--debug"]
     assert outcome.code == 1
     assert "Traceback (most recent call last)" in outcome.stderr
-    assert "FileNotFoundError: data folder not found" in outcome.stderr
+    assert "MissingFileError: data folder not found" in outcome.stderr
     assert "--debug shows the traceback" not in outcome.stderr
     assert file_hashes(Path(case.argv[case.argv.index("--run_dir") + 1])) == before
 
@@ -336,10 +337,8 @@ def test_disk_full_names_the_file_and_keeps_the_earlier_run(tmp_path: Path) -> N
     run_dir = earlier_run(tmp_path / "run")
     before = file_hashes(run_dir)
     # --force would train every stage again: the first thing written is the resolved config, which does not fit.
-    result = subprocess.run(
-        [sys.executable, "-c", "import cli; cli.main()", "pipeline", "--config", "configs/quickstart.yaml",
-         "--run_dir", str(run_dir), "--rounds", "1", "--force", "true"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600, preexec_fn=lambda: _limit_file_size(256))
+    result = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(run_dir), "--rounds", "1",
+                   "--force", preexec_fn=lambda: _limit_file_size(256))
     outcome = Outcome(result.returncode, result.stderr)
     assert outcome.code == 2, outcome.stderr[-3000:]
     assert "Traceback" not in outcome.stderr
@@ -354,11 +353,9 @@ def test_nan_loss_stops_the_stage_and_names_it(tmp_path: Path) -> None:
     exploding = stage_config(tmp_path / "cloud.yaml", "cloud",
                              optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 1.0e20}})
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-c", "import cli; cli.main()", "pipeline", "--config", "configs/quickstart.yaml",
-         "--run_dir", str(run_dir), "--rounds", "1", "--stages.cloud", exploding, "--trainer.max_steps", "5",
-         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    result = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(run_dir), "--rounds", "1",
+                   "--stages.cloud", exploding, "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0",
+                   "--trainer.enable_progress_bar", "false")
     outcome = Outcome(result.returncode, result.stderr)
     assert outcome.code == 2, outcome.stderr[-3000:]
     assert "Traceback" not in outcome.stderr

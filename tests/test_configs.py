@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli import build_pipeline, cli_main, pipeline_parser, split_trainer_arguments, stage_arguments
-from dcccl.pipeline import StageCall
+from cli import cli_main, pipeline_parser, settings_from, stage_arguments
+from dcccl.run.plan import dcccl_plan
+from dcccl.run.steps import StageCall
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGE_CONFIGS = sorted((CONFIGS / "stages").glob("*.yaml"))
@@ -42,54 +43,80 @@ def test_stage_config_parses_alone_and_with_data_and_trainer(path: Path) -> None
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: p.name)
-def test_pipeline_config_parses_and_names_existing_stage_configs(path: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pipeline_config_renders_and_names_existing_stage_configs(path: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # config files named in a config file are found from anywhere
     parser = pipeline_parser()
     cfg = parser.parse_args(["--config", str(path)])
-    pipeline = build_pipeline(parser, cfg)
-    for stage_config in vars(pipeline.stages).values():
+    settings = settings_from(parser, cfg)
+    for stage_config in settings.stages.values():
         assert Path(stage_config).is_absolute() and Path(stage_config).is_file()
         assert Path(stage_config).parent == CONFIGS / "stages"
-    assert pipeline.rounds >= 1 and pipeline.run.root == Path("runs") / cfg.name
+    assert settings.rounds >= 1 and settings.run.root == Path("runs") / cfg.name
+    rendered = yaml.safe_load(parser.dump(cfg, skip_none=False))  # what pipeline.yaml holds
+    assert rendered["name"] == path.stem and set(rendered["stages"]) == set(settings.stages)
+    assert dcccl_plan(settings)  # and it plans
+
+
+def test_overlays_extend_the_quickstart() -> None:
+    parser = pipeline_parser()
+    quickstart = parser.parse_args(["--config", str(CONFIGS / "quickstart.yaml")])
+    for overlay in ("fleet.yaml", "split_resnet.yaml"):
+        text = (CONFIGS / overlay).read_text()
+        assert "config: quickstart.yaml" in text and "stages:" not in text and "trainer:" not in text
+        cfg = parser.parse_args(["--config", str(CONFIGS / overlay)])
+        assert cfg.stages == quickstart.stages and cfg.trainer == quickstart.trainer
+    fleet = settings_from(parser, parser.parse_args(["--config", str(CONFIGS / "fleet.yaml")]))
+    assert type(fleet.aggregation).__name__ == "LatestUpdate" and fleet.fleet.num_devices == 20
 
 
 def test_pipeline_stage_arguments_parse_with_the_stage_cli(tmp_path: Path) -> None:
     parser = pipeline_parser()
     cfg = parser.parse_args(["--config", str(CONFIGS / "quickstart.yaml"), f"--run_dir={tmp_path}"])
-    for _, call in build_pipeline(parser, cfg).plan():
+    for call in dcccl_plan(settings_from(parser, cfg)):
+        if not isinstance(call, StageCall):
+            continue
         resolved = print_config([call.command, *stage_arguments(call)])
         for key, value in call.model_args.items():
             assert resolved["model"]["init_args"][key] == value
         assert resolved["trainer"]["default_root_dir"] == str(call.work_dir)
 
 
-def test_trainer_arguments_are_split_off_and_typed() -> None:
-    trainer, rest = split_trainer_arguments(
-        ["--config", "x.yaml", "--trainer.max_epochs", "2", "--trainer.logger=false", "--rounds", "1"])
-    assert trainer == {"max_epochs": 2, "logger": False}
-    assert rest == ["--config", "x.yaml", "--rounds", "1"]
+def test_trainer_options_parse_into_the_trainer_section() -> None:
+    cfg = pipeline_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--trainer.max_epochs", "2",
+                                        "--trainer.logger=false", "--rounds", "1"])
+    assert cfg.trainer == {"accelerator": "cpu", "devices": 1, "enable_model_summary": False, "max_epochs": 2,
+                           "logger": False}
+    assert cfg.rounds == 1
+
+
+def _call(tmp_path: Path, **changes: object) -> StageCall:
+    fields = dict(label="x", restart_point="rounds", outputs=(tmp_path / "x.pt",), inputs=(), round_index=0,
+                  stage="cloud", command="fit", config_files=(Path("a.yaml"),), model_args={}, trainer_args={
+                      "max_epochs": 1}, seed=0, work_dir=tmp_path)
+    return StageCall(**{**fields, **changes})  # type: ignore[arg-type]
 
 
 def test_stage_arguments_render_values_for_the_cli(tmp_path: Path) -> None:
-    call = StageCall("fusion", "fit", [Path("a.yaml")], {"device_copies": ["d.pt"], "co_submodel": None},
-                     {"max_epochs": 1}, 3, tmp_path, (tmp_path / "x.pt",), ["--extra=1"])
+    call = _call(tmp_path, model_args={"device_copies": ["d.pt"], "co_submodel": None}, seed=3,
+                 extra_args=("--extra=1",))
     assert stage_arguments(call) == [
         "--config", "a.yaml", "--trainer.max_epochs=1", '--model.init_args.device_copies=["d.pt"]',
         "--model.init_args.co_submodel=null", "--seed_everything=3", "--data.init_args.seed=3", "--extra=1",
     ]
 
 
-def test_compare_takes_seeds_as_a_list() -> None:
+def test_compare_takes_seeds_and_methods_as_lists() -> None:
     from cli import compare_parser
 
-    cfg = compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--seeds", "0", "1", "2"])
-    assert cfg.seeds == [0, 1, 2]
+    cfg = compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--seeds", "0", "1", "2",
+                                       "--methods", "dcccl", "centralized"])
+    assert cfg.seeds == [0, 1, 2] and cfg.methods == ["dcccl", "centralized"]
     assert compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml")]).seeds is None
 
 
 def test_progress_bars_are_off_when_output_is_not_a_terminal(tmp_path: Path) -> None:
-    call = StageCall("cloud", "fit", [Path("a.yaml")], {}, {"max_epochs": 1}, 0, tmp_path, (tmp_path / "x.pt",))
+    call = _call(tmp_path)
     assert "--trainer.enable_progress_bar=false" in stage_arguments(call, interactive=False)
     assert not any("enable_progress_bar" in a for a in stage_arguments(call, interactive=True))
     call.trainer_args["enable_progress_bar"] = True  # asked for explicitly: kept

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from dcccl.costs import (
+from dcccl.federated.costs import (
     control_fidelity,
     parameter_count,
     peak_training_memory_bytes,

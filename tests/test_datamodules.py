@@ -13,7 +13,7 @@ from torch.utils.data import Dataset, Subset
 
 from datamodules.image_folder import GlobalClassImageFolder, ImageFolderDataModule
 from datamodules.mnist import BundledMNISTDataModule
-from dcccl.partition import ClassSplit
+from dcccl.federated.class_split import ClassSplit
 
 
 def _subset_labels(dataset: Dataset) -> np.ndarray:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -18,7 +16,8 @@ from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
 from dcccl.backbones import BackboneSpec, build_backbone, list_backbones
-from dcccl.exports import load_export, load_network
+from dcccl.run.exports import load_export, load_network
+from tests.commands import dcccl as run_dcccl
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
@@ -152,9 +151,7 @@ def test_zero_head_co_submodel_is_rebuilt_from_its_exported_spec(
 
 def dcccl(*args: str) -> subprocess.CompletedProcess:
     """``PYTHONPATH=docs/examples dcccl ...`` from the repository root, in a fresh interpreter."""
-    command = [sys.executable, "-c", "import cli; cli.main()", *args]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(["docs/examples", str(ROOT)])}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_dcccl(*args, pythonpath=["docs/examples"])
 
 
 @pytest.mark.slow

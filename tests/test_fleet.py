@@ -6,19 +6,25 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from datamodules.mnist import BundledMNISTDataModule
-from dcccl.budget import DeviceBudget, DeviceBudgetExceeded, check_device_budget
-from dcccl.costs import state_dict_bytes
-from dcccl.exports import load_export, load_network
-from dcccl.fleet import FleetSpec
-from dcccl.ledger import Ledger, LedgerViolation
-from dcccl.pipeline import Pipeline
+from dcccl.federated.aggregation import FedAvg, LatestUpdate
+from dcccl.federated.budget import DeviceBudget, DeviceBudgetExceeded, check_device_budget
+from dcccl.federated.costs import state_dict_bytes
+from dcccl.federated.fleet import FleetSpec
+from dcccl.federated.ledger import Ledger, LedgerViolation
+from dcccl.run.boundary import DeviceGate
+from dcccl.run.exports import load_export, load_network
+from dcccl.run.fusion import FusionStep, fuse_exports
+from dcccl.run.plan import dcccl_plan
+from dcccl.run.steps import StageCall
+from tests.commands import dcccl
 from tests.conftest import write_fake_export
-from tests.test_comparison import STAGES, FakeRunner
-from tests.test_end_to_end import dcccl
+from tests.test_comparison import FakeRunner
+from tests.test_pipeline import execute, settings
 
 
 def schedule(tmp_path: Path, rounds: dict[int, list[int]]) -> Path:
@@ -42,28 +48,28 @@ def test_sampling_is_seeded_per_round_and_sized_by_the_fraction() -> None:
 
 def test_fedavg_fuses_reporting_devices_and_latest_update_keeps_offline_ones(tmp_path: Path) -> None:
     plan = schedule(tmp_path, {1: [0, 1, 2], 2: [1], 3: [2, 3]})
-    fedavg = FleetSpec(num_devices=4, availability_schedule=plan, aggregation="fedavg")
-    latest = FleetSpec(num_devices=4, availability_schedule=plan, aggregation="latest")
-    assert fedavg.reporting(0, 1) == [0, 1, 2] and fedavg.reporting(0, 2) == [1]
-    assert fedavg.fused_copies(0, 2) == [(1, 2)]
+    fleet = FleetSpec(num_devices=4, availability_schedule=plan)
+    assert fleet.reporting(0, 1) == [0, 1, 2] and fleet.reporting(0, 2) == [1]
+    assert FedAvg().fused_copies(fleet, 0, 2) == [(1, 2)]
     # Round 2: device 1 reported now; 0 and 2 are offline but their round-1 copies keep their weight.
-    assert latest.fused_copies(0, 2) == [(0, 1), (1, 2), (2, 1)]
-    assert latest.fused_copies(0, 3) == [(0, 1), (1, 2), (2, 3), (3, 3)]
+    assert LatestUpdate().fused_copies(fleet, 0, 2) == [(0, 1), (1, 2), (2, 1)]
+    assert LatestUpdate().fused_copies(fleet, 0, 3) == [(0, 1), (1, 2), (2, 3), (3, 3)]
     with pytest.raises(ValueError, match="unknown devices"):
         FleetSpec(num_devices=2, availability_schedule=plan)
 
 
 def test_pipeline_trains_reporting_devices_on_their_own_data_and_fuses_latest_copies(tmp_path: Path) -> None:
     fleet = FleetSpec(num_devices=4, partitioner="dirichlet", availability_schedule=schedule(
-        tmp_path, {1: [0, 1, 2, 3], 2: [3]}), aggregation="latest")
+        tmp_path, {1: [0, 1, 2, 3], 2: [3]}))
     runner = FakeRunner()
-    metrics = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=2, fleet=fleet).execute(runner)
+    fleet_settings = settings(tmp_path, rounds=2, fleet=fleet, aggregation=LatestUpdate())
+    metrics = execute(fleet_settings, runner)
     devices = [c for c in runner.calls if c.stage == "device"]
     assert [(c.round_index, c.data_args["device_index"]) for c in devices] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 3)]
     assert all(c.data_args["num_devices"] == 4 and c.data_args["device_partitioner"] == "dirichlet"
                for c in runner.calls)
-    fusion_2 = [c for c in runner.calls if c.stage == "fusion"][1]
-    assert [Path(p).parts[-3:-1] for p in fusion_2.model_args["device_copies"]] == [
+    fusion_2 = [step for step in dcccl_plan(fleet_settings) if isinstance(step, FusionStep)][1]
+    assert [Path(p).parts[-3:-1] for p in fusion_2.device_copies] == [
         ("round_001", "device_000"), ("round_001", "device_001"), ("round_001", "device_002"),
         ("round_002", "device_003")]
     state = json.loads((tmp_path / "run/rounds/round_002/fleet.json").read_text())
@@ -74,9 +80,9 @@ def test_pipeline_trains_reporting_devices_on_their_own_data_and_fuses_latest_co
 def test_ledger_totals_equal_the_state_dicts_actually_transferred(tmp_path: Path) -> None:
     runner = FakeRunner()
     fleet = FleetSpec(num_devices=3, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1, 2]}))
-    pipeline = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=2, fleet=fleet)
-    metrics = pipeline.execute(runner)
-    run = pipeline.run
+    fleet_settings = settings(tmp_path, rounds=2, fleet=fleet)
+    metrics = execute(fleet_settings, runner)
+    run = fleet_settings.run
     size = {path: state_dict_bytes(load_export(path).state_dict) for path in run.root.rglob("*.pt")}
     g, h = size[run.control_model], size[run.initial_co_submodel]
     # Down: g once to each of the 3 devices that ever trained; h to every device in every round it trained.
@@ -99,13 +105,14 @@ def test_ledger_totals_equal_the_state_dicts_actually_transferred(tmp_path: Path
             assert not any(c.shape == tensor.shape and torch.equal(c, tensor) for c in cloud if c.numel() > 16)
 
 
-def test_a_device_stage_configured_to_receive_the_cloud_submodel_is_refused(tmp_path: Path) -> None:
-    pipeline = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=1,
-                        stage_args={"device": ["--model.init_args.co_submodel=runs/x/cloud/cloud_submodel.pt"]})
-    with pytest.raises(LedgerViolation, match="may not change what the device stage receives"):
-        pipeline.execute(FakeRunner())
+def test_the_device_gate_refuses_a_device_stage_that_would_receive_the_cloud_submodel(tmp_path: Path) -> None:
     cloud = tmp_path / "cloud_submodel.pt"
     write_fake_export(cloud)
+    plan = dcccl_plan(settings(tmp_path, rounds=1))
+    device = next(step for step in plan if isinstance(step, StageCall) and step.stage == "device")
+    tampered = StageCall(**{**vars(device), "inputs": (cloud,)})
+    with pytest.raises(LedgerViolation, match="refusing to send a cloud_submodel down"):
+        DeviceGate()(tampered)
     with pytest.raises(LedgerViolation, match="refusing to send a cloud_submodel down"):
         Ledger().record_file(1, 0, "down", cloud)
     with pytest.raises(LedgerViolation, match="refusing to send a cloud_submodel up"):
@@ -124,11 +131,14 @@ def test_device_budget_gate_states_figure_and_limit(tmp_path: Path) -> None:
     with pytest.raises(DeviceBudgetExceeded, match="peak train memory bytes .* > limit 1,000"):
         check_device_budget(DeviceBudget(max_peak_train_memory_bytes=1000, batch_size=4), co, None, (1, 28, 28), 10)
     # In the pipeline the gate runs before the first device trains, and refuses the run.
-    pipeline = Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=1, device_budget=DeviceBudget(max_params=10))
-    pipeline.sample_shape, pipeline.num_classes = (1, 28, 28), 10
+    from dcccl.run.execution import PlanRun
+    from dcccl.run.preflight import DataDescription
+
+    budget_settings = settings(tmp_path, rounds=1, device_budget=DeviceBudget(max_params=10))
     runner = FakeRunner()
+    data = DataDescription(10, 1, (1, 28, 28), np.zeros(3, dtype=np.int64), [np.arange(3)])
     with pytest.raises(DeviceBudgetExceeded):
-        pipeline.execute(runner)
+        PlanRun(budget_settings, dcccl_plan(budget_settings), runner).execute(data)
     assert "device" not in [c.stage for c in runner.calls]
 
 
@@ -144,15 +154,20 @@ def test_each_device_gets_its_own_share_of_the_device_samples() -> None:
         BundledMNISTDataModule(num_devices=5, device_index=5)
 
 
-def test_fusion_of_a_round_where_no_device_reported_is_the_cloud_copy(tmp_path: Path) -> None:
-    from lightning_modules import FusionModule
+def _fusion(tmp_path: Path, cloud: Path, copies: tuple[Path, ...], bases: tuple = (),
+            onto: Path | None = None) -> FusionStep:
+    return FusionStep(label="fusion", restart_point="rounds", outputs=(tmp_path / "fused.pt",), inputs=(),
+                      round_index=1, rule=FedAvg(), cloud_copy=cloud, device_copies=copies,
+                      device_bases=bases or (None,) * len(copies), rebase_onto=onto)
 
+
+def test_fusion_of_a_round_where_no_device_reported_is_the_cloud_copy(tmp_path: Path) -> None:
     cloud = tmp_path / "co_submodel.pt"
     write_fake_export(cloud, sample_count=100)
-    module = FusionModule(10, 1, cloud_copy=str(cloud), device_copies=[])
-    assert module.weights == [1.0]
+    fused = fuse_exports(_fusion(tmp_path, cloud, ()))
+    assert fused.sample_count == 100
     for key, value in load_network(cloud, "co_submodel").state_dict().items():
-        assert torch.equal(module.co_submodel.state_dict()[key], value)
+        assert torch.equal(fused.state_dict[key], value)
 
 
 @pytest.mark.slow
@@ -171,7 +186,7 @@ def test_small_fleet_through_the_cli(tmp_path: Path) -> None:
 
 
 def test_stale_copies_contribute_their_update_rebased_on_the_current_model(tmp_path: Path) -> None:
-    from lightning_modules.fusion import rebase_update
+    from dcccl.federated.aggregation.averaging import rebase_update
 
     copy = {"w": torch.tensor([3.0, 5.0]), "var": torch.tensor([0.5]), "n": torch.tensor(7)}
     base = {"w": torch.tensor([1.0, 1.0]), "var": torch.tensor([2.0]), "n": torch.tensor(2)}
@@ -182,33 +197,32 @@ def test_stale_copies_contribute_their_update_rebased_on_the_current_model(tmp_p
     assert torch.equal(rebased["var"], torch.tensor([0.5])) and rebased["n"] == 7
     # In the pipeline: round 2's fusion rebases device 0's round-1 copy (it started from the initial model)
     # onto round 2's start; device 1 reported in round 2, so its copy is used as it is.
-    fleet = FleetSpec(num_devices=2, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1]}),
-                      aggregation="latest")
-    runner = FakeRunner()
-    Pipeline(STAGES, run_dir=str(tmp_path / "run"), rounds=2, fleet=fleet).execute(runner)
-    fusion_1, fusion_2 = [c for c in runner.calls if c.stage == "fusion"]
-    assert fusion_1.model_args["device_bases"] is None and fusion_1.model_args["rebase_onto"] is None
+    fleet = FleetSpec(num_devices=2, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1]}))
+    plan = dcccl_plan(settings(tmp_path, rounds=2, fleet=fleet, aggregation=LatestUpdate()))
+    fusion_1, fusion_2 = [step for step in plan if isinstance(step, FusionStep)]
+    assert fusion_1.device_bases == (None, None) and fusion_1.rebase_onto is None
     run = tmp_path / "run"
-    assert fusion_2.model_args["device_bases"] == [str(run / "rounds/initial_co_submodel.pt"), None]
-    assert fusion_2.model_args["rebase_onto"] == str(run / "rounds/round_001/fusion/co_submodel.pt")
+    assert fusion_2.device_bases == (run / "rounds/initial_co_submodel.pt", None)
+    assert fusion_2.rebase_onto == run / "rounds/round_001/fusion/co_submodel.pt"
+    assert set(fusion_2.inputs) == {run / "rounds/round_002/cloud_round/co_submodel.pt",
+                                    run / "rounds/round_001/device_000/co_submodel.pt",
+                                    run / "rounds/round_002/device_001/co_submodel.pt",
+                                    run / "rounds/initial_co_submodel.pt",
+                                    run / "rounds/round_001/fusion/co_submodel.pt"}
 
 
 def test_fusion_rebases_a_stale_copy(tmp_path: Path) -> None:
-    from lightning_modules import FusionModule
-
     paths = {name: tmp_path / f"{name}_co_submodel.pt" for name in ("cloud", "stale", "base", "onto")}
     for seed, path in enumerate(paths.values()):
         torch.manual_seed(seed)
         write_fake_export(path, sample_count=100)
-    module = FusionModule(10, 1, cloud_copy=str(paths["cloud"]), device_copies=[str(paths["stale"])],
-                          device_bases=[str(paths["base"])], rebase_onto=str(paths["onto"]))
+    fused = fuse_exports(_fusion(tmp_path, paths["cloud"], (paths["stale"],), (paths["base"],), paths["onto"]))
     state = {name: load_export(path).state_dict for name, path in paths.items()}
     key = "head.weight"
     expected = 0.5 * state["cloud"][key] + 0.5 * (state["onto"][key] + state["stale"][key] - state["base"][key])
-    torch.testing.assert_close(module.co_submodel.state_dict()[key], expected)
+    torch.testing.assert_close(fused.state_dict[key], expected)
     var = "features.0.1.running_var"
     expected_var = 0.5 * state["cloud"][var] + 0.5 * state["stale"][var]
-    torch.testing.assert_close(module.co_submodel.state_dict()[var], expected_var)
-    with pytest.raises(ValueError, match="need rebase_onto"):
-        FusionModule(10, 1, cloud_copy=str(paths["cloud"]), device_copies=[str(paths["stale"])],
-                     device_bases=[str(paths["base"])])
+    torch.testing.assert_close(fused.state_dict[var], expected_var)
+    with pytest.raises(ValueError, match="needs the model this round started from"):
+        fuse_exports(_fusion(tmp_path, paths["cloud"], (paths["stale"],), (paths["base"],)))

@@ -1,4 +1,4 @@
-"""Tests of dcccl.fleet_partition (the device samples divided across a fleet) and dcccl.plots."""
+"""Tests of dcccl.federated.partitioners (the device samples divided across a fleet) and dcccl.plots."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from dcccl.fleet_partition import label_histogram, partition_devices, partition_summary
-from dcccl.plots import plot_label_histogram
+from dcccl.federated.partitioners import label_histogram, partition_devices, partition_summary
+from dcccl.reporting.plots import plot_label_histogram
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

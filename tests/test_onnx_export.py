@@ -11,7 +11,7 @@ import onnxruntime
 import torch
 
 from datamodules.mnist import BundledMNISTDataModule
-from dcccl.bundle_export import export_bundle
+from dcccl.deploy.bundle import export_bundle
 
 
 def write_run(run: Path, export_factory: Callable[..., Path]) -> Path:

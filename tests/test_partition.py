@@ -1,11 +1,11 @@
-"""Tests of dcccl.partition: the cloud/device class split and the seeded index partitions."""
+"""Tests of dcccl.federated.class_split: the cloud/device class split and the seeded index partitions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dcccl.partition import ClassSplit, indices_of_classes, partition_by_classes, stratified_split
+from dcccl.federated.class_split import ClassSplit, indices_of_classes, partition_by_classes, stratified_split
 
 
 def _labels(counts: list[int], seed: int = 123) -> np.ndarray:

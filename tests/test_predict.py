@@ -22,8 +22,7 @@ from cli import cli_main, pipeline_main
 from datamodules.base import image_files
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import BundledMNISTDataModule, load_bundled_digits
-from dcccl.exports import load_network
-from dcccl.predictions import (
+from dcccl.deploy.predictions import (
     PREDICTION_COLUMNS,
     Prediction,
     UnfinishedRunError,
@@ -32,8 +31,9 @@ from dcccl.predictions import (
     served_model_exports,
     write_predictions_csv,
 )
-from dcccl.run_dir import RunDirectory
-from dcccl.summed import SummedLogits
+from dcccl.method.served import SummedLogits
+from dcccl.run.exports import load_network
+from dcccl.run.run_dir import RunDirectory
 from lightning_modules import ServedModelPrediction
 from tests.conftest import write_fake_export
 

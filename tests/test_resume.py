@@ -4,42 +4,37 @@ with exactly the metrics of a run that was never interrupted; the manifest guard
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.commands import command_env, dcccl, dcccl_command
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--rounds", "2", "--trainer.limit_train_batches", "8", "--trainer.limit_val_batches", "2",
          "--trainer.enable_progress_bar", "false"]
 
 
-def _command(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-c", "import cli; cli.main()", "pipeline", "--config", "configs/quickstart.yaml",
-            "--run_dir", str(run_dir), *SMALL, *extra]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT)}
+def _arguments(run_dir: Path, *extra: str) -> list[str]:
+    return ["pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(run_dir), *SMALL, *extra]
 
 
 def run_pipeline(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     """Run the pipeline to its end."""
-    return subprocess.run(_command(run_dir, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+    return dcccl(*_arguments(run_dir, *extra))
 
 
 def kill_pipeline_when(run_dir: Path, moment: Callable[[], bool]) -> str:
     """Start the pipeline, SIGKILL it as soon as ``moment()`` holds and return what it had printed."""
     log = run_dir.parent / f"{run_dir.name}.log"
     with open(log, "w") as output:
-        process = subprocess.Popen(_command(run_dir), cwd=ROOT, env=_env(), stdout=output, stderr=output)
+        process = subprocess.Popen(dcccl_command(*_arguments(run_dir)), cwd=ROOT, env=command_env(), stdout=output,
+                                   stderr=output)
         deadline = time.monotonic() + 300
         try:
             while not moment():

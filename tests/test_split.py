@@ -9,16 +9,16 @@ import torch
 from torch import nn
 
 from dcccl.backbones import ClassifierHeadMixin, SmallCNN, build_backbone
-from dcccl.costs import parameter_count
-from dcccl.exports import NetworkExport, load_network, save_export
-from dcccl.split import (
-    SplitSpec,
+from dcccl.backbones.split import SplitSpec
+from dcccl.federated.costs import parameter_count
+from dcccl.method.split import (
     UnsupportedLayerError,
     channel_slice,
     co_channel_count,
     split_model,
     zero_cross_group_weights,
 )
+from dcccl.run.exports import NetworkExport, load_network, save_export
 
 FAMILIES = [
     ("small_cnn", {"width": 32}, 0.25, 28),  # plain sequential VGG-like CNN (the quickstart's)
@@ -170,14 +170,15 @@ def test_pipeline_gives_each_stage_its_part(tmp_path: Path) -> None:
     import json
 
     from dcccl.backbones import BackboneSpec
-    from dcccl.pipeline import Pipeline
-    from tests.test_comparison import STAGES
+    from dcccl.run.plan import dcccl_plan
+    from dcccl.run.steps import StageCall
+    from tests.test_pipeline import settings
 
     split = SplitSpec(base=BackboneSpec("resnet10t"), ratio=0.25)
-    pipeline = Pipeline(STAGES, run_dir=str(tmp_path), split=split, stage_args={"cloud": ["--user=1"]})
-    calls = {call.stage: call for _, call in pipeline.plan()}
+    plan = dcccl_plan(settings(tmp_path, split=split, stage_args={"cloud": ["--user=1"]}))
+    calls = {call.stage: call for call in plan if isinstance(call, StageCall)}
 
-    def part(call_args: list[str], argument: str) -> str:
+    def part(call_args: tuple[str, ...], argument: str) -> str:
         flag = f"--model.init_args.{argument}="
         value = json.loads(next(a for a in call_args if a.startswith(flag))[len(flag):])
         assert value["name"] == "split" and value["kwargs"]["base"]["name"] == "resnet10t"
@@ -187,4 +188,32 @@ def test_pipeline_gives_each_stage_its_part(tmp_path: Path) -> None:
     assert calls["cloud"].extra_args[-1] == "--user=1"  # the user's stage_args come last and win
     assert part(calls["distill"].extra_args, "backbone") == "co"
     assert part(calls["cloud_round"].extra_args, "co_backbone") == "co"
-    assert calls["device"].extra_args == [] and calls["evaluate"].extra_args == []
+    assert calls["device"].extra_args == () and calls["evaluate"].extra_args == ()
+
+
+def test_a_base_with_concatenations_is_refused_naming_the_first_layer_it_breaks() -> None:
+    """DenseNet concatenates the outputs of its layers: cut alike, the channels of a concatenation do not line up."""
+    base = build_backbone("densenet121", 10, 3)
+    with pytest.raises(UnsupportedLayerError, match=r"cannot split DenseNet exactly: .*layer 'features\.denseblock1\."
+                                                    r"denselayer2\.norm1' .*concatenation"):
+        split_model(base, 0.25, torch.zeros(2, 3, 32, 32))
+
+
+class _FlattenHead(ClassifierHeadMixin, nn.Module):
+    """Conv features flattened into the classifier: 6 channels of 4x4 pixels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.num_features = 6 * 4 * 4
+        self.head: nn.Module = nn.Linear(self.num_features, 10)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.conv(x), 1)
+
+
+def test_a_flattened_head_whose_channel_share_is_not_integral_is_refused_up_front() -> None:
+    # 6 channels at ratio 0.25: the cloud part keeps 4 channels (64 features) but 96 - round(0.25 * 96) = 72
+    # classifier inputs, the co part 2 channels (32 features) but 24 inputs.
+    with pytest.raises(UnsupportedLayerError, match=r"the cloud part fails at layer 'head' \(Linear\)"):
+        split_model(_FlattenHead(), 0.25, torch.zeros(2, 1, 4, 4))

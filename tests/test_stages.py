@@ -12,14 +12,14 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
-from dcccl.aggregation import weighted_average
-from dcccl.exports import load_export, load_network
+from dcccl.backbones.spec import BackboneSpec
+from dcccl.run.exports import load_export, load_network, save_export
 from lightning_modules import (
     CloudCoTrainingModule,
     CloudSubmodelModule,
     ControlDistillationModule,
     DeviceCoTrainingModule,
-    FusionModule,
+    HeadFinetuneModule,
     ServedModelEvaluation,
 )
 from tests.conftest import TINY
@@ -117,7 +117,7 @@ def test_device_stage_never_receives_cloud_submodel_and_sees_only_device_samples
 def test_device_stage_refuses_a_cloud_submodel_as_control_model(export_factory: Callable[..., Path]) -> None:
     import pytest
 
-    from dcccl.exports import ExportError
+    from dcccl.run.exports import ExportError
 
     with pytest.raises(ExportError, match="expected a control_model"):
         DeviceCoTrainingModule(10, 1, control_model=str(export_factory("cloud_submodel")))
@@ -141,41 +141,77 @@ def test_cloud_round_writes_initial_copy_and_keeps_guide_frozen(
     assert load_export(export, "co_submodel").sample_count == 2800
 
 
-def test_fusion_averages_copies_with_cloud_share(
-    tmp_path: Path, digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer],
-    export_factory: Callable[..., Path],
+def _with_buffers(path: Path, shift: float, tracked: int) -> dict[str, torch.Tensor]:
+    """Give an export's batch-norm statistics values of its own (as training on its own samples would)."""
+    export = load_export(path)
+    for key, value in export.state_dict.items():
+        if key.endswith("running_mean"):
+            export.state_dict[key] = torch.linspace(-1.0, 1.0, value.numel()) + shift
+        elif key.endswith("running_var"):
+            export.state_dict[key] = torch.linspace(0.5, 2.0, value.numel()) * (1.0 + shift)
+        elif key.endswith("num_batches_tracked"):
+            export.state_dict[key] = torch.tensor(tracked)
+    save_export(export, path)
+    return export.state_dict
+
+
+def test_fusion_step_averages_weights_and_batch_norm_statistics_with_cloud_share(
+    tmp_path: Path, export_factory: Callable[..., Path],
 ) -> None:
+    from dcccl.federated.aggregation import FedAvg
+    from dcccl.run.fusion import FusionStep
+
     cloud = export_factory("co_submodel", name="cloud", sample_count=2800, seed=1)
     devices = [export_factory("co_submodel", name=f"d{i}", sample_count=n, seed=2 + i)
                for i, n in enumerate([100, 300])]
+    states = [_with_buffers(path, shift, tracked) for path, shift, tracked in
+              zip([cloud, *devices], [0.0, 1.0, 2.0], [44, 2, 5])]
     export = tmp_path / "fused.pt"
-    module = FusionModule(10, 1, cloud_copy=str(cloud), device_copies=[str(d) for d in devices], cloud_share=0.5,
-                          export_path=str(export))
-    assert module.weights == [0.5, 0.125, 0.375]
-    recorder = fit_recording(module, digits, trainer_factory)
-    assert recorder.labels == []  # fusion alone trains nothing and touches no sample
-    expected = weighted_average([load_export(p).state_dict for p in [cloud, *devices]], [0.5, 0.125, 0.375])
+    step = FusionStep(label="fusion", restart_point="rounds", outputs=(export,), inputs=(cloud, *devices),
+                      round_index=1, rule=FedAvg(cloud_share=0.5), cloud_copy=cloud, device_copies=tuple(devices),
+                      device_bases=(None, None))
+    step.run()
     fused = load_export(export, "co_submodel")
     assert fused.sample_count == 3200
-    for key, value in expected.items():
-        assert torch.equal(fused.state_dict[key], value)
+    weights = [0.5, 0.125, 0.375]  # the cloud's share, the rest by 100 : 300 samples
+    for key, value in fused.state_dict.items():
+        if key.endswith("num_batches_tracked"):
+            assert value.item() == 44  # a counter, taken from the cloud's copy, not averaged
+        else:
+            expected = sum(w * state[key].double() for w, state in zip(weights, states)).to(value.dtype)
+            torch.testing.assert_close(value, expected)
+    mean = next(key for key in fused.state_dict if key.endswith("running_mean"))
+    assert not torch.equal(fused.state_dict[mean], states[0][mean])  # the buffers really were averaged
 
 
-def test_fusion_head_finetuning_trains_only_the_head_on_cloud_samples(
-    digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer], export_factory: Callable[..., Path]
+def test_head_finetuning_trains_only_the_head_on_cloud_samples(
+    tmp_path: Path, digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer],
+    export_factory: Callable[..., Path],
 ) -> None:
-    module = FusionModule(10, 1, cloud_copy=str(export_factory("co_submodel", name="c", sample_count=10)),
-                          device_copies=[str(export_factory("co_submodel", name="d", sample_count=10, seed=1))],
-                          finetune_head=True, cloud_submodel=str(export_factory("cloud_submodel", seed=2)))
+    export = tmp_path / "finetuned.pt"
+    module = HeadFinetuneModule(10, 1, co_submodel=str(export_factory("co_submodel", name="c", sample_count=10)),
+                                cloud_submodel=str(export_factory("cloud_submodel", seed=2)), export_path=str(export))
     body_before = {k: v for k, v in snapshot(module.co_submodel).items() if not k.startswith("head.")}
-    cloud_before = snapshot(module.cloud_submodel)  # type: ignore[arg-type]
+    cloud_before = snapshot(module.cloud_submodel)
     head_before = module.co_submodel.head.weight.detach().clone()
     recorder = fit_recording(module, digits, trainer_factory)
     assert recorder.labels and set(recorder.labels) <= CLOUD_CLASSES
-    assert_identical(cloud_before, module.cloud_submodel)  # type: ignore[arg-type]
+    assert_identical(cloud_before, module.cloud_submodel)
     after = module.co_submodel.state_dict()
-    assert all(torch.equal(value, after[key]) for key, value in body_before.items())
+    assert all(torch.equal(value, after[key]) for key, value in body_before.items())  # BN statistics included
     assert not torch.equal(head_before, module.co_submodel.head.weight)
+    written = load_export(export, "co_submodel")
+    assert written.sample_count == 10 and torch.equal(written.state_dict["head.weight"], module.co_submodel.head.weight)
+
+
+def test_head_finetuning_refuses_a_network_without_the_head_api(tmp_path: Path,
+                                                                 export_factory: Callable[..., Path]) -> None:
+    from dcccl.errors import ConfigError
+
+    plain = BackboneSpec("tests.plain_backbones:sequential_cnn", kwargs={"width": 2})
+    co = export_factory("co_submodel", spec=plain, sample_count=10)
+    with pytest.raises(ConfigError, match="finetune_head: false"):
+        HeadFinetuneModule(10, 1, co_submodel=str(co), cloud_submodel=str(export_factory("cloud_submodel")))
 
 
 def test_served_logits_are_cloud_plus_co_logits(export_factory: Callable[..., Path]) -> None:

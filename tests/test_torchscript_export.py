@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import cli
-from dcccl.bundle_export import TRACE_BATCH, bundle_networks, export_bundle
-from dcccl.run_dir import RunDirectory
-from dcccl.torchscript_export import jit_deprecation_silenced
+from dcccl.deploy.bundle import TRACE_BATCH, bundle_networks, export_bundle
+from dcccl.deploy.torchscript import jit_deprecation_silenced
+from dcccl.run.run_dir import RunDirectory
 from tests.test_onnx_export import digit_samples, write_run
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,18 +6,18 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from cli import cli_main
-from dcccl.fleet import FleetSpec
-from dcccl.pipeline import Pipeline
-from dcccl.tracking import prepare_wandb_environment, wandb_logger_args, with_save_dirs
-from tests.test_pipeline import STAGES
+from dcccl.federated.fleet import FleetSpec
+from dcccl.reporting.tracking import prepare_wandb_environment, wandb_logger_args, with_save_dirs
+from dcccl.run.plan import dcccl_plan
+from dcccl.run.steps import StageCall
+from tests.commands import command_env, dcccl
+from tests.test_pipeline import settings
 from tests.wandb_records import read_offline_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,8 @@ def test_loggers_named_without_a_directory_write_into_the_run(tmp_path: Path) ->
     assert with_save_dirs(chosen, tmp_path, stage_dir) == [
         {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(stage_dir)}},
         {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": "mine"}}, "MyLogger"]
-    pipeline = Pipeline(STAGES, run_dir=str(tmp_path / "run"), trainer={"logger": "WandbLogger"})
-    _, first = next(pipeline.plan())
+    first = dcccl_plan(settings(tmp_path, trainer={"logger": "WandbLogger"}))[0]
+    assert isinstance(first, StageCall)
     assert first.trainer_args["logger"]["init_args"]["save_dir"] == str(tmp_path / "run")
 
 
@@ -59,9 +59,8 @@ def test_without_an_api_key_wandb_goes_offline_and_an_explicit_mode_is_kept(
 
 
 def test_tracking_run_names_carry_round_and_device(tmp_path: Path) -> None:
-    pipeline = Pipeline(STAGES, name="exp", run_dir=str(tmp_path), rounds=2,
-                        fleet=FleetSpec(num_devices=3))
-    names = [(call.group, call.stage, call.run_name) for _, call in pipeline.plan()]
+    plan = dcccl_plan(settings(tmp_path, name="exp", rounds=2, fleet=FleetSpec(num_devices=3)))
+    names = [(call.group, call.stage, call.run_name) for call in plan if isinstance(call, StageCall)]
     assert names[:3] == [("exp", "cloud", "exp/cloud"), ("exp", "distill", "exp/distill"),
                          ("exp", "cloud_round", "exp/round1/cloud_round")]
     devices = [name for _, stage, name in names if stage == "device"]
@@ -101,14 +100,12 @@ def test_tensorboard_logger_on_request(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_pipeline_with_wandb_offline_logs_one_run_per_stage_grouped_by_pipeline(tmp_path: Path) -> None:
     (tmp_path / "netrc").write_text("")  # no API key anywhere: W&B must go offline by itself, never prompt
-    env = {key: value for key, value in os.environ.items() if not key.startswith("WANDB_")}
-    env.update(PYTHONPATH=str(ROOT), NETRC=str(tmp_path / "netrc"), HOME=str(tmp_path))
+    env = {key: value for key, value in command_env(NETRC=str(tmp_path / "netrc"), HOME=str(tmp_path)).items()
+           if not key.startswith("WANDB_")}
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [sys.executable, "-c", "import cli; cli.main()", "pipeline", "--config", "configs/quickstart.yaml",
-         "--name", "tracked", "--run_dir", str(run_dir), "--rounds", "2", "--trainer.logger", "WandbLogger",
-         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "2"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600)
+    result = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--name", "tracked", "--run_dir", str(run_dir),
+                   "--rounds", "2", "--trainer.logger", "WandbLogger", "--trainer.max_epochs", "1",
+                   "--trainer.limit_train_batches", "5", "--trainer.limit_val_batches", "2", env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no W&B API key found, logging offline" in result.stderr
     assert f"wandb sync {run_dir / 'wandb'}/offline-run-*" in result.stderr
@@ -117,7 +114,7 @@ def test_pipeline_with_wandb_offline_logs_one_run_per_stage_grouped_by_pipeline(
     assert [(run.job_type, run.name) for run in runs] == [
         ("cloud", "tracked/cloud"), ("distill", "tracked/distill"),
         *[(stage, f"tracked/round{r}/{name}") for r in (1, 2) for stage, name in (
-            ("cloud_round", "cloud_round"), ("device", "device0"), ("fusion", "fusion"), ("evaluate", "evaluate"))],
+            ("cloud_round", "cloud_round"), ("device", "device0"), ("evaluate", "evaluate"))],
         ("pipeline", "tracked/summary"),
     ]
     assert {run.group for run in runs} == {"tracked"} and {run.project for run in runs} == {"dcccl"}

@@ -4,15 +4,15 @@ from dcccl.backbones.head import ClassifierHeadMixin
 from dcccl.backbones.registry import BackboneNotFoundError, build_backbone, list_backbones, register_backbone
 from dcccl.backbones.small_cnn import SmallCNN
 from dcccl.backbones.spec import BackboneSpec
+from dcccl.backbones.split import SplitSpec
 
 __all__ = [
     "BackboneNotFoundError",
     "BackboneSpec",
     "ClassifierHeadMixin",
     "SmallCNN",
+    "SplitSpec",
     "build_backbone",
     "list_backbones",
     "register_backbone",
 ]
-
-from dcccl import split as _split  # noqa: E402,F401  (registers the "split" backbone)

@@ -13,13 +13,15 @@ import timm
 import torch
 from torch import nn
 
+from dcccl.errors import DCCCLError, MissingFileError
+
 BackboneBuilder = Callable[..., nn.Module]
 _BuilderT = TypeVar("_BuilderT", bound=BackboneBuilder)
 
 _REGISTRY: dict[str, BackboneBuilder] = {}
 
 
-class BackboneNotFoundError(KeyError):
+class BackboneNotFoundError(DCCCLError, KeyError):
     """Raised when a backbone name is neither registered, importable nor a timm model."""
 
     def __str__(self) -> str:  # KeyError would quote the whole message
@@ -111,7 +113,7 @@ def _strip_module_prefix(state: dict[str, Any], own_keys: set[str]) -> dict[str,
     return {key[len(best):]: value for key, value in state.items() if key.startswith(best)}
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(DCCCLError, ValueError):
     """A ``checkpoint_path`` names a file that holds no weights torch can read."""
 
 
@@ -139,7 +141,7 @@ def read_state_dict(checkpoint_path: str | Path, mmap: bool = False) -> dict[str
     """
     path = Path(checkpoint_path)
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}; fix checkpoint_path")
+        raise MissingFileError(f"pretrained weights file not found: {path}; fix checkpoint_path")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # torch raises several types for foreign or corrupt files
@@ -189,11 +191,11 @@ def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
     misfits = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
                for k in state if k in own and state[k].shape != own[k].shape]
     if misfits:
-        raise ValueError(f"weights in {path} do not fit the network: shape mismatch in {misfits[:5]}")
+        raise WeightsFileError(f"weights in {path} do not fit the network: shape mismatch in {misfits[:5]}")
     missing, unexpected = network.load_state_dict(state, strict=False)
     missing = [key for key in missing if key not in head_keys]
     if missing or unexpected:
-        raise ValueError(
+        raise WeightsFileError(
             f"weights in {path} do not fit the network: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from dcccl.backbones.head import ClassifierHeadMixin
 from dcccl.backbones.registry import register_backbone
+from dcccl.errors import ConfigError
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -31,7 +32,7 @@ class SmallCNN(ClassifierHeadMixin, nn.Module):
     def __init__(self, num_classes: int, in_chans: int = 1, width: int = 32, depth: int = 3) -> None:
         super().__init__()
         if width < 1 or depth < 1:
-            raise ValueError(f"SmallCNN needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+            raise ConfigError(f"SmallCNN needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
         channels = [in_chans] + [width * 2**i for i in range(depth)]
         self.features = nn.Sequential(*(_conv_block(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])))
         self.pool = nn.AdaptiveAvgPool2d(1)

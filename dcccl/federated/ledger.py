@@ -1,0 +1,94 @@
+"""The device/cloud ledger: every transfer between the cloud and a device, in bytes.
+
+By construction only the control model and the co-submodel go down, and only a co-submodel copy and its
+sample count go up; recording anything else raises :class:`LedgerViolation`, so a misconfigured stage is
+refused before it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dcccl.errors import DCCCLError
+from dcccl.federated.costs import state_dict_bytes
+from dcccl.run.atomic import atomic_write_json
+from dcccl.run.exports import load_export
+
+Direction = Literal["down", "up"]
+ALLOWED: dict[str, frozenset[str]] = {
+    "down": frozenset({"control_model", "co_submodel"}),
+    "up": frozenset({"co_submodel", "sample_count"}),
+}
+SAMPLE_COUNT_BYTES = 8  # one int64
+
+
+class LedgerViolation(DCCCLError):
+    """Something other than the control model or the co-submodel would cross the device/cloud boundary."""
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One transfer: in which round, to or from which device, what, how many bytes, from which file."""
+
+    round: int
+    device: int
+    direction: Direction
+    what: str
+    bytes: int
+    file: str
+
+
+class Ledger:
+    """Records transfers and adds them up."""
+
+    def __init__(self) -> None:
+        self.transfers: list[Transfer] = []
+        self._described: dict[str, tuple[str, int]] = {}  # path -> (role, bytes): each export is read once
+
+    def _describe(self, path: str | Path) -> tuple[str, int]:
+        key = str(path)
+        if key not in self._described:
+            export = load_export(path)
+            self._described[key] = (export.role, state_dict_bytes(export.state_dict))
+        return self._described[key]
+
+    def check(self, device: int, direction: Direction, path: str | Path) -> tuple[str, int]:
+        """The role and size of an export, if it may go ``direction``; else :class:`LedgerViolation`."""
+        role, size = self._describe(path)
+        if role not in ALLOWED[direction]:
+            raise LedgerViolation(
+                f"refusing to send a {role} {direction} to device {device} ({path}): only "
+                f"{' and '.join(sorted(ALLOWED[direction]))} may go {direction}"
+            )
+        return role, size
+
+    def record_file(self, round_index: int, device: int, direction: Direction, path: str | Path) -> Transfer:
+        """Record sending an export; its role must be allowed in that direction."""
+        role, size = self.check(device, direction, path)
+        transfer = Transfer(round_index, device, direction, role, size, str(path))
+        self.transfers.append(transfer)
+        return transfer
+
+    def record_sample_count(self, round_index: int, device: int) -> Transfer:
+        """Record a device reporting its sample count."""
+        transfer = Transfer(round_index, device, "up", "sample_count", SAMPLE_COUNT_BYTES, "")
+        self.transfers.append(transfer)
+        return transfer
+
+    def totals(self) -> dict[str, Any]:
+        """Uplink and downlink bytes overall and per round."""
+        per_round: dict[int, dict[str, int]] = {}
+        for t in self.transfers:
+            entry = per_round.setdefault(t.round, {"downlink_bytes": 0, "uplink_bytes": 0})
+            entry["downlink_bytes" if t.direction == "down" else "uplink_bytes"] += t.bytes
+        return {
+            "downlink_bytes": sum(t.bytes for t in self.transfers if t.direction == "down"),
+            "uplink_bytes": sum(t.bytes for t in self.transfers if t.direction == "up"),
+            "per_round": {str(r): per_round[r] for r in sorted(per_round)},
+        }
+
+    def save(self, path: str | Path) -> None:
+        """Write every transfer and the totals as JSON."""
+        atomic_write_json(path, {"transfers": [asdict(t) for t in self.transfers], "totals": self.totals()})

@@ -1,0 +1,1 @@
+"""The method itself: the served model (summed logits), the losses, freezing guides, the vertical split."""

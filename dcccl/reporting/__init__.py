@@ -1,0 +1,1 @@
+"""What a person reads: result tables, plots, the comparison report, Weights & Biases."""

@@ -1,0 +1,185 @@
+"""The privacy boundary, checked on every stage's parsed and resolved config before anything runs.
+
+Whatever the stage configs, ``stage_args`` or extra ``--config`` files say, a run is refused unless:
+
+- each stage runs the module class its stage expects (or a subclass of it);
+- each stage trains on the samples the plan gives it: a cloud stage never on device samples, a device stage only on
+  its own device's share;
+- the data section is the same for every stage (only the device index differs between device stages);
+- every artifact path the plan hands a stage is the one it runs with, and a device stage reads no other file: it
+  receives only the control model and the co-submodel.
+
+Right before a device stage runs, :class:`DeviceGate` checks what it receives once more on the files themselves (a
+control model and a co-submodel, nothing else) and, the first time, that they fit the device budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from dcccl.errors import DCCCLError
+from dcccl.federated.budget import DeviceBudget, check_device_budget
+from dcccl.federated.ledger import Ledger
+from dcccl.run.exports import load_network
+from dcccl.run.steps import StageCall
+
+log = logging.getLogger("dcccl")
+
+# Data arguments that legitimately differ between stage calls: which device's share a device stage trains on.
+PER_CALL_DATA = ("device_index",)
+
+
+class BoundaryViolation(DCCCLError):
+    """A stage's resolved config would carry something across the device/cloud boundary, or train on samples it
+    must not see."""
+
+
+@dataclass(frozen=True)
+class ResolvedStage:
+    """A stage call's config as the stage would run with it: parsed and resolved, nothing instantiated.
+
+    Args:
+        module_class: The LightningModule class the config resolves to.
+        expected_class: The class the stage must run (or a subclass of it).
+        data_partition: The training samples the module declares it trains on (``None``: none).
+        model_args: The module's resolved init arguments (plain dicts and lists).
+        data: The resolved data section: ``class_path`` and ``init_args``.
+    """
+
+    module_class: type
+    expected_class: type
+    data_partition: Optional[str]
+    model_args: dict[str, Any]
+    data: dict[str, Any]
+
+
+def _where(call: StageCall) -> str:
+    return f"stage {call.label!r} ({call.stage}; check stage_args.{call.stage} and {call.config_files[-1]})"
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
+def _names_a_file(value: str, run_root: Path) -> bool:
+    path = Path(value)
+    inside_run = os.path.abspath(path).startswith(os.path.abspath(run_root) + os.sep)
+    return inside_run or path.is_file() or (path.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".bin"))
+
+
+def check_stage(call: StageCall, resolved: ResolvedStage, run_root: Path) -> None:
+    """Refuse ``call`` if its resolved config breaks the boundary (see the module docstring).
+
+    Raises:
+        BoundaryViolation: Naming the stage, what is wrong and where to look.
+    """
+    cls, expected = resolved.module_class, resolved.expected_class
+    if not (isinstance(cls, type) and issubclass(cls, expected)):
+        raise BoundaryViolation(
+            f"the {_where(call)} must run {expected.__module__}.{expected.__qualname__} or a subclass of it, but its "
+            f"config resolves to {getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}")
+    pinned = resolved.data.get("init_args", {}).get("partition")
+    if resolved.data_partition != call.partition or pinned not in (None, call.partition):
+        trains_on = pinned or resolved.data_partition
+        raise BoundaryViolation(
+            f"the {_where(call)} may train on {call.partition or 'no'} samples only, but its config makes it train on "
+            f"{trains_on} samples")
+    for key, planned in call.model_args.items():
+        if resolved.model_args.get(key) != planned:
+            raise BoundaryViolation(
+                f"the {_where(call)} must receive {key}={planned!r} from the pipeline, but its config overrides it "
+                f"with {resolved.model_args.get(key)!r}")
+    data_args = resolved.data.get("init_args", {})
+    for key, planned in call.data_args.items():
+        if data_args.get(key) != planned:
+            raise BoundaryViolation(
+                f"the {_where(call)} must use data {key}={planned!r} from the pipeline, but its config overrides it "
+                f"with {data_args.get(key)!r}")
+    if call.stage == "device":
+        given = {str(value) for value in call.model_args.values() if value is not None}
+        extra = sorted({value for key, value in resolved.model_args.items() if key not in call.model_args
+                        for value in _strings(value) if value not in given and _names_a_file(value, run_root)})
+        if extra:
+            raise BoundaryViolation(
+                f"the {_where(call)} may receive only the control model and the co-submodel, but its config also "
+                f"names {', '.join(extra)}")
+
+
+def _shared_data(data: dict[str, Any]) -> dict[str, Any]:
+    init_args = {key: value for key, value in data.get("init_args", {}).items() if key not in PER_CALL_DATA}
+    return {"class_path": data.get("class_path"), "init_args": init_args}
+
+
+def check_boundary(resolved: Sequence[tuple[StageCall, ResolvedStage]], run_root: Path) -> None:
+    """Check every stage call (:func:`check_stage`) and that all of them share one data section.
+
+    Raises:
+        BoundaryViolation: For the first call that breaks the boundary.
+    """
+    reference: Optional[tuple[StageCall, dict[str, Any]]] = None
+    for call, stage in resolved:
+        check_stage(call, stage, run_root)
+        data = _shared_data(stage.data)
+        if reference is None:
+            reference = (call, data)
+        elif data != reference[1]:
+            differing = sorted(key for key in set(data["init_args"]) | set(reference[1]["init_args"])
+                               if data["init_args"].get(key) != reference[1]["init_args"].get(key))
+            if data["class_path"] != reference[1]["class_path"]:
+                differing.insert(0, "class_path")
+            raise BoundaryViolation(
+                f"every stage must see the same data, but the {_where(call)} differs from stage "
+                f"{reference[0].label!r} in data {', '.join(differing)}")
+
+
+class DeviceGate:
+    """Checked right before each device stage runs: it receives only a control model and a co-submodel (by the
+    roles recorded in the files), and the first time, that the two fit the device budget.
+
+    Args:
+        budget: The device budget (``None``: no limits).
+        sample_shape: Shape of one input sample (for the budget's FLOPs and memory figures).
+        num_classes: Number of classes.
+    """
+
+    def __init__(self, budget: Optional[DeviceBudget] = None, sample_shape: Optional[tuple[int, ...]] = None,
+                 num_classes: Optional[int] = None) -> None:
+        self.budget = budget
+        self.sample_shape = sample_shape
+        self.num_classes = num_classes
+        self._ledger = Ledger()
+        self._measured = False
+
+    def __call__(self, call: StageCall) -> None:
+        """Refuse the call (``LedgerViolation``, ``DeviceBudgetExceeded``) if what it receives does not pass."""
+        if call.stage != "device":
+            return
+        for path in call.inputs:
+            self._ledger.check(call.device or 0, "down", path)
+        if self.budget is not None and not self._measured:
+            self._check_budget(call)
+            self._measured = True
+
+    def _check_budget(self, call: StageCall) -> None:
+        if self.sample_shape is None or self.num_classes is None:
+            raise ValueError("the device budget gate needs the sample shape and class count of the data")
+        control = call.model_args.get("control_model")
+        measured = check_device_budget(
+            self.budget,  # type: ignore[arg-type]
+            load_network(call.model_args["co_submodel"], "co_submodel"),
+            load_network(control, "control_model") if control is not None else None,
+            self.sample_shape, self.num_classes,
+        )
+        log.info("[dcccl] device budget respected: %s", ", ".join(f"{k} {v:,.0f}" for k, v in measured.items()))

@@ -1,0 +1,75 @@
+"""One plan in its run directory, from start to metrics: what would run, the checks before anything is written,
+the execution, and the metrics it leaves behind."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Optional
+
+from dcccl.errors import DCCCLError
+from dcccl.run.boundary import DeviceGate
+from dcccl.run.coordinator import Coordinator, StageRunner
+from dcccl.run.metrics import collect_metrics, metrics_are_current, read_metrics
+from dcccl.run.plan import Plan
+from dcccl.run.preflight import DataDescription, check_before_running
+from dcccl.run.settings import PipelineSettings, RestartPoint
+
+log = logging.getLogger("dcccl")
+
+MetricsOf = Callable[[PipelineSettings, Plan], dict[str, Any]]
+
+
+def _pipeline_metrics(settings: PipelineSettings, plan: Plan) -> dict[str, Any]:
+    return collect_metrics(settings, plan, settings.run)
+
+
+class PlanRun:
+    """A plan of a run and what the coordinator would do with it.
+
+    Args:
+        settings: The run's settings.
+        plan: Its steps.
+        runner: Runs the stage calls.
+        restart_from: Re-run from this restart point on (``--force`` is ``cloud``).
+        rerun_changed: Re-run finished steps whose config changed instead of refusing.
+        metrics: How the metrics are collected once the plan ran (default: the pipeline's ``metrics.json``).
+
+    A refusal of :meth:`Coordinator.decide` (a corrupted artifact, a changed config) is raised by :meth:`check`,
+    after the data, the stage configs and the backbones were checked, and by :meth:`execute`.
+    """
+
+    def __init__(self, settings: PipelineSettings, plan: Plan, runner: StageRunner,
+                 restart_from: Optional[RestartPoint] = None, rerun_changed: bool = False,
+                 metrics: MetricsOf = _pipeline_metrics) -> None:
+        self.settings = settings
+        self.plan = plan
+        self.runner = runner
+        self.coordinator = Coordinator(settings.run, runner, settings.name, restart_from, rerun_changed)
+        self.refusals: list[DCCCLError] = []
+        self.decisions = self.coordinator.decide(plan, self.refusals)
+        self._metrics = metrics
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing to run and the metrics were written from this very plan: the run is finished as configured."""
+        return not self.refusals and not any(decision.runs for decision in self.decisions) and (
+            not self.plan or metrics_are_current(self.settings, self.plan, self.coordinator.manifest))
+
+    def check(self, data: DataDescription) -> None:
+        """Every check before anything runs (boundary, backbones, kept artifacts, budget, head API)."""
+        check_before_running(self.settings, self.plan, self.decisions, self.runner, data, self.refusals)
+
+    def execute(self, data: Optional[DataDescription]) -> dict[str, Any]:
+        """Run what must run and return the metrics (read back when the run was already up to date)."""
+        if self.up_to_date and self.plan:
+            log.info("[dcccl %s] all %d steps are done already; nothing to run (%s)", self.settings.name,
+                     len(self.plan), self.settings.run.metrics)
+            return read_metrics(self.settings.run)
+        if data is not None:
+            self.coordinator.before_stage = DeviceGate(self.settings.device_budget, data.sample_shape,
+                                                       data.num_classes)
+        if self.refusals:
+            raise self.refusals[0]
+        self.coordinator.execute(self.plan)
+        return self._metrics(self.settings, self.plan)

@@ -1,0 +1,96 @@
+"""Fusion as a step of the plan: the cloud's copy and the device copies of a round, fused by the aggregation rule
+into the co-submodel the next round starts from. A plain function over exports: no Trainer, no data."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from dcccl.errors import ConfigError
+from dcccl.federated.aggregation import AggregationRule
+from dcccl.run.exports import NetworkExport, load_export, save_export
+from dcccl.run.ranks import is_global_zero
+from dcccl.run.steps import LocalStep
+
+log = logging.getLogger("dcccl")
+
+
+@dataclass(frozen=True)
+class FusionStep(LocalStep):
+    """Fuse the round's copies of the co-submodel and export the result.
+
+    Args:
+        label: Human-readable name for progress messages.
+        restart_point: The restart point the step belongs to.
+        outputs: The fused co-submodel's export (one path).
+        inputs: Every export the fusion reads.
+        round_index: The round.
+        rule: The aggregation rule.
+        cloud_copy: Export of the cloud's trained copy.
+        device_copies: Exports of the device copies the rule chose (may be empty: nobody reported).
+        device_bases: Per device copy, the co-submodel it started from when it is older than this round
+            (``None`` for a copy of this round).
+        rebase_onto: This round's starting co-submodel (needed when a copy is older than this round).
+    """
+
+    rule: Optional[AggregationRule] = None
+    cloud_copy: Path = Path()
+    device_copies: tuple[Path, ...] = ()
+    device_bases: tuple[Optional[Path], ...] = ()
+    rebase_onto: Optional[Path] = None
+
+    def describe(self) -> dict[str, Any]:
+        """The rule's settings and which copies it fuses."""
+        return {
+            "step": "fusion",
+            "rule": self.rule.settings() if self.rule is not None else None,
+            "cloud_copy": str(self.cloud_copy),
+            "device_copies": [str(path) for path in self.device_copies],
+            "device_bases": [None if base is None else str(base) for base in self.device_bases],
+            "rebase_onto": None if self.rebase_onto is None else str(self.rebase_onto),
+        }
+
+    def run(self) -> None:
+        """Read the copies one at a time, fuse them and write the fused export (on global rank zero)."""
+        if not is_global_zero():
+            return
+        export = fuse_exports(self)
+        save_export(export, self.outputs[0])
+
+    def _device_states(self, onto: Optional[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Optional[dict]]]:
+        for path, base in zip(self.device_copies, self.device_bases):
+            yield (load_export(path, "co_submodel").state_dict,
+                   None if base is None else load_export(base, "co_submodel").state_dict)
+
+
+def _trained_copy(path: Path, num_classes: Optional[int]) -> NetworkExport:
+    export = load_export(path, "co_submodel")
+    if export.sample_count is None:
+        raise ConfigError(f"{path} records no sample count; it is not a trained co-submodel copy")
+    if num_classes is not None and export.num_classes != num_classes:
+        raise ConfigError(f"{path} predicts {export.num_classes} classes but the cloud's copy {num_classes}: fuse only "
+                          "copies of the co-submodel trained on the same data")
+    return export
+
+
+def fuse_exports(step: FusionStep) -> NetworkExport:
+    """The fused co-submodel of ``step``: weights from the rule, the sample count of all copies together.
+
+    Two passes over the device copies (their sample counts, then their weights), one copy in memory at a time.
+    """
+    if step.rule is None:
+        raise ValueError("a fusion step needs an aggregation rule")
+    cloud = _trained_copy(step.cloud_copy, None)
+    counts = [_trained_copy(path, cloud.num_classes).sample_count or 0 for path in step.device_copies]
+    onto = load_export(step.rebase_onto, "co_submodel").state_dict if step.rebase_onto is not None else None
+    parameters = {name for name, _ in cloud.build().named_parameters()}
+    weights = step.rule.weights(cloud.sample_count or 0, counts)
+    log.info("[dcccl] fusion weights: cloud %.3f, devices %s", weights[0],
+             ", ".join(f"{w:.3f}" for w in weights[1:]) or "none reported")
+    fused = step.rule.fuse(cloud.state_dict, cloud.sample_count or 0, counts, step._device_states(onto), onto,
+                           parameters)
+    total = (cloud.sample_count or 0) + sum(counts)
+    return NetworkExport(cloud.role, cloud.backbone, cloud.num_classes, cloud.in_chans, fused, total)

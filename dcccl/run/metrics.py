@@ -1,0 +1,121 @@
+"""What a finished plan leaves in its run directory besides the artifacts: ``metrics.json`` (the last evaluation plus
+a per-round history), ``transfers.json`` (the ledger), per-round ``fleet.json`` and the plots."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dcccl.federated.ledger import Ledger
+from dcccl.reporting.plots import plot_accuracy_per_round, plot_confusion_matrix
+from dcccl.run.atomic import atomic_write_json
+from dcccl.run.manifest import Manifest, fingerprint
+from dcccl.run.ranks import is_global_zero
+from dcccl.run.run_dir import RunDirectory
+from dcccl.run.settings import PipelineSettings
+from dcccl.run.steps import StageCall, Step
+
+CONFUSION_KEY = "served/confusion_matrix"
+
+
+def evaluations(plan: Sequence[Step]) -> list[StageCall]:
+    """The plan's evaluations, in order."""
+    return [step for step in plan if isinstance(step, StageCall) and step.stage == "evaluate"]
+
+
+def ledger_of(plan: Sequence[Step]) -> Ledger:
+    """Every transfer the plan's device stages make: what goes down before each, what comes up after it."""
+    ledger = Ledger()
+    for step in plan:
+        if isinstance(step, StageCall) and step.stage == "device":
+            device = step.device or 0
+            for path in step.downlink:
+                ledger.record_file(step.round_index, device, "down", path)
+            for path in step.uplink:
+                ledger.record_file(step.round_index, device, "up", path)
+                ledger.record_sample_count(step.round_index, device)
+    return ledger
+
+
+def round_history(plan: Sequence[Step]) -> list[dict[str, Any]]:
+    """What each evaluation wrote, with its round."""
+    return [{"round": call.round_index, **json.loads(call.outputs[0].read_text())} for call in evaluations(plan)]
+
+
+def summarize(history: list[dict[str, Any]], ledger: Ledger) -> dict[str, Any]:
+    """``metrics.json``: the last evaluation's figures, the per-round history (without confusion matrices), the
+    served accuracy per round and the transfer totals."""
+    history = [{k: v for k, v in entry.items() if k != CONFUSION_KEY} for entry in history]
+    final = {key: value for key, value in history[-1].items() if key != "round"}
+    totals = ledger.totals()
+    return {
+        **final,
+        "rounds": history,
+        "served/acc_per_round": [entry["served/acc"] for entry in history],
+        "transfers/downlink_bytes": totals["downlink_bytes"],
+        "transfers/uplink_bytes": totals["uplink_bytes"],
+        "transfers/per_round": totals["per_round"],
+    }
+
+
+def run_fingerprint(settings: PipelineSettings, plan: Sequence[Step]) -> str:
+    """Hash of the fingerprints of every step of the plan and of the settings no step holds (the device budget):
+    what ``metrics.json`` is recorded with."""
+    run = settings.run
+    budget = None if settings.device_budget is None else vars(settings.device_budget)
+    parts = "".join(fingerprint(step.describe(), run.root) for step in plan) + json.dumps(budget, sort_keys=True)
+    return hashlib.sha256(parts.encode()).hexdigest()
+
+
+def metrics_are_current(settings: PipelineSettings, plan: Sequence[Step], manifest: Manifest) -> bool:
+    """Whether ``metrics.json`` and ``transfers.json`` were written from this very plan (nothing to redo)."""
+    run = settings.run
+    expected = run_fingerprint(settings, plan)
+    return all(path.is_file() and (entry := manifest.entry(path)) is not None and entry.config_sha256 == expected
+               for path in (run.metrics, run.transfers))
+
+
+def write_fleet_state(settings: PipelineSettings, run: RunDirectory) -> None:
+    """Per round: who was sampled, online and reported, and which copies the fusion averaged."""
+    fleet, seed, rule = settings.fleet, settings.seed_everything, settings.rule
+    for r in range(1, settings.rounds + 1):
+        atomic_write_json(run.round_dir(r) / "fleet.json", {
+            "sampled": fleet.sampled(seed, r),
+            "online": sorted(fleet.online(seed, r)),
+            "reported": fleet.reporting(seed, r),
+            "aggregation": type(rule).__name__,
+            "fused_copies": [{"device": d, "round": rr} for d, rr in rule.fused_copies(fleet, seed, r)],
+        })
+
+
+def write_run_outputs(settings: PipelineSettings, plan: Sequence[Step], run: RunDirectory,
+                      metrics: dict[str, Any], confusion: Any, ledger: Ledger, fleet_state: bool = True) -> None:
+    """Write ``metrics.json``, ``transfers.json``, the plots and (with ``fleet_state``) each round's ``fleet.json``
+    (global rank zero only), and record the two JSON files in the manifest."""
+    if not is_global_zero():
+        return
+    ledger.save(run.transfers)
+    if fleet_state:
+        write_fleet_state(settings, run)
+    plot_accuracy_per_round(metrics["rounds"], run.accuracy_plot)
+    if confusion is not None:
+        plot_confusion_matrix(confusion, run.confusion_plot)
+    atomic_write_json(run.metrics, metrics)
+    Manifest(run.manifest).record((run.metrics, run.transfers), "pipeline", run_fingerprint(settings, plan))
+
+
+def collect_metrics(settings: PipelineSettings, plan: Sequence[Step], run: RunDirectory) -> dict[str, Any]:
+    """Merge the plan's evaluations and ledger into ``metrics.json`` (and the other outputs); returns it."""
+    history = round_history(plan)
+    ledger = ledger_of(plan)
+    metrics = summarize(history, ledger)
+    write_run_outputs(settings, plan, run, metrics, history[-1].get(CONFUSION_KEY), ledger)
+    return metrics
+
+
+def read_metrics(run: RunDirectory) -> dict[str, Any]:
+    """The ``metrics.json`` of a finished run."""
+    return json.loads(Path(run.metrics).read_text())

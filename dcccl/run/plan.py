@@ -1,0 +1,185 @@
+"""The plan of a DC-CCL run: settings in, the ordered list of steps out. Pure: it reads no file and runs nothing.
+
+cloud -> distill -> per round: cloud side, every reporting device, fusion, (head fine-tuning), evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from dcccl.reporting.tracking import with_save_dirs
+from dcccl.run.fusion import FusionStep
+from dcccl.run.run_dir import RunDirectory
+from dcccl.run.settings import PipelineSettings, RestartPoint
+from dcccl.run.steps import StageCall, StageName, Step
+
+Plan = list[Step]
+
+
+@dataclass(frozen=True)
+class Reused:
+    """Artifacts another run already made that this plan takes instead of making its own (compared methods).
+
+    Args:
+        cloud_submodel: Take this cloud submodel instead of training one.
+        initial_co_submodel: Start round 1 from this co-submodel instead of building a fresh one.
+    """
+
+    cloud_submodel: Optional[Path] = None
+    initial_co_submodel: Optional[Path] = None
+
+
+class PlanBuilder:
+    """Makes the stage calls of one run: config files, trainer options, split and fleet arguments, stage_args.
+
+    Args:
+        settings: The run's settings.
+        run: Its run directory.
+    """
+
+    def __init__(self, settings: PipelineSettings, run: RunDirectory) -> None:
+        self.settings = settings
+        self.run = run
+
+    def call(self, stage: StageName, model_args: dict[str, Any], outputs: tuple[Path, ...], label: str,
+             restart_point: RestartPoint, command: Literal["fit", "test"] = "fit", round_index: int = 0,
+             inputs: tuple[Path, ...] = (), partition: Any = None, device: Optional[int] = None,
+             config_stage: Optional[str] = None, downlink: tuple[Path, ...] = (),
+             uplink: tuple[Path, ...] = ()) -> StageCall:
+        """A stage call with this run's data config, trainer options and extra arguments.
+
+        ``config_stage`` names the stage config to use when it is not the stage's own (``fedavg_client``).
+        """
+        settings = self.settings
+        config_files = [Path(settings.stages[config_stage or stage])]
+        if settings.data is not None:
+            config_files.insert(0, Path(settings.data))
+        work_dir = outputs[0].parent
+        trainer_args = {**settings.trainer, "default_root_dir": str(work_dir)}
+        if trainer_args.get("logger") not in (None, True, False):
+            # W&B runs land in the run directory, TensorBoard and CSV logs in the stage's own directory.
+            trainer_args["logger"] = with_save_dirs(trainer_args["logger"], self.run.root, work_dir)
+        data_args = settings.fleet.data_arguments()
+        if device is not None and settings.fleet.num_devices > 1:
+            data_args = {**data_args, "device_index": device}
+        return StageCall(
+            label=label, restart_point=restart_point, outputs=outputs, inputs=inputs, round_index=round_index,
+            stage=stage, command=command, config_files=tuple(config_files), model_args=model_args,
+            trainer_args=trainer_args, data_args=data_args, seed=settings.seed_everything, work_dir=work_dir,
+            partition=partition,
+            extra_args=tuple(self.split_arguments(stage) + list(settings.stage_args.get(stage, []))),
+            device=device, group=settings.name, downlink=downlink, uplink=uplink,
+        )
+
+    def split_arguments(self, stage: StageName) -> list[str]:
+        """Arguments that give ``stage`` its part of the split base model (none without ``split``)."""
+        split = self.settings.split
+        if split is None:
+            return []
+        parts = {"cloud": {"backbone": "cloud"}, "distill": {"backbone": "co"},
+                 "cloud_round": {"co_backbone": "co"}}.get(stage, {})
+        return [f"--model.init_args.{argument}={json.dumps(split.part(part).to_dict())}"  # type: ignore[arg-type]
+                for argument, part in parts.items()]
+
+    def evaluation(self, co_submodel: Path, metrics: Path, label: str, restart_point: RestartPoint,
+                   cloud_submodel: Optional[Path], round_index: int = 0) -> StageCall:
+        """Evaluate the served model made of ``co_submodel`` (plus ``cloud_submodel``, if served)."""
+        inputs = (co_submodel,) if cloud_submodel is None else (cloud_submodel, co_submodel)
+        return self.call("evaluate", {
+            "cloud_submodel": None if cloud_submodel is None else str(cloud_submodel),
+            "co_submodel": str(co_submodel),
+            "metrics_path": str(metrics),
+        }, (metrics,), label, restart_point, command="test", round_index=round_index, inputs=inputs)
+
+
+def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, reused: Reused = Reused(),
+               cloud_round_stage: str = "cloud_round") -> Plan:
+    """The steps of a DC-CCL run (or of a variant of it: the guides and what is served follow ``settings``).
+
+    Args:
+        settings: The run's settings.
+        run: Its run directory (default: the settings' own).
+        reused: Artifacts of another run to take instead of making them here.
+        cloud_round_stage: Which stage config trains the cloud's copy of the co-submodel.
+    """
+    run = run if run is not None else settings.run
+    build = PlanBuilder(settings, run)
+    steps: Plan = []
+    cloud_submodel = reused.cloud_submodel or run.cloud_submodel
+    if settings.needs_cloud_submodel and reused.cloud_submodel is None:
+        steps.append(build.call("cloud", {"export_path": str(run.cloud_submodel)}, (run.cloud_submodel,),
+                                "cloud submodel", "cloud", partition="cloud"))
+    if settings.needs_control_model:
+        steps.append(build.call("distill", {"cloud_submodel": str(cloud_submodel),
+                                            "export_path": str(run.control_model)},
+                                (run.control_model,), "control model", "distill", inputs=(cloud_submodel,),
+                                partition="cloud"))
+    guide = {"cloud_submodel": cloud_submodel, "control_model": run.control_model}.get(settings.cloud_round_guide)
+    initial = reused.initial_co_submodel or run.initial_co_submodel
+    served_cloud = cloud_submodel if settings.serve_cloud_submodel else None
+    control = run.control_model if settings.device_guide == "control_model" else None
+    has_control: set[int] = set()
+    for r in range(1, settings.rounds + 1):
+        tag = f"round {r}/{settings.rounds}"
+        start = initial if r == 1 else round_result(settings, run, r - 1)
+        builds_initial = r == 1 and reused.initial_co_submodel is None
+        steps.append(build.call("cloud_round", {
+            "guide": None if guide is None else str(guide),
+            "co_submodel": None if builds_initial else str(start),
+            "initial_export_path": str(run.initial_co_submodel) if builds_initial else None,
+            "export_path": str(run.cloud_copy(r)),
+        }, (run.cloud_copy(r), run.initial_co_submodel) if builds_initial else (run.cloud_copy(r),),
+            f"{tag}: cloud side", "rounds", round_index=r,
+            inputs=tuple(p for p in (guide, None if builds_initial else start) if p is not None),
+            partition="cloud", config_stage=cloud_round_stage))
+        reporting = settings.fleet.reporting(settings.seed_everything, r)
+        for position, device in enumerate(reporting, start=1):
+            sends_control = control is not None and device not in has_control
+            has_control.add(device)
+            steps.append(build.call("device", {
+                "control_model": None if control is None else str(control),
+                "co_submodel": str(start),
+                "export_path": str(run.device_copy(r, device)),
+            }, (run.device_copy(r, device),), f"{tag}: device {device} ({position}/{len(reporting)})", "rounds",
+                round_index=r, inputs=tuple(p for p in (control, start) if p is not None), partition="device",
+                device=device, downlink=tuple(p for p in (control if sends_control else None, start) if p is not None),
+                uplink=(run.device_copy(r, device),)))
+        steps.append(fusion_step(settings, run, r, initial))
+        if settings.finetune_head:
+            steps.append(build.call("head", {
+                "co_submodel": str(run.fused_co_submodel(r)),
+                "cloud_submodel": str(cloud_submodel),
+                "export_path": str(run.finetuned_co_submodel(r)),
+            }, (run.finetuned_co_submodel(r),), f"{tag}: head fine-tuning", "rounds", round_index=r,
+                inputs=(run.fused_co_submodel(r), cloud_submodel), partition="cloud"))
+        steps.append(build.evaluation(round_result(settings, run, r), run.round_metrics(r), f"{tag}: evaluation",
+                                      "rounds", served_cloud, round_index=r))
+    return steps
+
+
+def round_result(settings: PipelineSettings, run: RunDirectory, round_index: int) -> Path:
+    """The co-submodel a round ends with (and the next starts from): fused, then fine-tuned when configured."""
+    return run.finetuned_co_submodel(round_index) if settings.finetune_head else run.fused_co_submodel(round_index)
+
+
+def fusion_step(settings: PipelineSettings, run: RunDirectory, round_index: int, initial: Path) -> FusionStep:
+    """The fusion of round ``round_index``: the cloud's copy and the device copies the aggregation rule chooses."""
+    rule = settings.rule
+    fused = rule.fused_copies(settings.fleet, settings.seed_everything, round_index)
+
+    def start(r: int) -> Path:
+        return initial if r == 1 else round_result(settings, run, r - 1)
+
+    copies = tuple(run.device_copy(r, device) for device, r in fused)
+    bases = tuple(None if r == round_index else start(r) for _, r in fused)
+    onto = start(round_index) if any(base is not None for base in bases) else None
+    inputs = [run.cloud_copy(round_index), *copies, *(base for base in bases if base is not None),
+              *((onto,) if onto is not None else ())]
+    return FusionStep(
+        label=f"round {round_index}/{settings.rounds}: fusion of the cloud copy and {len(copies)} device copies",
+        restart_point="rounds", outputs=(run.fused_co_submodel(round_index),), inputs=tuple(dict.fromkeys(inputs)),
+        round_index=round_index, rule=rule, cloud_copy=run.cloud_copy(round_index), device_copies=copies,
+        device_bases=bases, rebase_onto=onto)

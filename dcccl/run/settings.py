@@ -1,0 +1,119 @@
+"""What a pipeline run is configured with: the settings ``dcccl pipeline`` parses, as one typed dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from dcccl.backbones.split import SplitSpec
+from dcccl.errors import ConfigError, MissingFileError
+from dcccl.federated.aggregation import AggregationRule, FedAvg
+from dcccl.federated.budget import DeviceBudget
+from dcccl.federated.fleet import FleetSpec
+from dcccl.run.config_path import ConfigPath
+from dcccl.run.run_dir import RunDirectory
+
+Guide = Literal["cloud_submodel", "control_model", "none"]
+DeviceGuide = Literal["control_model", "none"]
+RestartPoint = Literal["cloud", "distill", "rounds"]
+RESTART_ORDER: tuple[RestartPoint, ...] = ("cloud", "distill", "rounds")
+
+# The stage configs every pipeline names, and those only some runs need (head fine-tuning, compared methods).
+REQUIRED_STAGES: tuple[str, ...] = ("cloud", "distill", "cloud_round", "device", "evaluate")
+OPTIONAL_STAGES: tuple[str, ...] = ("head",)
+
+
+@dataclass
+class PipelineSettings:
+    """Everything that decides what a DC-CCL run computes.
+
+    Args:
+        stages: The config file of each stage, by stage name: ``cloud``, ``distill``, ``cloud_round``, ``device``
+            and ``evaluate`` always; ``head`` with ``finetune_head``; ``centralized`` and ``fedavg_client`` for
+            ``dcccl compare``. The same files run each stage alone with ``dcccl fit``/``test``. In a config file,
+            relative names are relative to that file's folder.
+        data: Config file with the ``data`` section shared by all stages (default: the bundled MNIST digits).
+        name: Run name; the run directory defaults to ``runs/<name>``.
+        run_dir: Run directory (overrides ``runs/<name>``), relative to the working directory.
+        rounds: Number of device-cloud rounds (at least 1).
+        seed_everything: Seed of the whole run: data split and training of every stage.
+        cloud_round_guide: Which model guides the cloud's copy of the co-submodel: the cloud submodel
+            (default, as in the paper's code), the control model, or none (baselines).
+        device_guide: Whether the control model guides the devices (``none``: the ablation without it).
+        serve_cloud_submodel: Serve ``f + h`` (default) or the co-submodel alone (small-model baselines).
+        fleet: Many devices: their data partition, sampling and availability (default: one device that always
+            reports).
+        aggregation: How the cloud fuses the copies of the co-submodel each round (default: ``FedAvg`` with the
+            cloud's copy holding half); e.g. ``{class_path: LatestUpdate, init_args: {cloud_share: 0.5}}``.
+        finetune_head: After each fusion, fine-tune the fused co-submodel's classifier on cloud samples with the
+            cloud submodel frozen (the ``head`` stage config; needs timm's head API).
+        device_budget: Limits the on-device part (control model + co-submodel) must fit; checked before the
+            first device trains, and the run is refused if it does not fit.
+        split: Build the submodels by splitting one base model vertically instead of taking each stage's own
+            backbone: the cloud submodel is the large group, the co-submodel (and the control model, which
+            is distilled afterwards) the small group, all initialised from the base model's weights.
+        trainer: Trainer options applied to every stage (e.g. ``--trainer.max_epochs 1``).
+        stage_args: Extra command-line arguments per stage name, e.g. ``{cloud: ["--model.init_args.lr=0.01"]}``.
+    """
+
+    stages: dict[str, ConfigPath]
+    data: Optional[ConfigPath] = None
+    name: str = "dcccl"
+    run_dir: Optional[str] = None
+    rounds: int = 3
+    seed_everything: int = 0
+    cloud_round_guide: Guide = "cloud_submodel"
+    device_guide: DeviceGuide = "control_model"
+    serve_cloud_submodel: bool = True
+    fleet: FleetSpec = field(default_factory=FleetSpec)
+    aggregation: Optional[AggregationRule] = None
+    finetune_head: bool = False
+    device_budget: Optional[DeviceBudget] = None
+    split: Optional[SplitSpec] = None
+    trainer: dict[str, Any] = field(default_factory=dict)
+    stage_args: dict[str, list[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
+        needed = REQUIRED_STAGES + (("head",) if self.finetune_head else ())
+        missing = [name for name in needed if name not in self.stages]
+        if missing:
+            raise ConfigError(f"the pipeline config names no stage config for {', '.join(missing)}: add "
+                              + ", ".join(f"stages.{name}" for name in missing) + " (see configs/quickstart.yaml)")
+        for config in [*self.stages.values(), *([self.data] if self.data is not None else [])]:
+            if not Path(config).is_file():
+                raise MissingFileError(f"config file not found: {config}")
+        if self.aggregation is None:
+            self.aggregation = FedAvg()
+
+    @property
+    def rule(self) -> AggregationRule:
+        """The aggregation rule in effect."""
+        return self.aggregation if self.aggregation is not None else FedAvg()
+
+    @property
+    def run(self) -> RunDirectory:
+        """The run directory: ``run_dir``, or ``runs/<name>``."""
+        return RunDirectory(self.run_dir if self.run_dir is not None else Path("runs") / self.name)
+
+    @property
+    def needs_control_model(self) -> bool:
+        """Whether any stage uses the control model."""
+        return self.device_guide == "control_model" or self.cloud_round_guide == "control_model"
+
+    @property
+    def needs_cloud_submodel(self) -> bool:
+        """Whether any stage uses the cloud submodel."""
+        return self.serve_cloud_submodel or self.cloud_round_guide == "cloud_submodel" or self.needs_control_model
+
+    def check_stage_names(self, known: set[str]) -> None:
+        """Refuse names under ``stages`` and ``stage_args`` that are none of ``known`` (a typo is not ignored).
+
+        Raises:
+            ConfigError: Naming the unknown and the known names.
+        """
+        unknown = sorted((set(self.stages) | set(self.stage_args)) - known)
+        if unknown:
+            raise ConfigError(f"stages / stage_args name unknown stages {unknown}: known are {sorted(known)}")

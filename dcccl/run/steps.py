@@ -1,0 +1,122 @@
+"""The steps of a plan: stage calls (a LightningModule run through a stage runner) and local steps (plain functions
+the coordinator calls itself, such as fusion).
+
+A step is fully described when the plan makes it: what it reads (``inputs``), what it writes (``outputs``), where it
+belongs (``restart_point``, ``round_index``). The coordinator never changes a step; what it decides (skip, resume)
+it keeps to itself.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from dcccl.federated.class_split import DataPartition
+from dcccl.run.manifest import PRESENTATION_OPTIONS
+from dcccl.run.run_dir import RunDirectory
+from dcccl.run.settings import RestartPoint
+
+StageName = Literal["cloud", "distill", "cloud_round", "device", "head", "evaluate", "centralized"]
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every step has.
+
+    Args:
+        label: Human-readable name for progress messages.
+        restart_point: The restart point the step belongs to (``--from_stage``).
+        outputs: The artifacts the step must leave behind; all present means done.
+        inputs: The artifacts the step reads (a changed input makes it run again).
+        round_index: The round the step belongs to (0 outside the rounds).
+    """
+
+    label: str
+    restart_point: RestartPoint
+    outputs: tuple[Path, ...]
+    inputs: tuple[Path, ...]
+    round_index: int
+
+    def describe(self) -> dict[str, Any]:
+        """Everything besides the inputs' bytes that decides what the step produces (its config fingerprint)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class StageCall(Step):
+    """One stage run as the plan asks for it: a LightningModule run through ``dcccl fit``/``test``'s parser.
+
+    Args:
+        label: Human-readable name for progress messages.
+        restart_point: The restart point the call belongs to.
+        outputs: The artifacts the stage must leave behind.
+        inputs: The artifacts the stage reads.
+        round_index: The round the call belongs to (0 outside the rounds).
+        stage: Which stage.
+        command: The LightningCLI subcommand (``fit`` trains, ``test`` evaluates).
+        config_files: Config files, applied in order (later ones win).
+        model_args: Init arguments of the stage module, mostly artifact paths.
+        trainer_args: Trainer options for this run.
+        data_args: Init arguments of the DataModule (the fleet's partition, the device's index).
+        seed: Seed for training and for the data split.
+        work_dir: Where the stage keeps its config, logs and checkpoints.
+        partition: The training samples the stage may see (``None``: it trains on nothing).
+        extra_args: Raw command-line arguments appended last (the pipeline's ``stage_args``; they win).
+        device: For a device stage, the device it runs for.
+        group: The pipeline run the call belongs to (its name).
+        downlink: What the cloud sends the device before this call (device stages; the control model only the
+            first time a device takes part).
+        uplink: What the device sends back (its copy; its sample count is counted with it).
+    """
+
+    stage: StageName = "cloud"
+    command: Literal["fit", "test"] = "fit"
+    config_files: tuple[Path, ...] = ()
+    model_args: dict[str, Any] = field(default_factory=dict)
+    trainer_args: dict[str, Any] = field(default_factory=dict)
+    data_args: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    work_dir: Path = Path(".")
+    partition: Optional[DataPartition] = None
+    extra_args: tuple[str, ...] = ()
+    device: Optional[int] = None
+    group: str = ""
+    downlink: tuple[Path, ...] = ()
+    uplink: tuple[Path, ...] = ()
+
+    @property
+    def last_checkpoint(self) -> Path:
+        """Where the stage's last checkpoint is kept."""
+        return RunDirectory.last_checkpoint(self.work_dir)
+
+    @property
+    def run_name(self) -> str:
+        """Name of the call's tracking run: pipeline, round and device, e.g. ``quickstart/round2/device3``."""
+        parts = [self.group] if self.group else []
+        if self.round_index:
+            parts.append(f"round{self.round_index}")
+        parts.append(self.stage if self.device is None else f"device{self.device}")
+        return "/".join(parts)
+
+    def describe(self) -> dict[str, Any]:
+        """Stage, command, config files (by content), arguments, the trainer options that change results, seed."""
+        return {
+            "stage": self.stage,
+            "command": self.command,
+            "config_files": [Path(path).read_text() for path in self.config_files],
+            "model_args": dict(sorted(self.model_args.items())),
+            "trainer_args": {k: v for k, v in sorted(self.trainer_args.items()) if k not in PRESENTATION_OPTIONS},
+            "data_args": self.data_args,
+            "seed": self.seed,
+            "extra_args": list(self.extra_args),
+        }
+
+
+class LocalStep(Step, ABC):
+    """A step the coordinator runs itself, as a plain function (global rank zero writes, every rank waits)."""
+
+    @abstractmethod
+    def run(self) -> None:
+        """Produce the outputs."""
