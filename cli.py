@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -28,6 +29,7 @@ from datamodules.base import DCCCLDataModule
 from dcccl.deploy.bundle import export_run, parity_report
 from dcccl.errors import ConfigError, one_line, user_error_message
 from dcccl.methods import METHODS, select, stage_names
+from dcccl.methods.ablation import Ablation, ablation_markdown, ablation_table, read_variants, write_ablation
 from dcccl.methods.comparison import Comparison, control_fidelity_of, method_costs
 from dcccl.reporting.comparison import build_comparison, markdown_table, write_outputs
 from dcccl.reporting.fleet import write_partition_report
@@ -54,7 +56,8 @@ log = logging.getLogger("dcccl")
 
 STAGE_HELP = """dcccl: device-cloud collaborative controlled learning. Subcommands fit/validate/test/predict run one
 stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method,
-'dcccl compare --help' compares it with the paper's baselines, 'dcccl export --help' writes the ONNX bundle."""
+'dcccl compare --help' compares it with the paper's baselines, 'dcccl ablate --help' compares variants of it,
+'dcccl export --help' writes the ONNX bundle."""
 
 PIPELINE_HELP = """Run DC-CCL end to end: cloud submodel -> control model -> rounds of (cloud side, devices, fusion,
 evaluation). Any --trainer.* option (e.g. --trainer.max_epochs 1, --trainer.accelerator gpu,
@@ -346,12 +349,60 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
         results[method_run.seed][method_run.method.name] = plan_run.execute(data[method_run.seed])
     if not _is_rank_zero():
         return {}
-    fidelity = {seed: control_fidelity_of(comparison.reference_settings(seed).run, datamodules[seed])
-                for seed in comparison.seeds}
+    fidelity = {seed: control_fidelity_of(run.cloud_submodel, run.control_model, datamodules[seed])
+                for seed in comparison.seeds for run in [comparison.reference_settings(seed).run]}
     costs = method_costs(comparison.runs(comparison.seeds[0]), datamodules[comparison.seeds[0]])
     table = build_comparison(results, costs, fidelity, methods)
     paths = write_outputs(table, comparison.root)
     print(f"\nDC-CCL comparison ({comparison.root}):\n\n{markdown_table(table)}")
+    print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    return table
+
+
+ABLATE_HELP = """Run variants of DC-CCL side by side on the same data partition and seeds, and write the table of their
+accuracies and control-model fidelity (mean and std over the seeds) to <run_dir>/ablation/ablation.md and .json.
+--variants names a YAML file of variants: each a description and the pipeline settings it changes (see
+configs/ablations/variants.yaml); the first variant is the reference, and a variant whose cloud and distillation
+stages are the reference's takes the reference's cloud submodel and control model instead of training them again."""
+
+
+def ablate_parser() -> ArgumentParser:
+    """The parser of ``dcccl ablate``: the pipeline's options plus ``--variants``, ``--only`` and ``--seeds``."""
+    parser = pipeline_parser("dcccl ablate", ABLATE_HELP)
+    parser.add_argument("--variants", type=ConfigPath, required=True, help="YAML file of variants.")
+    parser.add_argument("--only", type=str, default=None, nargs="+", help="Run only these variants (and the first).")
+    parser.add_argument("--seeds", type=int, default=[0], nargs="+", help="Seeds, e.g. --seeds 0 1 2.")
+    return parser
+
+
+def ablate_main(argv: list[str]) -> dict[str, Any]:
+    """``dcccl ablate``: every variant for every seed, then ablation.json/.md."""
+    parser = ablate_parser()
+    cfg = parser.parse_args(argv)
+    described = read_variants(Path(cfg.variants), cfg.only)
+    variants = {name: settings_from(parser, parser.parse_object(entry["settings"], namespace=cfg.clone()))
+                for name, entry in described.items()}
+    first = next(iter(variants.values()))
+    ablation = Ablation(variants, cfg.seeds, first.run.root / "ablation")
+    runner = LightningStageRunner()
+    runs = [(run, PlanRun(run.settings, run.plan, runner, _restart_point(cfg), cfg.rerun_changed))
+            for seed in ablation.seeds for run in ablation.runs(seed)]
+    datamodules = {seed: datamodule_of(replace(first, seed_everything=seed)) for seed in ablation.seeds}
+    data = {seed: datamodule.describe() for seed, datamodule in datamodules.items()}
+    for run, plan_run in runs:  # bad input is refused before anything is written
+        plan_run.check(data[run.seed])
+    results: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in variants}
+    for run, plan_run in runs:
+        log.info("[dcccl ablate] seed %d: %s", run.seed, run.name)
+        metrics = plan_run.execute(data[run.seed])
+        fidelity = control_fidelity_of(run.cloud_submodel, run.control_model, datamodules[run.seed])
+        results[run.name][run.seed] = {**metrics, "fidelity": fidelity}
+    if not _is_rank_zero():
+        return {}
+    table = ablation_table(results)
+    paths = write_ablation(table, {name: entry.get("description", "") for name, entry in described.items()},
+                           ablation.root)
+    print(f"\nDC-CCL variants ({ablation.root}):\n\n{ablation_markdown(table, {})}")
     print("\n".join(f"{kind}: {path}" for kind, path in paths.items()))
     return table
 
@@ -416,7 +467,7 @@ class _DropAdvertisements(logging.Filter):
         return not str(record.msg).startswith("💡")
 
 
-COMMANDS = {"pipeline": pipeline_main, "compare": compare_main, "export": export_main}
+COMMANDS = {"pipeline": pipeline_main, "compare": compare_main, "ablate": ablate_main, "export": export_main}
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,11 +18,19 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import transforms
 
 from dcccl.errors import DataError, MissingFileError
-from dcccl.federated.class_split import ClassSplit, DataPartition, indices_of_classes, unlearnable_classes
+from dcccl.federated.class_split import (
+    ClassSplit,
+    DataPartition,
+    indices_of_classes,
+    stratified_split,
+    unlearnable_classes,
+)
 from dcccl.federated.partitioners import DevicePartitioner, partition_devices
 from dcccl.run.preflight import DataDescription
 from dcccl.run.sampling import EpochSeededSampler
 
+# Offset of the held-out validation's random stream from the data's seed.
+VALIDATION_SEED_OFFSET = 7_919
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".pgm", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -37,6 +45,10 @@ class SplitData:
         test_labels: Label of every sample of ``test``.
         class_split: Which classes each side holds.
         device_labels: Label of every sample of ``device_train`` (to divide them among devices).
+        cloud_labels: Label of every sample of ``cloud_train``.
+        cloud_val: Validation samples held out of the cloud's (set by the base class).
+        device_val: Validation samples held out of the devices' (set by the base class; only the pooled,
+            privacy-violating baseline validates on them).
     """
 
     cloud_train: Dataset
@@ -45,6 +57,9 @@ class SplitData:
     test_labels: np.ndarray
     class_split: ClassSplit
     device_labels: np.ndarray
+    cloud_labels: np.ndarray
+    cloud_val: Optional[Dataset] = None
+    device_val: Optional[Dataset] = None
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -98,14 +113,35 @@ class ImageFiles(Dataset):
         return self.transform(image), path.relative_to(self.root).as_posix()
 
 
+class IndexedDataset(Dataset):
+    """Item ``i`` of ``dataset`` with its position: ``(sample, label, i)``.
+
+    Args:
+        dataset: The dataset (items ``(sample, label)``).
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        sample, label = self.dataset[index]
+        return sample, label, index
+
+
 class DCCCLDataModule(LightningDataModule):
     """Serves one data partition for training and the union test set for evaluation.
 
     Which partition a ``fit`` trains on is declared by the stage module (its ``data_partition``: the device
     stage trains on device samples only, the cloud stages on cloud samples only, only the centralized
     baseline on both pooled); ``partition`` pins it explicitly and must then agree with the module.
-    Validation uses the test samples of the classes the partition holds; ``test`` uses the union test set
-    (every test sample of a class held on either side).
+    ``val_fraction`` of each side's training samples (per class, seeded) is held out for validation, which the
+    stages' training budgets watch: the cloud stages validate on the cloud's held-out samples, the pooled baseline on
+    both sides'; a device stage does not validate (its share is small, and no other device's samples are its own).
+    ``test`` uses the union test set (every test sample of a class held on either side); no stage trains or stops
+    on it.
 
     With a fleet (``num_devices`` > 1) the device-side training samples are divided among the devices by
     ``device_partitioner`` and the device partition serves device ``device_index``'s share only.
@@ -125,16 +161,19 @@ class DCCCLDataModule(LightningDataModule):
         allow_unlearnable_test_classes: Go on (with a warning) when the test samples hold classes that neither the
             cloud nor the devices hold, evaluating without them; by default such data is refused, since no model
             of the method can learn those classes.
+        val_fraction: Share of each class's training samples, on each side, held out for validation.
     """
 
     def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
                  partition: Optional[DataPartition] = None, num_devices: int = 1, device_index: int = 0,
                  device_partitioner: DevicePartitioner = "iid", dirichlet_alpha: float = 0.5,
                  classes_per_device: Optional[list[list[int]]] = None, predict_folder: Optional[str] = None,
-                 allow_unlearnable_test_classes: bool = False) -> None:
+                 allow_unlearnable_test_classes: bool = False, val_fraction: float = 0.1) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if not 0 <= device_index < num_devices:
             raise DataError(f"device_index {device_index} is not one of the {num_devices} devices")
         self.batch_size = batch_size
@@ -148,6 +187,7 @@ class DCCCLDataModule(LightningDataModule):
         self.classes_per_device = classes_per_device
         self.predict_folder = predict_folder
         self.allow_unlearnable_test_classes = allow_unlearnable_test_classes
+        self.val_fraction = val_fraction
         self._data: Optional[SplitData] = None
         self._device_parts: Optional[list[np.ndarray]] = None
 
@@ -167,12 +207,26 @@ class DCCCLDataModule(LightningDataModule):
 
     @property
     def data(self) -> SplitData:
-        """The prepared split (prepared on first use)."""
+        """The prepared split, validation held out (prepared on first use)."""
         if self._data is None:
             data = self.prepare_split()
             self.check_test_classes(data)
-            self._data = data
+            self._data = self.hold_out_validation(data)
         return self._data
+
+    def hold_out_validation(self, data: SplitData) -> SplitData:
+        """``data`` with ``val_fraction`` of each side's training samples, class by class, held out for validation."""
+        if self.val_fraction == 0.0:
+            return replace(data, cloud_val=Subset(data.cloud_train, []), device_val=Subset(data.device_train, []))
+        sides = {}
+        for side, samples, labels in (("cloud", data.cloud_train, data.cloud_labels),
+                                      ("device", data.device_train, data.device_labels)):
+            # Its own random stream: the held-out samples do not depend on how the test samples were drawn.
+            fit, val = stratified_split(labels, self.val_fraction, self.seed + VALIDATION_SEED_OFFSET)
+            sides[side] = (Subset(samples, fit.tolist()), labels[fit], Subset(samples, val.tolist()))
+        return replace(data, cloud_train=sides["cloud"][0], cloud_labels=sides["cloud"][1], cloud_val=sides["cloud"][2],
+                       device_train=sides["device"][0], device_labels=sides["device"][1],
+                       device_val=sides["device"][2])
 
     def check_test_classes(self, data: SplitData) -> None:
         """Refuse test samples of classes that neither side holds (or warn, if ``allow_unlearnable_test_classes``)."""
@@ -262,16 +316,31 @@ class DCCCLDataModule(LightningDataModule):
             return self.data.device_train if self.num_devices == 1 else self.device_dataset(self.device_index)
         return self.data.cloud_train
 
+    def train_class_counts(self) -> list[int]:
+        """Training samples per class of the partition in use."""
+        partition = self.resolve_partition()
+        labels = {"cloud": lambda: self.data.cloud_labels,
+                  "device": lambda: self.data.device_labels[self.device_parts[self.device_index]],
+                  "pooled": lambda: np.concatenate([self.data.cloud_labels, self.data.device_labels])}[partition]()
+        return np.bincount(labels, minlength=self.num_classes).tolist()
+
     def train_sample_count(self) -> int:
         """Number of training samples of the partition in use (the weight of its co-submodel copy)."""
         return len(self.train_dataset(self.resolve_partition()))  # type: ignore[arg-type]
 
-    def val_dataset(self, partition: DataPartition) -> Dataset:
-        """Test samples of the classes ``partition`` holds."""
+    def val_dataset(self, partition: DataPartition) -> Optional[Dataset]:
+        """The held-out validation samples a stage training on ``partition`` watches (none for a device stage)."""
+        if partition == "device":
+            return None
+        if partition == "pooled":
+            return ConcatDataset([self.data.cloud_val, self.data.device_val])  # type: ignore[list-item]
+        return self.data.cloud_val
+
+    def side_test_dataset(self, side: DataPartition) -> Dataset:
+        """Test samples of the classes ``side`` holds (``pooled``: of every class held anywhere)."""
         split = self.data.class_split
         held = {"cloud": split.cloud_classes, "device": split.device_classes, "pooled": split.seen_classes}
-        classes = held[partition]
-        return Subset(self.data.test, indices_of_classes(self.data.test_labels, classes).tolist())
+        return Subset(self.data.test, indices_of_classes(self.data.test_labels, held[side]).tolist())
 
     def test_dataset(self) -> Dataset:
         """The union test set: test samples of every class held on the cloud or on the device."""
@@ -287,12 +356,19 @@ class DCCCLDataModule(LightningDataModule):
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, **kwargs)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training samples of the partition in use."""
-        return self._loader(self.train_dataset(self.resolve_partition()), shuffle=True)
+        """Shuffled training samples of the partition in use; ``(sample, label, index)`` when the stage module asks
+        for the samples' positions (``wants_sample_indices``, e.g. to look up what it computed once per sample)."""
+        dataset = self.train_dataset(self.resolve_partition())
+        if getattr(getattr(self.trainer, "lightning_module", None), "wants_sample_indices", False):
+            dataset = IndexedDataset(dataset)
+        return self._loader(dataset, shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
-        """Test samples of the classes the partition in use holds."""
-        return self._loader(self.val_dataset(self.resolve_partition()), shuffle=False)
+    def val_dataloader(self) -> Any:
+        """The held-out validation samples of the partition in use (no loader: nothing to validate on)."""
+        dataset = self.val_dataset(self.resolve_partition())
+        if dataset is None or len(dataset) == 0:  # type: ignore[arg-type]
+            return []
+        return self._loader(dataset, shuffle=False)
 
     def predict_dataset(self) -> ImageFiles:
         """Every image file under ``predict_folder`` as ``(sample, path relative to the folder)``."""

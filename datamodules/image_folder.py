@@ -142,6 +142,7 @@ class ImageFolderDataModule(DCCCLDataModule):
             DataModule's sample format).
         allow_unlearnable_test_classes: Go on (with a warning) when test samples hold classes that neither side
             holds, evaluating without them; refused by default.
+        val_fraction: Share of each class's training samples, on each side, held out for validation.
     """
 
     def __init__(
@@ -162,11 +163,13 @@ class ImageFolderDataModule(DCCCLDataModule):
         classes_per_device: list[list[int]] | None = None,
         predict_folder: str | None = None,
         allow_unlearnable_test_classes: bool = False,
+        val_fraction: float = 0.1,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition,
                          num_devices=num_devices, device_index=device_index, device_partitioner=device_partitioner,
                          dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device,
-                         predict_folder=predict_folder, allow_unlearnable_test_classes=allow_unlearnable_test_classes)
+                         predict_folder=predict_folder, allow_unlearnable_test_classes=allow_unlearnable_test_classes,
+                         val_fraction=val_fraction)
         if channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {channels}")
         self.dirs = {"cloud": Path(cloud_dir), "device": Path(device_dir), "test": Path(test_dir)}
@@ -240,4 +243,5 @@ class ImageFolderDataModule(DCCCLDataModule):
             test_labels=np.asarray(folders["test"].targets, dtype=np.int64),
             class_split=ClassSplit(held["cloud"], held["device"]),
             device_labels=np.asarray(folders["device"].targets, dtype=np.int64),
+            cloud_labels=np.asarray(folders["cloud"].targets, dtype=np.int64),
         )

@@ -6,7 +6,7 @@ from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
@@ -15,6 +15,8 @@ from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import DCCCLError
 from dcccl.federated.class_split import DataPartition
 from dcccl.run.exports import NetworkExport, Role, save_export
+from dcccl.run.training_budget import TrainingBudget
+from lightning_modules.budget import BudgetCallback
 
 
 class NonFiniteLossError(DCCCLError, ArithmeticError):
@@ -33,17 +35,24 @@ class StageModule(LightningModule):
         in_chans: Input channels (linked from the DataModule).
         optimizer: Optimizer for the trainable parameters.
         export_path: Where to write the stage's export at the end of ``fit`` (nothing is written if unset).
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
     """
 
     data_partition: ClassVar[Optional[DataPartition]] = None
 
     def __init__(self, num_classes: int, in_chans: int, optimizer: Optional[OptimizerCallable] = None,
-                 export_path: Optional[str] = None) -> None:
+                 export_path: Optional[str] = None, budget: Optional[TrainingBudget] = None) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.optimizer_factory = optimizer if optimizer is not None else torch.optim.Adam
         self.export_path = export_path
+        self.budget = budget
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The training budget's callback, when the stage has a budget."""
+        return [BudgetCallback(self.budget, type(self).__name__)] if self.budget is not None else []
 
     def frozen_networks(self) -> list[nn.Module]:
         """Networks that guide this stage and must not change."""
@@ -86,8 +95,15 @@ class StageModule(LightningModule):
             raise RuntimeError("this stage needs a dcccl DataModule to count its training samples")
         return int(datamodule.train_sample_count())
 
+    def train_class_counts(self) -> list[int]:
+        """Training samples of this stage per class, as counted by the DataModule."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "train_class_counts"):
+            raise RuntimeError("this stage needs a dcccl DataModule to count its training samples per class")
+        return [int(count) for count in datamodule.train_class_counts()]
+
     def write_export(self, network: nn.Module, role: Role, backbone: BackboneSpec, path: Optional[str] = None,
-                     sample_count: Optional[int] = None) -> None:
+                     sample_count: Optional[int] = None, class_counts: Optional[list[int]] = None) -> None:
         """Write ``network`` as a self-describing export to ``path`` (default ``export_path``).
 
         Only global rank zero writes; every rank then waits, so no rank moves on before the file exists.
@@ -96,7 +112,8 @@ class StageModule(LightningModule):
         if target is None:
             return
         if self.trainer.is_global_zero:
-            export = NetworkExport.of(network, role, backbone, self.num_classes, self.in_chans, sample_count)
+            export = NetworkExport.of(network, role, backbone, self.num_classes, self.in_chans, sample_count,
+                                      class_counts)
             save_export(export, target)
         self.trainer.strategy.barrier("dcccl-export")
 
@@ -111,11 +128,13 @@ class SupervisedStageModule(StageModule):
         in_chans: Input channels (linked from the DataModule).
         optimizer: Optimizer for the trainable parameters.
         export_path: Where to write the stage's export at the end of ``fit``.
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
     """
 
     def __init__(self, num_classes: int, in_chans: int, optimizer: Optional[OptimizerCallable] = None,
-                 export_path: Optional[str] = None) -> None:
-        super().__init__(num_classes, in_chans, optimizer, export_path)
+                 export_path: Optional[str] = None, budget: Optional[TrainingBudget] = None) -> None:
+        super().__init__(num_classes, in_chans, optimizer, export_path, budget)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -123,14 +142,18 @@ class SupervisedStageModule(StageModule):
         """Cross-entropy of the logits on a batch of this stage's samples."""
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self.training_loss(logits, y)
         self.train_acc.update(logits, y)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return loss
 
+    def training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The loss minimised: cross-entropy (the hook a stage overrides for another loss)."""
+        return F.cross_entropy(logits, y)
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Loss and accuracy on the test samples of the classes this stage's partition holds."""
+        """Loss and accuracy on the held-out validation samples of this stage's partition."""
         x, y = batch
         logits = self(x)
         self.val_acc.update(logits, y)

@@ -12,6 +12,7 @@ from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.method.served import SummedLogits
 from dcccl.run.exports import load_export
+from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.base import SupervisedStageModule
 
 
@@ -34,6 +35,8 @@ class CentralizedModule(SupervisedStageModule):
         optimizer: Optimizer for both submodels.
         export_path: Where to write the trained cloud submodel.
         co_export_path: Where to write the trained co-submodel.
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
     """
 
     data_partition = "pooled"
@@ -49,8 +52,9 @@ class CentralizedModule(SupervisedStageModule):
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
         co_export_path: Optional[str] = None,
+        budget: Optional[TrainingBudget] = None,
     ) -> None:
-        super().__init__(num_classes, in_chans, optimizer, export_path)
+        super().__init__(num_classes, in_chans, optimizer, export_path, budget)
         self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 32})
         if cloud_architecture is not None:
             self.backbone = load_export(cloud_architecture, "cloud_submodel").backbone

@@ -9,6 +9,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
+from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.base import SupervisedStageModule
 
 
@@ -23,6 +24,8 @@ class CloudSubmodelModule(SupervisedStageModule):
         backbone: The cloud submodel's backbone (default: ``small_cnn`` with width 32).
         optimizer: Optimizer for the cloud submodel.
         export_path: Where to write the trained cloud submodel.
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
     """
 
     data_partition = "cloud"
@@ -34,8 +37,9 @@ class CloudSubmodelModule(SupervisedStageModule):
         backbone: Optional[BackboneSpec] = None,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
+        budget: Optional[TrainingBudget] = None,
     ) -> None:
-        super().__init__(num_classes, in_chans, optimizer, export_path)
+        super().__init__(num_classes, in_chans, optimizer, export_path, budget)
         self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 32})
         self.cloud_submodel = self.build_network()
 

@@ -10,6 +10,7 @@ from torch import nn
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.run.exports import load_export
+from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.guided import GuidedCoTrainingModule
 
 
@@ -42,6 +43,10 @@ class CloudCoTrainingModule(GuidedCoTrainingModule):
         initial_export_path: Where to write a freshly built co-submodel before training.
         optimizer: Optimizer for the co-submodel.
         export_path: Where to write the cloud's trained copy.
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
+        label_smoothing: Label smoothing of the cross-entropy: bounds the margins ``h`` learns to add.
+        margin: Train with the multi-class hinge at this margin (in logits) instead of cross-entropy.
     """
 
     data_partition = "cloud"
@@ -56,9 +61,12 @@ class CloudCoTrainingModule(GuidedCoTrainingModule):
         initial_export_path: Optional[str] = None,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
+        budget: Optional[TrainingBudget] = None,
+        label_smoothing: float = 0.0,
+        margin: Optional[float] = None,
     ) -> None:
         super().__init__(num_classes, in_chans, _load_guide(guide, num_classes), co_submodel, co_backbone, optimizer,
-                         export_path)
+                         export_path, budget, label_smoothing, margin)
         self.initial_export_path = initial_export_path
 
     def setup(self, stage: str) -> None:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
+import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from timm.data import Mixup
 from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
@@ -15,6 +18,7 @@ from dcccl.errors import ConfigError
 from dcccl.method.freeze import freeze
 from dcccl.method.losses import DistillationLoss, distillation_loss
 from dcccl.run.exports import load_network
+from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.base import StageModule
 
 
@@ -30,8 +34,16 @@ class ControlDistillationModule(StageModule):
         backbone: The control model's backbone (default: ``small_cnn`` with width 8).
         loss: ``mse`` on logits, or ``kl`` on temperature-softened outputs.
         temperature: Softening temperature of the ``kl`` loss.
+        mixup_alpha: Mixup's Beta(α, α) on the cloud samples the control model imitates ``f`` on (timm's ``Mixup``;
+            0: off). Mixed images lie between the cloud's classes, nearer what a device may show ``g``.
+        cutmix_alpha: CutMix's α, likewise (0: off).
+        mix_prob: Share of the batches that are mixed.
+        cache_teacher_logits: Compute the frozen cloud submodel's logits on every training sample once, before the
+            first epoch, and reuse them (mixed batches are always scored afresh).
         optimizer: Optimizer for the control model.
         export_path: Where to write the distilled control model.
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
     """
 
     data_partition = "cloud"
@@ -44,10 +56,15 @@ class ControlDistillationModule(StageModule):
         backbone: Optional[BackboneSpec] = None,
         loss: DistillationLoss = "mse",
         temperature: float = 4.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 0.5,
+        cache_teacher_logits: bool = True,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
+        budget: Optional[TrainingBudget] = None,
     ) -> None:
-        super().__init__(num_classes, in_chans, optimizer, export_path)
+        super().__init__(num_classes, in_chans, optimizer, export_path, budget)
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {temperature}")
         self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 8})
@@ -55,6 +72,10 @@ class ControlDistillationModule(StageModule):
         self.temperature = temperature
         self.cloud_submodel = freeze(load_network(cloud_submodel, "cloud_submodel", num_classes))
         self.control_model = self.build_network()
+        self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mix_prob,
+                           num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None
+        self.cache_teacher_logits = cache_teacher_logits
+        self.teacher_logits: Optional[torch.Tensor] = None
         self.val_agreement = MeanMetric()
         self.val_logit_mse = MeanSquaredError()
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -71,17 +92,51 @@ class ControlDistillationModule(StageModule):
         """Control model logits."""
         return self.control_model(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Distillation loss against the teacher's logits on a batch of cloud samples."""
-        x, _ = batch
+    @property
+    def wants_sample_indices(self) -> bool:
+        """Training batches carry the samples' positions, to look up their cached teacher logits."""
+        return self.cache_teacher_logits
+
+    def on_fit_start(self) -> None:
+        """With ``cache_teacher_logits``: the teacher's logits on every training sample, in the dataset's order."""
+        if not self.cache_teacher_logits:
+            return
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+        samples = datamodule.train_dataset(datamodule.resolve_partition())
+        logits = []
         with torch.no_grad():
-            teacher = self.cloud_submodel(x)
+            for x, _ in torch.utils.data.DataLoader(samples, batch_size=256):
+                logits.append(self.cloud_submodel(x.to(self.device)))
+        self.teacher_logits = torch.cat(logits)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """Distillation loss against the teacher's logits on a batch of cloud samples."""
+        x, y = batch[0], batch[1]
+        mixed = self.mixup is not None and len(x) % 2 == 0  # timm mixes a batch with its own mirror image
+        if mixed:
+            x = self._mixed(x, y)
+        if self.teacher_logits is not None and not mixed:
+            teacher = self.teacher_logits[batch[2].to(self.teacher_logits.device)]
+        else:
+            with torch.no_grad():
+                teacher = self.cloud_submodel(x)
         loss = distillation_loss(self(x), teacher, self.loss_kind, self.temperature)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def _mixed(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``x`` mixed by timm's ``Mixup``, its random draws seeded by the run's seed and the step (numpy's global
+        state is set aside), so that a resumed stage mixes as an uninterrupted one did."""
+        saved = np.random.get_state()
+        np.random.seed((int(os.environ.get("PL_GLOBAL_SEED", "0")) * 1_000_003 + self.global_step) % 2**32)
+        try:
+            mixed, _ = self.mixup(x, y)  # type: ignore[misc]
+        finally:
+            np.random.set_state(saved)
+        return mixed
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        """Fidelity to the teacher and accuracy on cloud-class test samples."""
+        """Fidelity to the teacher and accuracy on the cloud's held-out validation samples."""
         x, y = batch
         student, teacher = self(x), self.cloud_submodel(x)
         self.val_agreement.update((student.argmax(1) == teacher.argmax(1)).float())

@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.method.freeze import freeze
+from dcccl.method.losses import margin_loss
 from dcccl.run.exports import load_export
+from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.base import SupervisedStageModule
 
 
@@ -30,6 +33,10 @@ class GuidedCoTrainingModule(SupervisedStageModule):
         co_backbone: Backbone of a fresh co-submodel (ignored when ``co_submodel`` is given).
         optimizer: Optimizer for the co-submodel.
         export_path: Where to write the trained co-submodel copy.
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
+        label_smoothing: Label smoothing of the cross-entropy: bounds the margins ``h`` learns to add.
+        margin: Train with the multi-class hinge at this margin (in logits) instead of cross-entropy.
     """
 
     def __init__(
@@ -41,8 +48,15 @@ class GuidedCoTrainingModule(SupervisedStageModule):
         co_backbone: Optional[BackboneSpec] = None,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
+        budget: Optional[TrainingBudget] = None,
+        label_smoothing: float = 0.0,
+        margin: Optional[float] = None,
     ) -> None:
-        super().__init__(num_classes, in_chans, optimizer, export_path)
+        super().__init__(num_classes, in_chans, optimizer, export_path, budget)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        self.margin = margin
         self.guide = freeze(guide) if guide is not None else None
         if co_submodel is not None:
             start = load_export(co_submodel, "co_submodel")
@@ -54,6 +68,13 @@ class GuidedCoTrainingModule(SupervisedStageModule):
             default = BackboneSpec("small_cnn", kwargs={"width": 8})
             self.co_backbone = co_backbone if co_backbone is not None else default
             self.co_submodel = self.build_network()
+
+    def training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the guided logits (label-smoothed when configured), or with ``margin`` the multi-class
+        hinge that stops pushing once a sample is right by that margin."""
+        if self.margin is not None:
+            return margin_loss(logits, y, self.margin)
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def build_network(self) -> nn.Module:
         """Build a fresh co-submodel; the hook to override for a custom network."""
@@ -71,6 +92,11 @@ class GuidedCoTrainingModule(SupervisedStageModule):
             guide_logits = self.guide(x)
         return guide_logits + self.co_submodel(x)
 
+    # Whether the export records the copy's samples per class (the cloud's copy always; a device's only when asked).
+    report_class_counts: bool = True
+
     def on_fit_end(self) -> None:
         """Export the trained copy with the number of samples behind it (its fusion weight)."""
-        self.write_export(self.co_submodel, "co_submodel", self.co_backbone, sample_count=self.train_sample_count())
+        class_counts = self.train_class_counts() if self.report_class_counts else None
+        self.write_export(self.co_submodel, "co_submodel", self.co_backbone, sample_count=self.train_sample_count(),
+                          class_counts=class_counts)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -11,6 +11,7 @@ from torch import nn
 from dcccl.errors import ConfigError
 from dcccl.method.freeze import freeze
 from dcccl.run.exports import load_export, load_network
+from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.base import SupervisedStageModule
 
 
@@ -21,6 +22,10 @@ class HeadFinetuneModule(SupervisedStageModule):
     the fused batch-norm statistics are kept, and the cloud submodel is frozen. No device sample is used. The
     export keeps the fused copy's sample count.
 
+    With ``rows: cloud_classes`` only the classifier's rows of the classes the cloud holds train: the cloud raises
+    its own classes where ``h`` drowns them, and leaves the rows of the classes only devices hold (which it has no
+    samples of, and would only push down) as the devices made them.
+
     Args:
         num_classes: Number of classes (linked from the DataModule).
         in_chans: Input channels (linked from the DataModule).
@@ -28,13 +33,17 @@ class HeadFinetuneModule(SupervisedStageModule):
         cloud_submodel: Export of the cloud submodel.
         optimizer: Optimizer for the classifier.
         export_path: Where to write the fine-tuned co-submodel.
+        budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
+            trainer's own limits.
+        rows: Which rows of the classifier train: ``all``, or only those of the classes the cloud holds.
     """
 
     data_partition = "cloud"
 
     def __init__(self, num_classes: int, in_chans: int, co_submodel: str, cloud_submodel: str,
-                 optimizer: Optional[OptimizerCallable] = None, export_path: Optional[str] = None) -> None:
-        super().__init__(num_classes, in_chans, optimizer, export_path)
+                 optimizer: Optional[OptimizerCallable] = None, export_path: Optional[str] = None,
+                 budget: Optional[TrainingBudget] = None, rows: Literal["all", "cloud_classes"] = "all") -> None:
+        super().__init__(num_classes, in_chans, optimizer, export_path, budget)
         fused = load_export(co_submodel, "co_submodel")
         if fused.num_classes != num_classes:
             raise ConfigError(f"{co_submodel} predicts {fused.num_classes} classes but the data has {num_classes}")
@@ -45,8 +54,21 @@ class HeadFinetuneModule(SupervisedStageModule):
         if not callable(get_classifier):
             raise ConfigError(f"head fine-tuning needs timm's head API, but {type(self.co_submodel).__name__} has no "
                               "get_classifier(): set finetune_head: false, or give the network timm's head API")
-        get_classifier().requires_grad_(True)
+        head = get_classifier()
+        head.requires_grad_(True)
+        self.head_parameters = list(head.parameters())  # a plain list: not registered a second time
+        self.rows = rows
         self.cloud_submodel = freeze(load_network(cloud_submodel, "cloud_submodel", num_classes))
+
+    def setup(self, stage: str) -> None:
+        """With ``rows: cloud_classes``: the gradients of the other classes' rows are zeroed (so they never move)."""
+        if stage != "fit" or self.rows == "all":
+            return
+        trained = torch.tensor(self.train_class_counts()) > 0
+        for parameter in self.head_parameters:
+            if parameter.shape[0] == self.num_classes:
+                mask = trained.reshape(-1, *([1] * (parameter.dim() - 1))).to(parameter.dtype)
+                parameter.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
 
     def frozen_networks(self) -> list[nn.Module]:
         """The cloud submodel and the co-submodel's body (the head is a linear layer: eval mode changes nothing)."""

@@ -262,3 +262,40 @@ def test_a_rule_of_ones_own_is_one_class_named_in_the_config(tmp_path) -> None: 
     cloud, device = (torch.load(path, weights_only=True)["state_dict"]["head.weight"]
                      for path in (fusion.cloud_copy, fusion.device_copies[0]))
     torch.testing.assert_close(fused.state_dict["head.weight"], 0.5 * cloud + 0.5 * device)
+
+
+def test_class_aware_rows_come_from_the_copies_that_hold_the_class() -> None:
+    """Classes 0 (cloud only), 1 (device only), 2 (shared): hand-checked rows of a 3-class head."""
+    from dcccl.federated.aggregation import FedAvg
+
+    rule = FedAvg(cloud_share=0.5, class_aware_head=True)
+    counts = [[10, 0, 5], [0, 30, 5], [0, 10, 0]]  # cloud, device A, device B
+    weights = rule.weights(10, [35, 10])
+    assert weights == pytest.approx([0.5, 0.5 * 35 / 45, 0.5 * 10 / 45])
+    rows = rule.row_weights(weights, counts)
+    assert rows == [[1.0, 0.0, 0.0], [0.0, 30.0, 10.0], list(weights)]
+    head = {"head.weight": torch.tensor([[1.0], [1.0], [1.0]]), "head.bias": torch.zeros(3), "body": torch.ones(1)}
+    cloud = {key: value * 1 for key, value in head.items()}
+    device_a = {key: value * 2 for key, value in head.items()}
+    device_b = {key: value * 4 for key, value in head.items()}
+    fused = rule.fuse(cloud, 10, [35, 10], [(device_a, None), (device_b, None)], None, {"head.weight", "body"},
+                      head_keys={"head.weight", "head.bias"}, class_counts=counts)
+    plain = 0.5 * 1 + weights[1] * 2 + weights[2] * 4
+    assert fused["body"].item() == pytest.approx(plain)  # the body as plain FedAvg
+    assert fused["head.weight"][:, 0].tolist() == pytest.approx([1.0, (30 * 2 + 10 * 4) / 40, plain])
+    with pytest.raises(ValueError, match="class counts|samples per class"):
+        rule.row_weights(weights, None)
+    assert FedAvg().row_weights(weights, counts) is None and not FedAvg().needs_class_counts
+
+
+def test_margin_loss_stops_pushing_once_a_sample_is_right_by_the_margin() -> None:
+    from dcccl.method.losses import margin_loss
+
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.5, 1.0, 0.0]], requires_grad=True)
+    target = torch.tensor([0, 0])
+    loss = margin_loss(logits, target, margin=1.0)
+    # sample 0: 3 - 1 = 2 >= 1, nothing; sample 1: 1 - (0.5 - 1.0) = 1.5
+    assert loss.item() == pytest.approx(1.5 / 2)
+    loss.backward()
+    assert logits.grad is not None and logits.grad[0].abs().sum() == 0
+    assert logits.grad[1].tolist() == pytest.approx([-0.5, 0.5, 0.0])

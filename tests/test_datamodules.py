@@ -16,16 +16,25 @@ from datamodules.mnist import BundledMNISTDataModule
 from dcccl.federated.class_split import ClassSplit
 
 
+def _base_indices(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset under (possibly nested) ``Subset`` s and the indices into it they select."""
+    assert isinstance(dataset, Subset)
+    indices = list(dataset.indices)
+    while isinstance(dataset, Subset) and isinstance(dataset.dataset, Subset):
+        indices = [dataset.dataset.indices[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset.dataset, indices
+
+
 def _subset_labels(dataset: Dataset) -> np.ndarray:
     """Labels of a ``Subset`` of the bundled digits' ``TensorDataset``, without loading images one by one."""
-    assert isinstance(dataset, Subset)
-    return dataset.dataset.tensors[1][dataset.indices].numpy()
+    base, indices = _base_indices(dataset)
+    return base.tensors[1][indices].numpy()  # type: ignore[attr-defined]
 
 
 def _subset_indices(dataset: Dataset) -> set[int]:
     """Indices into the bundled digits that a ``Subset`` selects."""
-    assert isinstance(dataset, Subset)
-    return set(dataset.indices)
+    return set(_base_indices(dataset)[1])
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +67,10 @@ def test_mnist_shape_of_the_data(mnist_default: BundledMNISTDataModule) -> None:
 
 def test_mnist_default_split_sizes(mnist_default: BundledMNISTDataModule) -> None:
     data = mnist_default.data
-    # 500 digits per class, test_fraction 0.2: 100 test and 400 training samples per class
-    assert len(data.cloud_train) == 7 * 400 == 2800
-    assert len(data.device_train) == 3 * 400 == 1200
+    # 500 digits per class, test_fraction 0.2: 100 test and 400 training samples per class, of which val_fraction 0.1
+    # (40 per class) are held out for validation
+    assert len(data.cloud_train) == 7 * 360 == 2520 and len(data.cloud_val) == 7 * 40  # type: ignore[arg-type]
+    assert len(data.device_train) == 3 * 360 == 1080 and len(data.device_val) == 3 * 40  # type: ignore[arg-type]
     assert len(data.test) == 10 * 100 == 1000
     assert np.bincount(data.test_labels, minlength=10).tolist() == [100] * 10
     assert data.class_split == ClassSplit((0, 1, 2, 3, 4, 5, 6), (7, 8, 9))
@@ -70,28 +80,30 @@ def test_mnist_default_split_sizes(mnist_default: BundledMNISTDataModule) -> Non
 def test_mnist_default_labels_per_side(mnist_default: BundledMNISTDataModule) -> None:
     cloud = _subset_labels(mnist_default.data.cloud_train)
     device = _subset_labels(mnist_default.data.device_train)
-    assert np.bincount(cloud, minlength=10).tolist() == [400] * 7 + [0] * 3
-    assert np.bincount(device, minlength=10).tolist() == [0] * 7 + [400] * 3
+    assert np.bincount(cloud, minlength=10).tolist() == [360] * 7 + [0] * 3
+    assert np.bincount(device, minlength=10).tolist() == [0] * 7 + [360] * 3
+    assert np.array_equal(mnist_default.data.cloud_labels, cloud)
+    assert np.bincount(_subset_labels(mnist_default.data.cloud_val), minlength=10).tolist() == [40] * 7 + [0] * 3
     assert cloud.min() >= 0 and cloud.max() <= 6
     assert device.min() >= 7 and device.max() <= 9
     assert np.array_equal(_subset_labels(mnist_default.data.test), mnist_default.data.test_labels)
 
 
 def test_mnist_sides_and_test_are_disjoint(mnist_default: BundledMNISTDataModule) -> None:
-    cloud = _subset_indices(mnist_default.data.cloud_train)
-    device = _subset_indices(mnist_default.data.device_train)
-    test = _subset_indices(mnist_default.data.test)
-    assert not cloud & device and not cloud & test and not device & test
-    assert len(cloud | device | test) == 5000  # all 5,000 bundled digits are used
+    data = mnist_default.data
+    parts = [_subset_indices(part) for part in (data.cloud_train, data.cloud_val, data.device_train, data.device_val,
+                                                data.test)]
+    assert sum(len(part) for part in parts) == len(set().union(*parts)) == 5000  # disjoint; all 5,000 are used
 
 
 def test_mnist_shared_class_is_divided(mnist_shared: BundledMNISTDataModule) -> None:
     cloud = _subset_labels(mnist_shared.data.cloud_train)
     device = _subset_labels(mnist_shared.data.device_train)
-    # digit 7: 400 training samples, shared_device_fraction 0.5 -> round(0.5*400) = 200 on each side
-    assert np.sum(cloud == 7) == 200 and np.sum(device == 7) == 200
-    # cloud 7*400 + 200 = 3000, device 200 + 2*400 = 1000
-    assert len(cloud) == 3000 and len(device) == 1000
+    # digit 7: 400 training samples, shared_device_fraction 0.5 -> round(0.5*400) = 200 on each side, 20 of them
+    # held out for validation
+    assert np.sum(cloud == 7) == 180 and np.sum(device == 7) == 180
+    # cloud 7*360 + 180 = 2700, device 180 + 2*360 = 900
+    assert len(cloud) == 2700 and len(device) == 900
     assert not _subset_indices(mnist_shared.data.cloud_train) & _subset_indices(mnist_shared.data.device_train)
     assert mnist_shared.class_split.shared_classes == (7,)
 
@@ -122,27 +134,31 @@ def test_mnist_invalid_batch_size() -> None:
 
 def test_mnist_pinned_partition_serves_device_samples(mnist_default: BundledMNISTDataModule) -> None:
     assert mnist_default.resolve_partition() == "device"
-    assert mnist_default.train_sample_count() == 1200
+    assert mnist_default.train_sample_count() == 1080
     labels = []
     for images, batch_labels in mnist_default.train_dataloader():
         assert images.shape[1:] == (1, 28, 28)
         assert images.shape[0] <= 256
         labels.append(batch_labels)
     all_labels = torch.cat(labels)
-    assert len(all_labels) == 1200
+    assert len(all_labels) == 1080
     assert set(all_labels.tolist()) == {7, 8, 9}
-    # validation on the device side: the 3 x 100 test samples of digits 7, 8, 9
-    val_labels = torch.cat([batch[1] for batch in mnist_default.val_dataloader()])
-    assert len(val_labels) == 300 and set(val_labels.tolist()) == {7, 8, 9}
+    assert mnist_default.train_class_counts() == [0] * 7 + [360] * 3
+    # a device stage validates on nothing: its share is small, and no other device's samples are its own
+    assert mnist_default.val_dataloader() == []
     assert sum(len(batch[1]) for batch in mnist_default.test_dataloader()) == 1000
 
 
 def test_mnist_without_partition_and_trainer_cannot_resolve(mnist_shared: BundledMNISTDataModule) -> None:
     with pytest.raises(ValueError, match="no training partition"):
         mnist_shared.train_dataloader()
-    assert len(mnist_shared.train_dataset("cloud")) == 3000
-    # cloud-side validation: test samples of digits 0..7 = 8 x 100
-    assert len(mnist_shared.val_dataset("cloud")) == 800
+    assert len(mnist_shared.train_dataset("cloud")) == 2700
+    # cloud-side validation: the held-out tenth of the cloud's training samples; pooled: both sides'
+    assert len(mnist_shared.val_dataset("cloud")) == 7 * 40 + 20  # type: ignore[arg-type]
+    assert len(mnist_shared.val_dataset("pooled")) == 300 + 20 + 2 * 40  # type: ignore[arg-type]
+    assert mnist_shared.val_dataset("device") is None
+    # test samples per side (the control model's fidelity is measured on them): digits 0..7 = 8 x 100
+    assert len(mnist_shared.side_test_dataset("cloud")) == 800  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -187,8 +203,8 @@ def test_image_folder_global_classes(image_dirs: dict[str, Path]) -> None:
     assert datamodule.in_chans == 3
     data = datamodule.data
     assert data.class_split == ClassSplit(cloud_classes=(0, 1), device_classes=(2,))
-    assert data.cloud_train.targets == [0, 0, 1, 1]
-    assert data.device_train.targets == [2, 2, 2]  # emu keeps its global index, not 0
+    assert data.cloud_labels.tolist() == [0, 0, 1, 1]  # two images a class: none held out (round(0.2) = 0)
+    assert data.device_labels.tolist() == [2, 2, 2]  # emu keeps its global index, not 0
     assert data.test_labels.tolist() == [0, 1, 2]
     assert len(datamodule.test_dataset()) == 3
 
@@ -201,7 +217,8 @@ def test_global_class_image_folder_with_a_subset_of_classes(image_dirs: dict[str
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_image_folder_device_batch_shape(image_dirs: dict[str, Path], channels: int) -> None:
-    datamodule = _folder_module(image_dirs, image_size=16, channels=channels, batch_size=8, partition="device")
+    datamodule = _folder_module(image_dirs, image_size=16, channels=channels, batch_size=8, partition="device",
+                                val_fraction=0.0)
     assert datamodule.in_chans == channels
     images, labels = next(iter(datamodule.train_dataloader()))
     assert images.shape == (3, channels, 16, 16)
@@ -209,9 +226,7 @@ def test_image_folder_device_batch_shape(image_dirs: dict[str, Path], channels: 
     assert labels.tolist() == [2, 2, 2]
     assert images.min() >= -1.0 and images.max() <= 1.0  # Normalize(0.5, 0.5) maps [0, 1] to [-1, 1]
     assert datamodule.train_sample_count() == 3
-    # validation on the device side: the test images of emu only
-    val_images, val_labels = next(iter(datamodule.val_dataloader()))
-    assert val_images.shape == (1, channels, 16, 16) and val_labels.tolist() == [2]
+    assert datamodule.val_dataloader() == []  # a device stage validates on nothing
 
 
 def test_image_folder_grayscale_pixel_value(image_dirs: dict[str, Path]) -> None:

@@ -146,10 +146,10 @@ def test_each_device_gets_its_own_share_of_the_device_samples() -> None:
     shares = [BundledMNISTDataModule(num_devices=5, device_index=k, device_partitioner="dirichlet", seed=1)
               for k in range(5)]
     sizes = [len(dm.train_dataset("device")) for dm in shares]
-    assert sum(sizes) == 1200 and all(size > 0 for size in sizes)
+    assert sum(sizes) == 1080 and all(size > 0 for size in sizes)  # 3 digits x 360 (40 each held out)
     first = shares[0]
     positions = [set(part.tolist()) for part in first.device_parts]
-    assert set().union(*positions) == set(range(1200)) and sum(map(len, positions)) == 1200
+    assert set().union(*positions) == set(range(1080)) and sum(map(len, positions)) == 1080
     with pytest.raises(ValueError, match="not one of the 5 devices"):
         BundledMNISTDataModule(num_devices=5, device_index=5)
 
@@ -177,7 +177,7 @@ def test_small_fleet_through_the_cli(tmp_path: Path) -> None:
                    "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     partition = json.loads((tmp_path / "fleet/partition.json").read_text())
-    assert partition["num_devices"] == 4 and sum(d["samples"] for d in partition["devices"]) == 1200
+    assert partition["num_devices"] == 4 and sum(d["samples"] for d in partition["devices"]) == 1080
     assert (tmp_path / "fleet/partition.png").read_bytes()[:4] == b"\x89PNG"
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     ledger = json.loads((tmp_path / "transfers.json").read_text())
@@ -195,20 +195,25 @@ def test_stale_copies_contribute_their_update_rebased_on_the_current_model(tmp_p
     assert torch.equal(rebased["w"], torch.tensor([12.0, 24.0]))  # 10 + (3 - 1), 20 + (5 - 1)
     # Buffers keep the copy's own values: 1 + (0.5 - 2) would be a negative variance.
     assert torch.equal(rebased["var"], torch.tensor([0.5])) and rebased["n"] == 7
-    # In the pipeline: round 2's fusion rebases device 0's round-1 copy (it started from the initial model)
-    # onto round 2's start; device 1 reported in round 2, so its copy is used as it is.
+    # In the pipeline: round 2's fusion rebases device 0's round-1 copy (it started from round 1's cloud copy, the
+    # devices' start in sequential rounds) onto what round 2's devices start from; device 1 reported in round 2, so
+    # its copy is used as it is.
     fleet = FleetSpec(num_devices=2, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1]}))
     plan = dcccl_plan(settings(tmp_path, rounds=2, fleet=fleet, aggregation=LatestUpdate()))
     fusion_1, fusion_2 = [step for step in plan if isinstance(step, FusionStep)]
     assert fusion_1.device_bases == (None, None) and fusion_1.rebase_onto is None
     run = tmp_path / "run"
-    assert fusion_2.device_bases == (run / "rounds/initial_co_submodel.pt", None)
-    assert fusion_2.rebase_onto == run / "rounds/round_001/fusion/co_submodel.pt"
+    assert fusion_2.device_bases == (run / "rounds/round_001/cloud_round/co_submodel.pt", None)
+    assert fusion_2.rebase_onto == run / "rounds/round_002/cloud_round/co_submodel.pt"
     assert set(fusion_2.inputs) == {run / "rounds/round_002/cloud_round/co_submodel.pt",
                                     run / "rounds/round_001/device_000/co_submodel.pt",
                                     run / "rounds/round_002/device_001/co_submodel.pt",
-                                    run / "rounds/initial_co_submodel.pt",
-                                    run / "rounds/round_001/fusion/co_submodel.pt"}
+                                    run / "rounds/round_001/cloud_round/co_submodel.pt"}
+    # Parallel rounds (the paper's order): every copy started from the round's start.
+    parallel = dcccl_plan(settings(tmp_path, rounds=2, fleet=fleet, aggregation=LatestUpdate(), round_order="parallel"))
+    fusion_2 = [step for step in parallel if isinstance(step, FusionStep)][1]
+    assert fusion_2.device_bases == (run / "rounds/initial_co_submodel.pt", None)
+    assert fusion_2.rebase_onto == run / "rounds/round_001/fusion/co_submodel.pt"
 
 
 def test_fusion_rebases_a_stale_copy(tmp_path: Path) -> None:

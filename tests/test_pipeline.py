@@ -52,12 +52,15 @@ def test_stage_order_and_artifact_handover(tmp_path: Path) -> None:
     cloud, distill, cr1, dev1, ev1, cr2, dev2, ev2 = runner.calls
     run = tmp_path / "run"
     assert distill.model_args["cloud_submodel"] == str(run / "cloud/cloud_submodel.pt")
-    # Round 1: the cloud builds the co-submodel and writes it; the device starts from that very file.
+    # Round 1: the cloud builds the co-submodel, writes it and trains its copy first; the device starts from the
+    # cloud's copy (sequential rounds, the default).
     assert cr1.model_args["co_submodel"] is None
-    assert cr1.model_args["initial_export_path"] == dev1.model_args["co_submodel"]
-    # Round 2 starts everywhere from round 1's fused co-submodel, which the fusion step wrote.
+    assert cr1.model_args["initial_export_path"].endswith("initial_co_submodel.pt")
+    assert dev1.model_args["co_submodel"] == cr1.model_args["export_path"]
+    # Round 2 starts from round 1's fused co-submodel, which the fusion step wrote.
     fused_1 = run / "rounds/round_001/fusion/co_submodel.pt"
-    assert cr2.model_args["co_submodel"] == dev2.model_args["co_submodel"] == str(fused_1) and fused_1.is_file()
+    assert cr2.model_args["co_submodel"] == str(fused_1) and fused_1.is_file()
+    assert dev2.model_args["co_submodel"] == cr2.model_args["export_path"]
     assert ev2.model_args["co_submodel"] == str(run / "rounds/round_002/fusion/co_submodel.pt")
     fusion_2 = next(step for step in plan if isinstance(step, FusionStep) and step.round_index == 2)
     assert fusion_2.device_copies == (Path(dev2.model_args["export_path"]),)
@@ -76,11 +79,19 @@ def test_each_stage_declares_what_it_reads_and_which_samples_it_trains_on(tmp_pa
     run = tmp_path / "run"
     device = calls[("device", 2)]
     assert set(device.model_args) == {"control_model", "co_submodel", "export_path"}
-    assert device.inputs == (run / "distill/control_model.pt", run / "rounds/round_001/fusion/co_submodel.pt")
+    cloud_copy_2 = run / "rounds/round_002/cloud_round/co_submodel.pt"
+    assert device.inputs == (run / "distill/control_model.pt", cloud_copy_2)
     assert device.partition == "device"
     # The control model goes down the first time the device takes part only; the co-submodel every round.
-    assert calls[("device", 1)].downlink == (run / "distill/control_model.pt", run / "rounds/initial_co_submodel.pt")
-    assert device.downlink == (run / "rounds/round_001/fusion/co_submodel.pt",)
+    assert calls[("device", 1)].downlink == (run / "distill/control_model.pt",
+                                             run / "rounds/round_001/cloud_round/co_submodel.pt")
+    assert device.downlink == (cloud_copy_2,)
+    # In parallel rounds (the paper's order) the device starts from the round's start, as the cloud does.
+    parallel = {(step.stage, step.round_index): step for step in dcccl_plan(settings(tmp_path, rounds=2,
+                                                                                      round_order="parallel"))
+                if isinstance(step, StageCall)}
+    assert parallel[("device", 1)].model_args["co_submodel"].endswith("rounds/initial_co_submodel.pt")
+    assert parallel[("device", 2)].inputs[1] == run / "rounds/round_001/fusion/co_submodel.pt"
     assert {calls[(stage, 0)].partition for stage in ("cloud", "distill")} == {"cloud"}
     assert calls[("cloud_round", 1)].partition == "cloud" and calls[("evaluate", 1)].partition is None
 
@@ -165,8 +176,8 @@ def test_head_finetuning_is_a_stage_after_fusion_and_what_the_round_serves(tmp_p
     assert head_1.model_args["co_submodel"] == str(run / "rounds/round_001/fusion/co_submodel.pt")
     assert head_1.partition == "cloud"
     second_round = [c for c in runner.calls if c.round_index == 2]
-    assert all(c.model_args.get("co_submodel") == str(run / "rounds/round_001/head/co_submodel.pt")
-               for c in second_round if c.stage in ("cloud_round", "device"))
+    assert next(c for c in second_round if c.stage == "cloud_round").model_args["co_submodel"] == str(
+        run / "rounds/round_001/head/co_submodel.pt")
 
 
 @pytest.mark.parametrize("bad", [{"rounds": 0}, {"stages": {"cloud": STAGES["cloud"]}}])

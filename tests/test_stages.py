@@ -64,7 +64,7 @@ def test_cloud_stage_sees_only_cloud_samples_and_exports(tmp_path: Path, digits:
     recorder = fit_recording(module, digits, trainer_factory, max_steps=20)
     assert set(recorder.labels) <= CLOUD_CLASSES and len(recorder.labels) == 20 * 32
     written = load_export(export, "cloud_submodel")
-    assert written.sample_count == 2800  # 7 digits x 400 training samples
+    assert written.sample_count == 2520  # 7 digits x 360 training samples (40 each held out)
     for key, value in module.cloud_submodel.state_dict().items():
         assert torch.equal(written.state_dict[key], value)
 
@@ -110,7 +110,8 @@ def test_device_stage_never_receives_cloud_submodel_and_sees_only_device_samples
     assert set(recorder.labels) <= DEVICE_CLASSES
     assert_identical(control_before, module.control_model)
     copy = load_export(export, "co_submodel")
-    assert copy.sample_count == 1200  # 3 digits x 400 training samples
+    assert copy.sample_count == 1080  # 3 digits x 360 training samples
+    assert copy.class_counts is None  # not asked to report them
     assert not torch.equal(copy.state_dict["head.weight"], load_export(start).state_dict["head.weight"])
 
 
@@ -138,7 +139,8 @@ def test_cloud_round_writes_initial_copy_and_keeps_guide_frozen(
     assert_identical(guide_before, module.guide)
     for key, value in load_export(initial, "co_submodel").state_dict.items():
         assert torch.equal(value, start[key])  # written before any training step
-    assert load_export(export, "co_submodel").sample_count == 2800
+    cloud_copy = load_export(export, "co_submodel")
+    assert cloud_copy.sample_count == 2520 and cloud_copy.class_counts == [360] * 7 + [0] * 3
 
 
 def _with_buffers(path: Path, shift: float, tracked: int) -> dict[str, torch.Tensor]:

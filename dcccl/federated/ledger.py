@@ -1,8 +1,8 @@
 """The device/cloud ledger: every transfer between the cloud and a device, in bytes.
 
-By construction only the control model and the co-submodel go down, and only a co-submodel copy and its
-sample count go up; recording anything else raises :class:`LedgerViolation`, so a misconfigured stage is
-refused before it runs.
+By construction only the control model and the co-submodel go down, and only a co-submodel copy, its
+sample count and (for class-aware fusion) its samples per class go up; recording anything else raises
+:class:`LedgerViolation`, so a misconfigured stage is refused before it runs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dcccl.run.exports import load_export
 Direction = Literal["down", "up"]
 ALLOWED: dict[str, frozenset[str]] = {
     "down": frozenset({"control_model", "co_submodel"}),
-    "up": frozenset({"co_submodel", "sample_count"}),
+    "up": frozenset({"co_submodel", "sample_count", "class_counts"}),
 }
 SAMPLE_COUNT_BYTES = 8  # one int64
 
@@ -74,6 +74,13 @@ class Ledger:
     def record_sample_count(self, round_index: int, device: int) -> Transfer:
         """Record a device reporting its sample count."""
         transfer = Transfer(round_index, device, "up", "sample_count", SAMPLE_COUNT_BYTES, "")
+        self.transfers.append(transfer)
+        return transfer
+
+    def record_class_counts(self, round_index: int, device: int, path: str | Path) -> Transfer:
+        """Record a device reporting its samples per class (one int64 per class), as its copy at ``path`` holds."""
+        counts = load_export(path).class_counts or []
+        transfer = Transfer(round_index, device, "up", "class_counts", SAMPLE_COUNT_BYTES * len(counts), "")
         self.transfers.append(transfer)
         return transfer
 

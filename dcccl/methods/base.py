@@ -79,6 +79,12 @@ class CostContext:
         return self.wire(down_per_round=size, up_per_round=size + SAMPLE_COUNT_BYTES)
 
 
+def plain_cross_entropy_on_devices(settings: PipelineSettings) -> dict[str, list[str]]:
+    """``settings``' stage_args with the device stage trained by plain cross-entropy (the hinge switched off), as
+    baselines without a guide train."""
+    return {**settings.stage_args, "device": [*settings.stage_args.get("device", []), "--model.init_args.margin=null"]}
+
+
 class Method(ABC):
     """One method of the comparison.
 
@@ -109,6 +115,11 @@ class Method(ABC):
     def metrics(self, settings: PipelineSettings, plan: Plan, reference: RunDirectory) -> dict[str, Any]:
         """What the method reports, after its plan ran: by default the pipeline's ``metrics.json``."""
         return collect_metrics(settings, plan, settings.run)
+
+    def reused_stage_dirs(self, reference: RunDirectory) -> list[Path]:
+        """The stage directories of DC-CCL's run whose training the method's served model takes over (their
+        sample passes count towards its budget)."""
+        return []
 
     @abstractmethod
     def costs(self, context: CostContext) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from dcccl.federated.costs import parameter_count
@@ -29,6 +30,10 @@ class CloudOnly(Method):
         dcccl = json.loads(reference.metrics.read_text())
         return {key.replace("cloud_only/", "served/"): value for key, value in dcccl.items()
                 if key.startswith("cloud_only/")}
+
+    def reused_stage_dirs(self, reference: RunDirectory) -> list[Path]:
+        """DC-CCL's cloud stage trained the cloud submodel it serves."""
+        return [reference.cloud_submodel.parent]
 
     def costs(self, context: CostContext) -> dict[str, Any]:
         """Nothing on the device, nothing on the wire."""

@@ -6,6 +6,7 @@ under DC-CCL's; DC-CCL runs first, since the other methods take its artifacts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,6 +21,8 @@ from dcccl.run.exports import load_network
 from dcccl.run.plan import Plan
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings
+from dcccl.run.steps import StageCall
+from dcccl.run.training_budget import REPORT
 
 REFERENCE = "dcccl"
 
@@ -97,15 +100,15 @@ class DataSource(Protocol):
     def train_dataset(self, partition: Any) -> Dataset:
         """Training samples of a partition."""
 
-    def val_dataset(self, partition: Any) -> Dataset:
-        """Test samples of the classes a partition holds."""
+    def side_test_dataset(self, side: Any) -> Dataset:
+        """Test samples of the classes a side holds."""
 
 
-def control_fidelity_of(run: RunDirectory, data: DataSource) -> dict[str, dict[str, float]]:
-    """How well DC-CCL's control model mimics its cloud submodel on cloud-side and device-side test samples."""
-    cloud = load_network(run.cloud_submodel, "cloud_submodel")
-    control = load_network(run.control_model, "control_model")
-    return {f"{side}_test": control_fidelity(cloud, control, DataLoader(data.val_dataset(side), batch_size=256))
+def control_fidelity_of(cloud_submodel: Path, control_model: Path, data: DataSource) -> dict[str, dict[str, float]]:
+    """How well a control model mimics its cloud submodel on cloud-side and device-side test samples."""
+    cloud = load_network(cloud_submodel, "cloud_submodel")
+    control = load_network(control_model, "control_model")
+    return {f"{side}_test": control_fidelity(cloud, control, DataLoader(data.side_test_dataset(side), batch_size=256))
             for side in ("cloud", "device")}
 
 
@@ -115,5 +118,18 @@ def method_costs(runs: Sequence[MethodRun], data: DataSource) -> dict[str, dict[
     x, y = next(iter(DataLoader(device_samples, batch_size=data.batch_size)))
     sample_bytes = sum(images.numel() * images.element_size()
                        for images, _ in DataLoader(device_samples, batch_size=256))
-    return {run.method.name: run.method.costs(CostContext(x, y, sample_bytes, run.reference, run.settings.run))
-            for run in runs}
+    return {run.method.name: {**run.method.costs(CostContext(x, y, sample_bytes, run.reference, run.settings.run)),
+                              "train_sample_passes": sample_passes(run)} for run in runs}
+
+
+def sample_passes(run: MethodRun) -> Optional[int]:
+    """Training samples the method's served model went through, over every stage that trained it (``budget.json``
+    of each; ``None`` when a stage has no budget report)."""
+    dirs = [step.work_dir for step in run.plan if isinstance(step, StageCall) and step.command == "fit"]
+    total = 0
+    for folder in dict.fromkeys([*dirs, *run.method.reused_stage_dirs(run.reference)]):
+        report = folder / REPORT
+        if not report.is_file():
+            return None
+        total += int(json.loads(report.read_text())["samples"])
+    return total

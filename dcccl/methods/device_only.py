@@ -10,7 +10,7 @@ import numpy as np
 
 from dcccl.federated.costs import parameter_count
 from dcccl.federated.ledger import Ledger
-from dcccl.methods.base import CostContext, Method
+from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices
 from dcccl.run.metrics import CONFUSION_KEY, round_history, summarize, write_run_outputs
 from dcccl.run.plan import Plan, PlanBuilder
 from dcccl.run.run_dir import RunDirectory
@@ -30,9 +30,11 @@ class DeviceOnly(Method):
     per_round = False
 
     def settings(self, reference: PipelineSettings) -> PipelineSettings:
-        """No guides, the co-submodel served alone."""
-        return replace(super().settings(reference), cloud_round_guide="none", device_guide="none",
-                       serve_cloud_submodel=False, finetune_head=False)
+        """No guides, the co-submodel served alone, trained with plain cross-entropy."""
+        base = super().settings(reference)
+        stage_args = plain_cross_entropy_on_devices(base)
+        return replace(base, cloud_round_guide="none", device_guide="none", serve_cloud_submodel=False,
+                       finetune_head=False, stage_args=stage_args)
 
     def plan(self, settings: PipelineSettings, reference: RunDirectory) -> Plan:
         """Per device: its device stages chained through its own copies, then an evaluation of the last copy."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from dcccl.federated.costs import parameter_count
@@ -27,6 +28,10 @@ class DCCCLWithoutControl(Method):
         """DC-CCL's plan without distillation, starting from DC-CCL's cloud submodel and initial co-submodel."""
         return dcccl_plan(settings, reused=Reused(cloud_submodel=reference.cloud_submodel,
                                                   initial_co_submodel=reference.initial_co_submodel))
+
+    def reused_stage_dirs(self, reference: RunDirectory) -> list[Path]:
+        """DC-CCL's cloud stage trained the cloud submodel it serves."""
+        return [reference.cloud_submodel.parent]
 
     def costs(self, context: CostContext) -> dict[str, Any]:
         """The co-submodel alone on the device, down and up every round."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from dcccl.federated.aggregation import FedAvg
 from dcccl.federated.costs import parameter_count
-from dcccl.methods.base import CostContext, Method
+from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices
 from dcccl.run.plan import Plan, Reused, dcccl_plan
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings
@@ -23,11 +23,14 @@ class SmallFedAvg(Method):
     needs_stages = ("fedavg_client",)
 
     def settings(self, reference: PipelineSettings) -> PipelineSettings:
-        """No guides, the small model served alone, every copy weighted by its sample count (the cloud's too)."""
+        """Plain FedAvg: no guides, the small model served alone, every copy (the cloud's too) trained with
+        cross-entropy from the round's model and weighted by its sample count."""
         base = super().settings(reference)
         weighting = base.rule.device_weighting if isinstance(base.rule, FedAvg) else "samples"
+        stage_args = plain_cross_entropy_on_devices(base)
         return replace(base, cloud_round_guide="none", device_guide="none", serve_cloud_submodel=False,
-                       aggregation=FedAvg(cloud_share=None, device_weighting=weighting), finetune_head=False)
+                       aggregation=FedAvg(cloud_share=None, device_weighting=weighting), finetune_head=False,
+                       round_order="parallel", stage_args=stage_args)
 
     def plan(self, settings: PipelineSettings, reference: RunDirectory) -> Plan:
         """Rounds of the cloud as a FedAvg client and the devices, from DC-CCL's initial co-submodel."""

@@ -75,13 +75,16 @@ def _scaled(value: float, unit: str, base: float = 1000.0) -> str:
 def markdown_table(comparison: dict[str, Any]) -> str:
     """A markdown table of every method (accuracy in percent, costs of what runs on the device)."""
     with_std = len(comparison["seeds"]) > 1
-    header = ("| Method | Acc (%) | Cloud classes (%) | Device-only classes (%) | On-device params "
-              "| Train FLOPs / sample | Peak train memory | Down / round | Up / round | Down once | Up once |")
+    header = ("| Method | Acc (%) | Cloud classes (%) | Device-only classes (%) | Train sample passes "
+              "| On-device params | Train FLOPs / sample | Peak train memory | Down / round | Up / round | Down once "
+              "| Up once |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for method in comparison["methods"]:
         entry = comparison[method]
         title = entry["title"] + (" ⚠" if entry["privacy_violating"] else "")
         cells = [_pct(entry, key, with_std) for key in ACCURACY_KEYS]
+        passes = entry.get("train_sample_passes")
+        cells += ["n/a" if passes is None else _scaled(passes, "")]
         cells += [_scaled(entry["device_params"], ""), _scaled(entry["device_train_flops_per_sample"], "FLOP")]
         cells += [_scaled(entry[key], "B") for key in ("device_peak_train_memory_bytes", "downlink_bytes_per_round",
                                                         "uplink_bytes_per_round", "downlink_bytes_once",
@@ -95,6 +98,8 @@ def markdown_table(comparison: dict[str, Any]) -> str:
         "⚠ The centralized model needs every raw device sample on the cloud: an upper bound, not a deployable method.",
         "On-device figures cover what trains on the device (DC-CCL: frozen control model + co-submodel); "
         "FLOPs and memory are of one training step with the device's batch.",
+        "Train sample passes: training samples through a training step, over every stage that trained the served "
+        "model (first seed); every stage follows its stage config's budget (floors, caps, early stopping).",
         f"Control-model fidelity (agreement / logit MSE with the cloud submodel): cloud test samples "
         f"{100 * fidelity['cloud_test']['agreement']:.1f}% / {fidelity['cloud_test']['logit_mse']:.3f}, "
         f"device test samples {100 * fidelity['device_test']['agreement']:.1f}% / "

@@ -40,6 +40,7 @@ class NetworkExport:
         in_chans: Number of input channels.
         state_dict: The weights and buffers.
         sample_count: For a co-submodel copy, the number of training samples behind it.
+        class_counts: Those samples per class, when the copy reports them (class-aware fusion).
     """
 
     role: Role
@@ -48,14 +49,15 @@ class NetworkExport:
     in_chans: int
     state_dict: dict[str, torch.Tensor]
     sample_count: Optional[int] = None
+    class_counts: Optional[list[int]] = None
 
     @classmethod
     def of(cls, network: nn.Module, role: Role, backbone: BackboneSpec, num_classes: int, in_chans: int,
-           sample_count: Optional[int] = None) -> NetworkExport:
+           sample_count: Optional[int] = None, class_counts: Optional[list[int]] = None) -> NetworkExport:
         """Snapshot ``network`` (weights copied to CPU) as an export."""
         state = {key: value.detach().to("cpu", copy=True) for key, value in network.state_dict().items()}
         recorded = replace(backbone, name=rebuildable_name(backbone.name))
-        return cls(role, recorded, num_classes, in_chans, state, sample_count)
+        return cls(role, recorded, num_classes, in_chans, state, sample_count, class_counts)
 
     def build(self) -> nn.Module:
         """Rebuild the network and load the exported weights."""
@@ -72,6 +74,7 @@ class NetworkExport:
             "num_classes": self.num_classes,
             "in_chans": self.in_chans,
             "sample_count": self.sample_count,
+            "class_counts": self.class_counts,
             "state_dict": self.state_dict,
         }
 
@@ -110,6 +113,7 @@ def load_export(path: str | Path, role: Optional[Role] = None) -> NetworkExport:
         in_chans=int(payload["in_chans"]),
         state_dict=payload["state_dict"],
         sample_count=payload.get("sample_count"),
+        class_counts=payload.get("class_counts"),
     )
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from torch import nn
+
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation import AggregationRule
 from dcccl.run.exports import NetworkExport, load_export, save_export
@@ -76,21 +78,50 @@ def _trained_copy(path: Path, num_classes: Optional[int]) -> NetworkExport:
     return export
 
 
+def head_keys(network: nn.Module) -> set[str]:
+    """The state-dict keys of the network's classifier, found through timm's head API.
+
+    Raises:
+        ConfigError: The network has no ``get_classifier()``.
+    """
+    get_classifier = getattr(network, "get_classifier", None)
+    if not callable(get_classifier):
+        raise ConfigError(f"class-aware fusion needs timm's head API, but the co-submodel ({type(network).__name__}) "
+                          "has no get_classifier(): set aggregation class_aware_head: false, or give the network "
+                          "timm's head API")
+    classifier = get_classifier()
+    prefixes = [name for name, module in network.named_modules() if module is classifier]
+    return {key for key in network.state_dict() if any(key.startswith(f"{prefix}.") for prefix in prefixes)}
+
+
 def fuse_exports(step: FusionStep) -> NetworkExport:
     """The fused co-submodel of ``step``: weights from the rule, the sample count of all copies together.
 
     Two passes over the device copies (their sample counts, then their weights), one copy in memory at a time.
     """
-    if step.rule is None:
+    rule = step.rule
+    if rule is None:
         raise ValueError("a fusion step needs an aggregation rule")
     cloud = _trained_copy(step.cloud_copy, None)
-    counts = [_trained_copy(path, cloud.num_classes).sample_count or 0 for path in step.device_copies]
+    devices = [_trained_copy(path, cloud.num_classes) for path in step.device_copies]
+    counts = [export.sample_count or 0 for export in devices]
+    class_counts = [cloud.class_counts, *(export.class_counts for export in devices)]
+    if rule.needs_class_counts and any(entry is None for entry in class_counts):
+        missing = [str(path) for path, entry in zip((step.cloud_copy, *step.device_copies), class_counts)
+                   if entry is None]
+        raise ConfigError(f"the aggregation rule fuses class by class but {', '.join(missing)} records no samples "
+                          "per class: run the round again with this rule (--from_stage rounds)")
+    del devices  # the states are read again one at a time below
     onto = load_export(step.rebase_onto, "co_submodel").state_dict if step.rebase_onto is not None else None
-    parameters = {name for name, _ in cloud.build().named_parameters()}
-    weights = step.rule.weights(cloud.sample_count or 0, counts)
+    network = cloud.build()
+    parameters = {name for name, _ in network.named_parameters()}
+    keys = head_keys(network) if rule.needs_class_counts else set()
+    weights = rule.weights(cloud.sample_count or 0, counts)
     log.info("[dcccl] fusion weights: cloud %.3f, devices %s", weights[0],
              ", ".join(f"{w:.3f}" for w in weights[1:]) or "none reported")
-    fused = step.rule.fuse(cloud.state_dict, cloud.sample_count or 0, counts, step._device_states(onto), onto,
-                           parameters)
+    fused = rule.fuse(cloud.state_dict, cloud.sample_count or 0, counts, step._device_states(onto), onto,
+                      parameters, keys, class_counts if rule.needs_class_counts else None)  # type: ignore[arg-type]
     total = (cloud.sample_count or 0) + sum(counts)
-    return NetworkExport(cloud.role, cloud.backbone, cloud.num_classes, cloud.in_chans, fused, total)
+    summed = [sum(column) for column in zip(*class_counts)] if all(c is not None for c in class_counts) else None
+    return NetworkExport(cloud.role, cloud.backbone, cloud.num_classes, cloud.in_chans, fused, total,
+                         summed)  # type: ignore[arg-type]

@@ -37,6 +37,8 @@ def ledger_of(plan: Sequence[Step]) -> Ledger:
             for path in step.uplink:
                 ledger.record_file(step.round_index, device, "up", path)
                 ledger.record_sample_count(step.round_index, device)
+                if step.model_args.get("report_class_counts"):
+                    ledger.record_class_counts(step.round_index, device, path)
     return ledger
 
 

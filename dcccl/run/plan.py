@@ -25,10 +25,12 @@ class Reused:
 
     Args:
         cloud_submodel: Take this cloud submodel instead of training one.
+        control_model: Take this control model instead of distilling one.
         initial_co_submodel: Start round 1 from this co-submodel instead of building a fresh one.
     """
 
     cloud_submodel: Optional[Path] = None
+    control_model: Optional[Path] = None
     initial_co_submodel: Optional[Path] = None
 
 
@@ -112,15 +114,16 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
     if settings.needs_cloud_submodel and reused.cloud_submodel is None:
         steps.append(build.call("cloud", {"export_path": str(run.cloud_submodel)}, (run.cloud_submodel,),
                                 "cloud submodel", "cloud", partition="cloud"))
-    if settings.needs_control_model:
+    control_model = reused.control_model or run.control_model
+    if settings.needs_control_model and reused.control_model is None:
         steps.append(build.call("distill", {"cloud_submodel": str(cloud_submodel),
                                             "export_path": str(run.control_model)},
                                 (run.control_model,), "control model", "distill", inputs=(cloud_submodel,),
                                 partition="cloud"))
-    guide = {"cloud_submodel": cloud_submodel, "control_model": run.control_model}.get(settings.cloud_round_guide)
+    guide = {"cloud_submodel": cloud_submodel, "control_model": control_model}.get(settings.cloud_round_guide)
     initial = reused.initial_co_submodel or run.initial_co_submodel
     served_cloud = cloud_submodel if settings.serve_cloud_submodel else None
-    control = run.control_model if settings.device_guide == "control_model" else None
+    control = control_model if settings.device_guide == "control_model" else None
     has_control: set[int] = set()
     for r in range(1, settings.rounds + 1):
         tag = f"round {r}/{settings.rounds}"
@@ -136,17 +139,23 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
             inputs=tuple(p for p in (guide, None if builds_initial else start) if p is not None),
             partition="cloud", config_stage=cloud_round_stage))
         reporting = settings.fleet.reporting(settings.seed_everything, r)
+        device_start = device_start_of(settings, run, r, initial)
         for position, device in enumerate(reporting, start=1):
             sends_control = control is not None and device not in has_control
             has_control.add(device)
-            steps.append(build.call("device", {
+            device_args: dict[str, Any] = {
                 "control_model": None if control is None else str(control),
-                "co_submodel": str(start),
+                "co_submodel": str(device_start),
                 "export_path": str(run.device_copy(r, device)),
-            }, (run.device_copy(r, device),), f"{tag}: device {device} ({position}/{len(reporting)})", "rounds",
-                round_index=r, inputs=tuple(p for p in (control, start) if p is not None), partition="device",
-                device=device, downlink=tuple(p for p in (control if sends_control else None, start) if p is not None),
-                uplink=(run.device_copy(r, device),)))
+            }
+            if settings.rule.needs_class_counts:  # the rule fuses class by class: the counts go up with the copy
+                device_args["report_class_counts"] = True
+            downlink = tuple(p for p in (control if sends_control else None, device_start) if p is not None)
+            steps.append(build.call(
+                "device", device_args, (run.device_copy(r, device),),
+                f"{tag}: device {device} ({position}/{len(reporting)})", "rounds", round_index=r,
+                inputs=tuple(p for p in (control, device_start) if p is not None), partition="device", device=device,
+                downlink=downlink, uplink=(run.device_copy(r, device),)))
         steps.append(fusion_step(settings, run, r, initial))
         if settings.finetune_head:
             steps.append(build.call("head", {
@@ -165,17 +174,21 @@ def round_result(settings: PipelineSettings, run: RunDirectory, round_index: int
     return run.finetuned_co_submodel(round_index) if settings.finetune_head else run.fused_co_submodel(round_index)
 
 
+def device_start_of(settings: PipelineSettings, run: RunDirectory, round_index: int, initial: Path) -> Path:
+    """The co-submodel the devices start from in a round: the round's start, or (sequential rounds) the cloud's copy."""
+    if settings.round_order == "sequential":
+        return run.cloud_copy(round_index)
+    return initial if round_index == 1 else round_result(settings, run, round_index - 1)
+
+
 def fusion_step(settings: PipelineSettings, run: RunDirectory, round_index: int, initial: Path) -> FusionStep:
     """The fusion of round ``round_index``: the cloud's copy and the device copies the aggregation rule chooses."""
     rule = settings.rule
     fused = rule.fused_copies(settings.fleet, settings.seed_everything, round_index)
 
-    def start(r: int) -> Path:
-        return initial if r == 1 else round_result(settings, run, r - 1)
-
     copies = tuple(run.device_copy(r, device) for device, r in fused)
-    bases = tuple(None if r == round_index else start(r) for _, r in fused)
-    onto = start(round_index) if any(base is not None for base in bases) else None
+    bases = tuple(None if r == round_index else device_start_of(settings, run, r, initial) for _, r in fused)
+    onto = device_start_of(settings, run, round_index, initial) if any(base is not None for base in bases) else None
     inputs = [run.cloud_copy(round_index), *copies, *(base for base in bases if base is not None),
               *((onto,) if onto is not None else ())]
     return FusionStep(

@@ -41,6 +41,9 @@ class PipelineSettings:
         cloud_round_guide: Which model guides the cloud's copy of the co-submodel: the cloud submodel
             (default, as in the paper's code), the control model, or none (baselines).
         device_guide: Whether the control model guides the devices (``none``: the ablation without it).
+        round_order: ``sequential`` (default): the cloud trains its copy first and the devices start from it, so
+            each side corrects what the other left; ``parallel`` (the paper's): the cloud's copy and the devices'
+            copies all start from the round's co-submodel.
         serve_cloud_submodel: Serve ``f + h`` (default) or the co-submodel alone (small-model baselines).
         fleet: Many devices: their data partition, sampling and availability (default: one device that always
             reports).
@@ -65,6 +68,7 @@ class PipelineSettings:
     seed_everything: int = 0
     cloud_round_guide: Guide = "cloud_submodel"
     device_guide: DeviceGuide = "control_model"
+    round_order: Literal["parallel", "sequential"] = "sequential"
     serve_cloud_submodel: bool = True
     fleet: FleetSpec = field(default_factory=FleetSpec)
     aggregation: Optional[AggregationRule] = None

@@ -19,11 +19,17 @@ StateDict = Mapping[str, torch.Tensor]
 class AggregationRule(ABC):
     """How the cloud fuses its own copy of the co-submodel with the devices' copies at the end of a round.
 
-    A rule answers three questions through hooks: which device copies a round fuses (:meth:`fused_copies`), with
-    which weights (:meth:`weights`), and what a copy contributes (:meth:`contribution`). :meth:`fuse` streams the
-    copies through one running weighted sum, so memory does not grow with the fleet. A new rule is a subclass that
-    overrides one hook and calls ``super()`` where it extends the default.
+    A rule answers four questions through hooks: which device copies a round fuses (:meth:`fused_copies`), with
+    which weights (:meth:`weights`), with which weights per class for the classifier's rows (:meth:`row_weights`),
+    and what a copy contributes (:meth:`contribution`). :meth:`fuse` streams the copies through running weighted
+    sums, so memory does not grow with the fleet. A new rule is a subclass that overrides one hook and calls
+    ``super()`` where it extends the default.
     """
+
+    @property
+    def needs_class_counts(self) -> bool:
+        """Whether the rule needs each copy's samples per class (the devices then send them up with their copy)."""
+        return False
 
     def fused_copies(self, fleet: FleetSpec, seed: int, round_index: int) -> list[tuple[int, int]]:
         """``(device, round)`` of every device copy the fusion of ``round_index`` averages.
@@ -41,6 +47,16 @@ class AggregationRule(ABC):
             device_counts: Samples behind each device copy.
         """
 
+    def row_weights(self, weights: Sequence[float],
+                    class_counts: Optional[Sequence[Sequence[int]]]) -> Optional[list[list[float]]]:
+        """Per class, the weight of each copy in the classifier's row of that class (``None``: the plain weights).
+
+        Args:
+            weights: The copies' weights from :meth:`weights` (the cloud's first).
+            class_counts: Each copy's samples per class, in the same order (when :attr:`needs_class_counts`).
+        """
+        return None
+
     def contribution(self, copy: StateDict, base: Optional[StateDict], onto: Optional[StateDict],
                      parameters: Set[str]) -> StateDict:
         """What one device copy adds to the average: the copy itself; a copy from an earlier round (``base`` is
@@ -53,7 +69,8 @@ class AggregationRule(ABC):
 
     def fuse(self, cloud_copy: StateDict, cloud_count: int, device_counts: Sequence[int],
              device_copies: Iterable[tuple[StateDict, Optional[StateDict]]], onto: Optional[StateDict],
-             parameters: Set[str]) -> dict[str, torch.Tensor]:
+             parameters: Set[str], head_keys: Set[str] = frozenset(),
+             class_counts: Optional[Sequence[Sequence[int]]] = None) -> dict[str, torch.Tensor]:
         """The fused co-submodel's state dict.
 
         Args:
@@ -64,18 +81,64 @@ class AggregationRule(ABC):
                 this round.
             onto: The model this round started from (needed when a copy is stale).
             parameters: Names of the trainable parameters (the rest are buffers).
+            head_keys: Names of the classifier's parameters (rows = classes), for :meth:`row_weights`.
+            class_counts: Each copy's samples per class, the cloud's first.
         """
         weights = self.weights(cloud_count, device_counts)
+        per_class = self.row_weights(weights, class_counts) if head_keys else None
         running = RunningAverage()
-        running.add(cloud_copy, weights[0])
+        rows = _RowAverage(head_keys, per_class) if per_class is not None else None
+        copies = [(cloud_copy, None)]
         added = 0
-        for (copy, base), weight in zip(device_copies, weights[1:]):
-            running.add(self.contribution(copy, base, onto, parameters), weight)
-            added += 1
+        for position, (copy, base) in enumerate(_chain(copies, device_copies)):
+            contribution = copy if position == 0 else self.contribution(copy, base, onto, parameters)
+            running.add(contribution, weights[position])
+            if rows is not None:
+                rows.add(contribution, position)
+            added += position > 0
         if added != len(device_counts):
             raise ValueError(f"{len(device_counts)} device sample counts but {added} device copies")
-        return running.result()
+        fused = running.result()
+        if rows is not None:
+            fused.update(rows.result(fused))
+        return fused
 
     def settings(self) -> dict[str, Any]:
         """What the rule is configured with (its class and init arguments): part of the fusion's fingerprint."""
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}", **vars(self)}
+
+
+def _chain(first: list[tuple[StateDict, None]],
+           rest: Iterable[tuple[StateDict, Optional[StateDict]]]) -> Iterable[tuple[StateDict, Optional[StateDict]]]:
+    yield from first
+    yield from rest
+
+
+class _RowAverage:
+    """Running per-class weighted sums of the classifier's rows (row ``c`` of every head tensor belongs to class c).
+
+    A class whose weights are all zero keeps the plain average's row.
+    """
+
+    def __init__(self, head_keys: Set[str], per_class: list[list[float]]) -> None:
+        self.keys = head_keys
+        self.per_class = torch.tensor(per_class, dtype=torch.float64)  # (classes, copies)
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, state: StateDict, position: int) -> None:
+        """Add copy number ``position``'s rows with its per-class weights."""
+        weight = self.per_class[:, position]
+        for key in self.keys:
+            rows = state[key].detach().to(torch.float64)
+            shaped = weight.reshape(-1, *([1] * (rows.dim() - 1)))
+            self.sums[key] = self.sums.get(key, 0) + shaped * rows  # type: ignore[operator]
+
+    def result(self, plain: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The per-class averages (the plain average's rows where a class has no weight)."""
+        total = self.per_class.sum(dim=1)
+        out = {}
+        for key, summed in self.sums.items():
+            shaped = total.reshape(-1, *([1] * (summed.dim() - 1)))
+            averaged = torch.where(shaped > 0, summed / shaped.clamp_min(1e-300), plain[key].to(torch.float64))
+            out[key] = averaged.to(plain[key].dtype)
+        return out
