@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Regenerates every figure of docs/results.md and of the README's results: the comparison with the baselines and
+# the table of DC-CCL's variants, seeds 0, 1 and 2, on the quickstart's digits, on scikit-learn's digits and on the
+# fleet of 20 devices. About 1.5 hours on 2 CPU cores; every run is kept under runs/results/ (re-running skips what
+# is done). Run from the repository root with the project installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SEEDS=(0 1 2)
+VARIANTS=configs/ablations/variants.yaml
+declare -A DATA=([quickstart]="--config configs/quickstart.yaml"
+                 [digits8]="--config configs/quickstart.yaml --data configs/data/sklearn_digits.yaml --name digits8"
+                 [fleet]="--config configs/fleet.yaml")
+for name in quickstart digits8 fleet; do
+  # shellcheck disable=SC2086
+  dcccl compare ${DATA[$name]} --seeds "${SEEDS[@]}" --run_dir "runs/results/$name"
+  # shellcheck disable=SC2086
+  dcccl ablate ${DATA[$name]} --variants "$VARIANTS" --seeds "${SEEDS[@]}" --run_dir "runs/results/$name"
+done
+python -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
+for name in quickstart digits8 fleet; do
+  echo "== $name: runs/results/$name/comparison.md, runs/results/$name/ablation/ablation.md"
+  cat "runs/results/$name/comparison.md" "runs/results/$name/ablation/ablation.md"
+done
