@@ -10,9 +10,12 @@ VARIANTS=configs/ablations/variants.yaml
 declare -A DATA=([quickstart]="--config configs/quickstart.yaml"
                  [digits8]="--config configs/quickstart.yaml --data configs/data/sklearn_digits.yaml --name digits8"
                  [fleet]="--config configs/fleet.yaml")
+# Every comparison first (the targets are judged on them), then the variants.
 for name in quickstart digits8 fleet; do
   # shellcheck disable=SC2086
   dcccl compare ${DATA[$name]} --seeds "${SEEDS[@]}" --run_dir "runs/results/$name"
+done
+for name in quickstart digits8 fleet; do
   # shellcheck disable=SC2086
   dcccl ablate ${DATA[$name]} --variants "$VARIANTS" --seeds "${SEEDS[@]}" --run_dir "runs/results/$name"
 done

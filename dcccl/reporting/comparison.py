@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dcccl.methods.base import Method
+from dcccl.reporting.targets import target_lines
 from dcccl.run.atomic import atomic_write_json, atomic_write_text
 
 ACCURACY_KEYS = ("acc", "acc_cloud_classes", "acc_device_classes")
@@ -39,6 +40,8 @@ def build_comparison(results: dict[int, dict[str, dict[str, Any]]], costs: dict[
                 entry[key], entry[f"{key}_std"] = None, None
                 continue
             entry[key], entry[f"{key}_std"] = _mean_std([float(v) for v in values if v is not None])
+        entry["per_seed"] = {str(s): {key: results[s][method].get(f"served/{key}") for key in ACCURACY_KEYS}
+                             for s in seeds}
         entry.update(costs[method])
         comparison[method] = entry
     comparison["control_fidelity"] = {
@@ -105,6 +108,9 @@ def markdown_table(comparison: dict[str, Any]) -> str:
         f"device test samples {100 * fidelity['device_test']['agreement']:.1f}% / "
         f"{fidelity['device_test']['logit_mse']:.3f}.",
     ]
+    checks = target_lines(comparison)
+    if checks:
+        notes += ["", "DC-CCL's targets:", *checks]
     return "\n".join(lines + notes) + "\n"
 
 
