@@ -375,13 +375,19 @@ def ablate_parser() -> ArgumentParser:
     return parser
 
 
+def variant_settings(parser: ArgumentParser, cfg: Namespace,
+                     described: dict[str, dict[str, Any]]) -> dict[str, PipelineSettings]:
+    """Each variant's pipeline settings: the parsed config with the variant's settings parsed over it."""
+    return {name: settings_from(parser, parser.parse_object(entry["settings"], namespace=cfg.clone()))
+            for name, entry in described.items()}
+
+
 def ablate_main(argv: list[str]) -> dict[str, Any]:
     """``dcccl ablate``: every variant for every seed, then ablation.json/.md."""
     parser = ablate_parser()
     cfg = parser.parse_args(argv)
     described = read_variants(Path(cfg.variants), cfg.only)
-    variants = {name: settings_from(parser, parser.parse_object(entry["settings"], namespace=cfg.clone()))
-                for name, entry in described.items()}
+    variants = variant_settings(parser, cfg, described)
     first = next(iter(variants.values()))
     ablation = Ablation(variants, cfg.seeds, first.run.root / "ablation")
     runner = LightningStageRunner()
