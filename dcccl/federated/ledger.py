@@ -45,18 +45,19 @@ class Ledger:
 
     def __init__(self) -> None:
         self.transfers: list[Transfer] = []
-        self._described: dict[str, tuple[str, int]] = {}  # path -> (role, bytes): each export is read once
+        # path -> (role, bytes, classes whose counts it records): each export is read once
+        self._described: dict[str, tuple[str, int, int]] = {}
 
-    def _describe(self, path: str | Path) -> tuple[str, int]:
+    def _describe(self, path: str | Path) -> tuple[str, int, int]:
         key = str(path)
         if key not in self._described:
             export = load_export(path)
-            self._described[key] = (export.role, state_dict_bytes(export.state_dict))
+            self._described[key] = (export.role, state_dict_bytes(export.state_dict), len(export.class_counts or []))
         return self._described[key]
 
     def check(self, device: int, direction: Direction, path: str | Path) -> tuple[str, int]:
         """The role and size of an export, if it may go ``direction``; else :class:`LedgerViolation`."""
-        role, size = self._describe(path)
+        role, size, _ = self._describe(path)
         if role not in ALLOWED[direction]:
             raise LedgerViolation(
                 f"refusing to send a {role} {direction} to device {device} ({path}): only "
@@ -79,8 +80,8 @@ class Ledger:
 
     def record_class_counts(self, round_index: int, device: int, path: str | Path) -> Transfer:
         """Record a device reporting its samples per class (one int64 per class), as its copy at ``path`` holds."""
-        counts = load_export(path).class_counts or []
-        transfer = Transfer(round_index, device, "up", "class_counts", SAMPLE_COUNT_BYTES * len(counts), "")
+        _, _, classes = self._describe(path)
+        transfer = Transfer(round_index, device, "up", "class_counts", SAMPLE_COUNT_BYTES * classes, "")
         self.transfers.append(transfer)
         return transfer
 

@@ -94,6 +94,11 @@ def head_keys(network: nn.Module) -> set[str]:
     return {key for key in network.state_dict() if any(key.startswith(f"{prefix}.") for prefix in prefixes)}
 
 
+def _reported(export: NetworkExport) -> tuple[int, Optional[list[int]]]:
+    """What a copy's device reported with it (its sample count and samples per class), without its weights."""
+    return export.sample_count or 0, export.class_counts
+
+
 def fuse_exports(step: FusionStep) -> NetworkExport:
     """The fused co-submodel of ``step``: weights from the rule, the sample count of all copies together.
 
@@ -103,15 +108,14 @@ def fuse_exports(step: FusionStep) -> NetworkExport:
     if rule is None:
         raise ValueError("a fusion step needs an aggregation rule")
     cloud = _trained_copy(step.cloud_copy, None)
-    devices = [_trained_copy(path, cloud.num_classes) for path in step.device_copies]
-    counts = [export.sample_count or 0 for export in devices]
-    class_counts = [cloud.class_counts, *(export.class_counts for export in devices)]
+    reported = [_reported(_trained_copy(path, cloud.num_classes)) for path in step.device_copies]
+    counts = [sample_count for sample_count, _ in reported]
+    class_counts = [cloud.class_counts, *(per_class for _, per_class in reported)]
     if rule.needs_class_counts and any(entry is None for entry in class_counts):
         missing = [str(path) for path, entry in zip((step.cloud_copy, *step.device_copies), class_counts)
                    if entry is None]
         raise ConfigError(f"the aggregation rule fuses class by class but {', '.join(missing)} records no samples "
                           "per class: run the round again with this rule (--from_stage rounds)")
-    del devices  # the states are read again one at a time below
     onto = load_export(step.rebase_onto, "co_submodel").state_dict if step.rebase_onto is not None else None
     network = cloud.build()
     parameters = {name for name, _ in network.named_parameters()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence, Set
+from itertools import chain
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -88,9 +89,8 @@ class AggregationRule(ABC):
         per_class = self.row_weights(weights, class_counts) if head_keys else None
         running = RunningAverage()
         rows = _RowAverage(head_keys, per_class) if per_class is not None else None
-        copies = [(cloud_copy, None)]
         added = 0
-        for position, (copy, base) in enumerate(_chain(copies, device_copies)):
+        for position, (copy, base) in enumerate(chain([(cloud_copy, None)], device_copies)):
             contribution = copy if position == 0 else self.contribution(copy, base, onto, parameters)
             running.add(contribution, weights[position])
             if rows is not None:
@@ -106,12 +106,6 @@ class AggregationRule(ABC):
     def settings(self) -> dict[str, Any]:
         """What the rule is configured with (its class and init arguments): part of the fusion's fingerprint."""
         return {"class": f"{type(self).__module__}.{type(self).__qualname__}", **vars(self)}
-
-
-def _chain(first: list[tuple[StateDict, None]],
-           rest: Iterable[tuple[StateDict, Optional[StateDict]]]) -> Iterable[tuple[StateDict, Optional[StateDict]]]:
-    yield from first
-    yield from rest
 
 
 class _RowAverage:
