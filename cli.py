@@ -50,7 +50,7 @@ from dcccl.run.plan import dcccl_plan
 from dcccl.run.ranks import is_global_zero
 from dcccl.run.settings import PipelineSettings, RestartPoint
 from dcccl.run.steps import StageCall
-from lightning_modules import STAGE_MODULES, StageModule
+from lightning_modules import STAGE_MODULES, DeviceRoundModule, StageModule
 
 log = logging.getLogger("dcccl")
 
@@ -221,8 +221,10 @@ class LightningStageRunner:
         if cli.trainer.is_global_zero:
             atomic_write_text(call.work_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
         resume_from = {"ckpt_path": str(call.last_checkpoint)} if resume and call.command == "fit" else {}
+        # A device stage trains all of its devices inside this one fit, each from the stage module as parsed.
+        model = DeviceRoundModule(cli.model, call.devices) if call.devices else cli.model
         try:
-            getattr(cli.trainer, call.command)(cli.model, datamodule=cli.datamodule, **resume_from)
+            getattr(cli.trainer, call.command)(model, datamodule=cli.datamodule, **resume_from)
         except OSError as err:  # Lightning's checkpoint writer does not say which file did not fit
             if err.errno in DISK_FULL_ERRNOS and not isinstance(err, DiskFullError):
                 raise DiskFullError(err.errno, err.filename or call.work_dir) from err

@@ -308,6 +308,16 @@ class DCCCLDataModule(LightningDataModule):
         """Training samples of one device."""
         return Subset(self.data.device_train, self.device_parts[device_index].tolist())
 
+    def device_class_counts(self, device_index: int) -> list[int]:
+        """Training samples of one device per class."""
+        labels = self.data.device_labels[self.device_parts[device_index]]
+        return np.bincount(labels, minlength=self.num_classes).tolist()
+
+    def device_loader(self, device_index: int) -> DataLoader:
+        """One device's training samples, shuffled as a device stage of its own would see them (seeded per epoch:
+        call ``loader.sampler.set_epoch(e)``)."""
+        return self._loader(self.device_dataset(device_index), shuffle=True)
+
     def train_dataset(self, partition: DataPartition) -> Dataset:
         """Training samples of ``partition`` (for ``device``: this DataModule's device only)."""
         if partition == "pooled":
@@ -319,9 +329,10 @@ class DCCCLDataModule(LightningDataModule):
     def train_class_counts(self) -> list[int]:
         """Training samples per class of the partition in use."""
         partition = self.resolve_partition()
-        labels = {"cloud": lambda: self.data.cloud_labels,
-                  "device": lambda: self.data.device_labels[self.device_parts[self.device_index]],
-                  "pooled": lambda: np.concatenate([self.data.cloud_labels, self.data.device_labels])}[partition]()
+        if partition == "device":
+            return self.device_class_counts(self.device_index)
+        labels = self.data.cloud_labels if partition == "cloud" else \
+            np.concatenate([self.data.cloud_labels, self.data.device_labels])
         return np.bincount(labels, minlength=self.num_classes).tolist()
 
     def train_sample_count(self) -> int:
@@ -357,7 +368,18 @@ class DCCCLDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training samples of the partition in use; ``(sample, label, index)`` when the stage module asks
-        for the samples' positions (``wants_sample_indices``, e.g. to look up what it computed once per sample)."""
+        for the samples' positions (``wants_sample_indices``, e.g. to look up what it computed once per sample).
+
+        A stage module that trains many devices in one ``fit`` (``round_devices``: a list of device indices) gets
+        those indices instead, one per step, padded with ``-1`` to a multiple of the number of processes: under DDP
+        each process then takes different devices, and every process the same number of steps.
+        """
+        module = getattr(self.trainer, "lightning_module", None)
+        devices = getattr(module, "round_devices", None)
+        if devices is not None:
+            world_size = getattr(self.trainer, "world_size", 1)
+            padded = list(devices) + [-1] * (-len(devices) % world_size)
+            return DataLoader(padded, batch_size=None, shuffle=False)  # type: ignore[arg-type]
         dataset = self.train_dataset(self.resolve_partition())
         if getattr(getattr(self.trainer, "lightning_module", None), "wants_sample_indices", False):
             dataset = IndexedDataset(dataset)

@@ -71,9 +71,14 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         self.log_prior: Optional[torch.Tensor] = None
 
     def setup(self, stage: str) -> None:
+        """Prepare for the device the DataModule serves (:meth:`begin_device`)."""
+        if stage == "fit":
+            self.begin_device(self.train_class_counts())
+
+    def begin_device(self, class_counts: list[int]) -> None:
         """With logit adjustment: the log of the device's own (add-one smoothed) label distribution."""
-        if stage == "fit" and self.logit_adjustment > 0:
-            counts = torch.tensor(self.train_class_counts(), dtype=torch.float32) + 1.0
+        if self.logit_adjustment > 0:
+            counts = torch.tensor(class_counts, dtype=torch.float32) + 1.0
             self.log_prior = torch.log(counts / counts.sum())
 
     def training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

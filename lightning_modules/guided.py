@@ -76,6 +76,10 @@ class GuidedCoTrainingModule(SupervisedStageModule):
             return margin_loss(logits, y, self.margin)
         return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
+    def begin_device(self, class_counts: list[int]) -> None:
+        """Called before a device's copy is trained, with that device's samples per class (the hook for anything a
+        loss derives from the local label distribution); nothing by default."""
+
     def build_network(self) -> nn.Module:
         """Build a fresh co-submodel; the hook to override for a custom network."""
         return self.co_backbone.build(self.num_classes, self.in_chans)

@@ -82,7 +82,7 @@ def test_every_baseline_is_wired_from_dcccl_s_own_settings_and_artifacts(tmp_pat
     device_only = by_method["device_only"]
     assert [c.stage for c in device_only] == ["device", "device", "evaluate"]
     assert device_only[0].model_args["co_submodel"] == initial
-    assert device_only[1].model_args["co_submodel"] == device_only[0].model_args["export_path"]
+    assert device_only[1].model_args["co_submodel"] == str(device_only[0].devices[0].export)
     assert device_only[-1].model_args["cloud_submodel"] is None
     # Centralized: one stage on pooled samples with DC-CCL's architectures, evaluated as f + h.
     centralized = by_method["centralized"]
@@ -115,10 +115,10 @@ def test_on_device_only_baseline_of_a_fleet_trains_every_device_alone_and_averag
                                           fleet=FleetSpec(num_devices=3, availability=0.5))), runner)
     device_only = runner.of(tmp_path / "run/baselines/device_only")
     trained = [c for c in device_only if c.stage == "device"]
-    assert [(c.device, c.round_index) for c in trained] == [(d, r) for d in range(3) for r in (1, 2)]
-    assert all(c.data_args["device_index"] == c.device for c in trained)
-    for first, second in zip(trained[::2], trained[1::2]):  # each device's chain of its own copies
-        assert second.model_args["co_submodel"] == first.model_args["export_path"]
+    # Every device in every round (none needs the network), one device stage per round.
+    assert [(c.round_index, [t.device for t in c.devices]) for c in trained] == [(1, [0, 1, 2]), (2, [0, 1, 2])]
+    for first, second in zip(trained[0].devices, trained[1].devices):  # each device's chain of its own copies
+        assert second.start == first.export and first.downlink == first.uplink == ()
     assert [c.stage for c in device_only].count("evaluate") == 3
     metrics = results[3]["device_only"]
     assert metrics["served/acc"] == pytest.approx(0.2)  # mean of 0.1, 0.2, 0.3

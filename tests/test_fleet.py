@@ -65,7 +65,9 @@ def test_pipeline_trains_reporting_devices_on_their_own_data_and_fuses_latest_co
     fleet_settings = settings(tmp_path, rounds=2, fleet=fleet, aggregation=LatestUpdate())
     metrics = execute(fleet_settings, runner)
     devices = [c for c in runner.calls if c.stage == "device"]
-    assert [(c.round_index, c.data_args["device_index"]) for c in devices] == [(1, 0), (1, 1), (1, 2), (1, 3), (2, 3)]
+    # One device stage per round trains that round's reporting devices, each into its own copy.
+    assert [(c.round_index, [t.device for t in c.devices]) for c in devices] == [(1, [0, 1, 2, 3]), (2, [3])]
+    assert all(c.outputs == tuple(t.export for t in c.devices) for c in devices)
     assert all(c.data_args["num_devices"] == 4 and c.data_args["device_partitioner"] == "dirichlet"
                for c in runner.calls)
     fusion_2 = [step for step in dcccl_plan(fleet_settings) if isinstance(step, FusionStep)][1]

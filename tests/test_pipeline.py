@@ -63,7 +63,7 @@ def test_stage_order_and_artifact_handover(tmp_path: Path) -> None:
     assert dev2.model_args["co_submodel"] == cr2.model_args["export_path"]
     assert ev2.model_args["co_submodel"] == str(run / "rounds/round_002/fusion/co_submodel.pt")
     fusion_2 = next(step for step in plan if isinstance(step, FusionStep) and step.round_index == 2)
-    assert fusion_2.device_copies == (Path(dev2.model_args["export_path"]),)
+    assert fusion_2.device_copies == (dev2.devices[0].export,) == dev2.outputs
     # The cloud side is guided by the cloud submodel by default.
     assert cr1.model_args["guide"] == distill.model_args["cloud_submodel"]
     assert all(c.seed == 7 and c.trainer_args["default_root_dir"] == str(c.work_dir) for c in runner.calls)
@@ -83,9 +83,9 @@ def test_each_stage_declares_what_it_reads_and_which_samples_it_trains_on(tmp_pa
     assert device.inputs == (run / "distill/control_model.pt", cloud_copy_2)
     assert device.partition == "device"
     # The control model goes down the first time the device takes part only; the co-submodel every round.
-    assert calls[("device", 1)].downlink == (run / "distill/control_model.pt",
-                                             run / "rounds/round_001/cloud_round/co_submodel.pt")
-    assert device.downlink == (cloud_copy_2,)
+    assert calls[("device", 1)].devices[0].downlink == (run / "distill/control_model.pt",
+                                                        run / "rounds/round_001/cloud_round/co_submodel.pt")
+    assert device.devices[0].downlink == (cloud_copy_2,)
     # In parallel rounds (the paper's order) the device starts from the round's start, as the cloud does.
     parallel = {(step.stage, step.round_index): step for step in dcccl_plan(settings(tmp_path, rounds=2,
                                                                                       round_order="parallel"))

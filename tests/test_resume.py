@@ -70,12 +70,14 @@ def test_killed_pipeline_resumes_to_the_metrics_of_an_uninterrupted_run(uninterr
     # 1: in the middle of the cloud submodel's training (3 epochs, killed after the first checkpoint).
     kill_pipeline_when(run_dir, _inside_stage(run_dir / "cloud", "cloud_submodel.pt"))
     assert not (run_dir / "cloud" / "cloud_submodel.pt").exists()
-    # 2: in the middle of a device's training in round 1.
-    second = kill_pipeline_when(run_dir, _inside_stage(run_dir / "rounds/round_001/device_000", "co_submodel.pt"))
+    # 2: in round 1, once its device stage has started and before the device's copy is written.
+    devices = run_dir / "rounds/round_001/devices"
+    second = kill_pipeline_when(run_dir, lambda: (devices / "stage.json").is_file() and not (
+        run_dir / "rounds/round_001/device_000/co_submodel.pt").exists())
     assert f"resuming from {run_dir / 'cloud/checkpoints/last.ckpt'}" in second
     # 3: between the rounds, right after round 1's evaluation.
     third = kill_pipeline_when(run_dir, (run_dir / "rounds/round_001/evaluate/metrics.json").is_file)
-    assert f"resuming from {run_dir / 'rounds/round_001/device_000/checkpoints/last.ckpt'}" in third
+    assert "[dcccl] device 0 trained (1/1" in third
     assert "cloud submodel: done already, skipped" in third
     assert not (run_dir / "metrics.json").exists()
 

@@ -15,6 +15,7 @@ from dcccl.run.metrics import CONFUSION_KEY, round_history, summarize, write_run
 from dcccl.run.plan import Plan, PlanBuilder
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings
+from dcccl.run.steps import DeviceTask
 
 
 class DeviceOnly(Method):
@@ -37,21 +38,21 @@ class DeviceOnly(Method):
                        finetune_head=False, stage_args=stage_args)
 
     def plan(self, settings: PipelineSettings, reference: RunDirectory) -> Plan:
-        """Per device: its device stages chained through its own copies, then an evaluation of the last copy."""
+        """Per round: one device stage in which every device continues from its own last copy; then an evaluation
+        of each device's last copy."""
         run, build, fleet = settings.run, PlanBuilder(settings, settings.run), settings.fleet
         steps: Plan = []
-        for device in range(fleet.num_devices):
-            start = reference.initial_co_submodel
-            for r in range(1, settings.rounds + 1):
-                copy = run.device_copy(r, device)
-                steps.append(build.call("device", {
-                    "control_model": None, "co_submodel": str(start), "export_path": str(copy),
-                }, (copy,), f"round {r}/{settings.rounds}: device {device} alone", "rounds", round_index=r,
-                    inputs=(start,), partition="device", device=device))
-                start = copy
+        starts = {device: reference.initial_co_submodel for device in range(fleet.num_devices)}
+        for r in range(1, settings.rounds + 1):
+            tasks = [DeviceTask(device, starts[device], run.device_copy(r, device))  # nothing crosses the wire
+                     for device in range(fleet.num_devices)]
+            label = "the device alone" if fleet.num_devices == 1 else f"each of {fleet.num_devices} devices alone"
+            steps.append(build.devices(tasks, None, f"round {r}/{settings.rounds}: {label}", r, False))
+            starts = {task.device: task.export for task in tasks}
+        for device, last in starts.items():
             single = fleet.num_devices == 1
             metrics = run.root / "evaluate" / ("metrics.json" if single else f"device_{device:03d}/metrics.json")
-            steps.append(build.evaluation(start, metrics, "evaluation" if single else f"evaluation of device {device}",
+            steps.append(build.evaluation(last, metrics, "evaluation" if single else f"evaluation of device {device}",
                                           "rounds", None, round_index=settings.rounds))
         return steps
 

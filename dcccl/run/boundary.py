@@ -5,7 +5,7 @@ Whatever the stage configs, ``stage_args`` or extra ``--config`` files say, a ru
 - each stage runs the module class its stage expects (or a subclass of it);
 - each stage trains on the samples the plan gives it: a cloud stage never on device samples, a device stage only on
   its own device's share;
-- the data section is the same for every stage (only the device index differs between device stages);
+- the data section is the same for every stage (a device stage takes each device's share from it);
 - every artifact path the plan hands a stage is the one it runs with, and a device stage reads no other file: it
   receives only the control model and the co-submodel.
 
@@ -30,8 +30,8 @@ from dcccl.run.steps import StageCall
 
 log = logging.getLogger("dcccl")
 
-# Data arguments that legitimately differ between stage calls: which device's share a device stage trains on.
-PER_CALL_DATA = ("device_index",)
+# Data arguments that may differ between stage calls: none (a device stage serves each of its devices' own share).
+PER_CALL_DATA: tuple[str, ...] = ()
 
 
 class BoundaryViolation(DCCCLError):
@@ -166,8 +166,9 @@ class DeviceGate:
         """Refuse the call (``LedgerViolation``, ``DeviceBudgetExceeded``) if what it receives does not pass."""
         if call.stage != "device":
             return
+        device = call.devices[0].device if call.devices else 0
         for path in call.inputs:
-            self._ledger.check(call.device or 0, "down", path)
+            self._ledger.check(device, "down", path)
         if self.budget is not None and not self._measured:
             self._check_budget(call)
             self._measured = True

@@ -209,15 +209,20 @@ class Coordinator:
     def _prepare_stage_dir(self, call: StageCall, config: str, fresh: bool) -> bool:
         """Whether ``call`` continues an interrupted start with the same config from its last checkpoint.
 
-        Otherwise its old checkpoints are removed (before the new start is recorded, so every rank that reads
-        the record finds them gone).
+        A start with another config (or a forced one) removes the old checkpoints and progress records (before the
+        new start is recorded, so every rank that reads the record finds them gone). The same start keeps its
+        progress records even without a checkpoint: a device stage killed mid-round skips the devices it finished.
         """
         state = RunDirectory.stage_state(call.work_dir)
         key = f"{config}:{inputs_fingerprint(call.inputs)}"
         same_start = not fresh and state.is_file() and json.loads(state.read_text()).get("config_sha256") == key
         if same_start and call.last_checkpoint.is_file():
             return True
+        barrier()  # every rank has read the record before rank zero replaces it
         if is_global_zero():
             shutil.rmtree(call.last_checkpoint.parent, ignore_errors=True)
+            if not same_start:
+                shutil.rmtree(RunDirectory.stage_progress(call.work_dir), ignore_errors=True)
             atomic_write_json(state, {"stage": call.label, "config_sha256": key})
+        barrier()
         return False

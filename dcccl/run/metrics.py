@@ -30,15 +30,16 @@ def ledger_of(plan: Sequence[Step]) -> Ledger:
     """Every transfer the plan's device stages make: what goes down before each, what comes up after it."""
     ledger = Ledger()
     for step in plan:
-        if isinstance(step, StageCall) and step.stage == "device":
-            device = step.device or 0
-            for path in step.downlink:
-                ledger.record_file(step.round_index, device, "down", path)
-            for path in step.uplink:
-                ledger.record_file(step.round_index, device, "up", path)
-                ledger.record_sample_count(step.round_index, device)
+        if not (isinstance(step, StageCall) and step.stage == "device"):
+            continue
+        for task in step.devices:
+            for path in task.downlink:
+                ledger.record_file(step.round_index, task.device, "down", path)
+            for path in task.uplink:
+                ledger.record_file(step.round_index, task.device, "up", path)
+                ledger.record_sample_count(step.round_index, task.device)
                 if step.model_args.get("report_class_counts"):
-                    ledger.record_class_counts(step.round_index, device, path)
+                    ledger.record_class_counts(step.round_index, task.device, path)
     return ledger
 
 

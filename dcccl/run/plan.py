@@ -14,7 +14,7 @@ from dcccl.reporting.tracking import with_save_dirs
 from dcccl.run.fusion import FusionStep
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings, RestartPoint
-from dcccl.run.steps import StageCall, StageName, Step
+from dcccl.run.steps import DeviceTask, StageCall, StageName, Step
 
 Plan = list[Step]
 
@@ -48,32 +48,30 @@ class PlanBuilder:
 
     def call(self, stage: StageName, model_args: dict[str, Any], outputs: tuple[Path, ...], label: str,
              restart_point: RestartPoint, command: Literal["fit", "test"] = "fit", round_index: int = 0,
-             inputs: tuple[Path, ...] = (), partition: Any = None, device: Optional[int] = None,
-             config_stage: Optional[str] = None, downlink: tuple[Path, ...] = (),
-             uplink: tuple[Path, ...] = ()) -> StageCall:
+             inputs: tuple[Path, ...] = (), partition: Any = None, config_stage: Optional[str] = None,
+             devices: tuple[DeviceTask, ...] = (), work_dir: Optional[Path] = None) -> StageCall:
         """A stage call with this run's data config, trainer options and extra arguments.
 
-        ``config_stage`` names the stage config to use when it is not the stage's own (``fedavg_client``).
+        ``config_stage`` names the stage config to use when it is not the stage's own (``fedavg_client``); a device
+        stage trains ``devices`` and keeps its logs in ``work_dir`` (default: the folder of the first output).
         """
         settings = self.settings
         config_files = [Path(settings.stages[config_stage or stage])]
         if settings.data is not None:
             config_files.insert(0, Path(settings.data))
-        work_dir = outputs[0].parent
+        work_dir = work_dir if work_dir is not None else outputs[0].parent
         trainer_args = {**settings.trainer, "default_root_dir": str(work_dir)}
         if trainer_args.get("logger") not in (None, True, False):
             # W&B runs land in the run directory, TensorBoard and CSV logs in the stage's own directory.
             trainer_args["logger"] = with_save_dirs(trainer_args["logger"], self.run.root, work_dir)
         data_args = settings.fleet.data_arguments()
-        if device is not None and settings.fleet.num_devices > 1:
-            data_args = {**data_args, "device_index": device}
         return StageCall(
             label=label, restart_point=restart_point, outputs=outputs, inputs=inputs, round_index=round_index,
             stage=stage, command=command, config_files=tuple(config_files), model_args=model_args,
             trainer_args=trainer_args, data_args=data_args, seed=settings.seed_everything, work_dir=work_dir,
             partition=partition,
             extra_args=tuple(self.split_arguments(stage) + list(settings.stage_args.get(stage, []))),
-            device=device, group=settings.name, downlink=downlink, uplink=uplink,
+            group=settings.name, devices=devices,
         )
 
     def split_arguments(self, stage: StageName) -> list[str]:
@@ -85,6 +83,30 @@ class PlanBuilder:
                  "cloud_round": {"co_backbone": "co"}}.get(stage, {})
         return [f"--model.init_args.{argument}={json.dumps(split.part(part).to_dict())}"  # type: ignore[arg-type]
                 for argument, part in parts.items()]
+
+    def devices(self, tasks: list[DeviceTask], control_model: Optional[Path], label: str, round_index: int,
+                report_class_counts: bool) -> StageCall:
+        """One device stage call that trains every task's device, each from its own start, inside one ``fit``.
+
+        Args:
+            tasks: The devices, their starts, their copies and what crosses the wire for each.
+            control_model: The control model every device trains under (``None``: unguided).
+            label: Human-readable name for progress messages.
+            round_index: The round the devices train in.
+            report_class_counts: Whether each copy records its samples per class (the rule fuses class by class).
+        """
+        starts = tuple(dict.fromkeys(task.start for task in tasks))
+        model_args: dict[str, Any] = {
+            "control_model": None if control_model is None else str(control_model),
+            "co_submodel": str(starts[0]),  # the template's; each device is reset to its own start
+            "export_path": None,  # each device's copy goes to its task's file
+        }
+        if report_class_counts:  # the rule fuses class by class: the counts go up with the copy
+            model_args["report_class_counts"] = True
+        inputs = tuple(p for p in (control_model, *starts) if p is not None)
+        return self.call("device", model_args, tuple(task.export for task in tasks), label, "rounds",
+                         round_index=round_index, inputs=inputs, partition="device", devices=tuple(tasks),
+                         work_dir=self.run.round_dir(round_index) / "devices")
 
     def evaluation(self, co_submodel: Path, metrics: Path, label: str, restart_point: RestartPoint,
                    cloud_submodel: Optional[Path], round_index: int = 0) -> StageCall:
@@ -140,22 +162,16 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
             partition="cloud", config_stage=cloud_round_stage))
         reporting = settings.fleet.reporting(settings.seed_everything, r)
         device_start = device_start_of(settings, run, r, initial)
-        for position, device in enumerate(reporting, start=1):
+        tasks = []
+        for device in reporting:
             sends_control = control is not None and device not in has_control
             has_control.add(device)
-            device_args: dict[str, Any] = {
-                "control_model": None if control is None else str(control),
-                "co_submodel": str(device_start),
-                "export_path": str(run.device_copy(r, device)),
-            }
-            if settings.rule.needs_class_counts:  # the rule fuses class by class: the counts go up with the copy
-                device_args["report_class_counts"] = True
             downlink = tuple(p for p in (control if sends_control else None, device_start) if p is not None)
-            steps.append(build.call(
-                "device", device_args, (run.device_copy(r, device),),
-                f"{tag}: device {device} ({position}/{len(reporting)})", "rounds", round_index=r,
-                inputs=tuple(p for p in (control, device_start) if p is not None), partition="device", device=device,
-                downlink=downlink, uplink=(run.device_copy(r, device),)))
+            copy = run.device_copy(r, device)
+            tasks.append(DeviceTask(device, device_start, copy, downlink, (copy,)))
+        if tasks:
+            steps.append(build.devices(tasks, control, f"{tag}: {devices_label(reporting)}", r,
+                                       settings.rule.needs_class_counts))
         steps.append(fusion_step(settings, run, r, initial))
         if settings.finetune_head:
             steps.append(build.call("head", {
@@ -167,6 +183,14 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
         steps.append(build.evaluation(round_result(settings, run, r), run.round_metrics(r), f"{tag}: evaluation",
                                       "rounds", served_cloud, round_index=r))
     return steps
+
+
+def devices_label(devices: list[int]) -> str:
+    """``device 3`` or ``5 devices (1, 4, 7, 8, 9)`` (at most ten numbers shown)."""
+    if len(devices) == 1:
+        return f"device {devices[0]}"
+    shown = ", ".join(str(device) for device in devices[:10]) + (", ..." if len(devices) > 10 else "")
+    return f"{len(devices)} devices ({shown})"
 
 
 def round_result(settings: PipelineSettings, run: RunDirectory, round_index: int) -> Path:

@@ -66,6 +66,11 @@ class RunDirectory:
         """Which config a stage was last started with (to know whether its checkpoints still apply)."""
         return stage_dir / "stage.json"
 
+    @staticmethod
+    def stage_progress(stage_dir: Path) -> Path:
+        """What a stage that makes many artifacts in one run has finished (kept when the same start resumes)."""
+        return stage_dir / "progress"
+
     @property
     def transfers(self) -> Path:
         """The device/cloud ledger."""

@@ -45,6 +45,30 @@ class Step:
 
 
 @dataclass(frozen=True)
+class DeviceTask:
+    """One device's part of a device stage call: what it starts from, where its copy goes, what crosses the wire.
+
+    Args:
+        device: The device (0-based).
+        start: The co-submodel it starts from.
+        export: Where its trained copy is written.
+        downlink: What the cloud sends it before it trains (the control model only the first time it takes part).
+        uplink: What it sends back (its copy; its sample count, and its samples per class when the rule asks for
+            them, are counted with it).
+    """
+
+    device: int
+    start: Path
+    export: Path
+    downlink: tuple[Path, ...] = ()
+    uplink: tuple[Path, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """The device and the two artifact paths (what decides what the task produces)."""
+        return {"device": self.device, "start": str(self.start), "export": str(self.export)}
+
+
+@dataclass(frozen=True)
 class StageCall(Step):
     """One stage run as the plan asks for it: a LightningModule run through ``dcccl fit``/``test``'s parser.
 
@@ -64,11 +88,9 @@ class StageCall(Step):
         work_dir: Where the stage keeps its config, logs and checkpoints.
         partition: The training samples the stage may see (``None``: it trains on nothing).
         extra_args: Raw command-line arguments appended last (the pipeline's ``stage_args``; they win).
-        device: For a device stage, the device it runs for.
         group: The pipeline run the call belongs to (its name).
-        downlink: What the cloud sends the device before this call (device stages; the control model only the
-            first time a device takes part).
-        uplink: What the device sends back (its copy; its sample count is counted with it).
+        devices: For a device stage, the devices it trains, one after another inside one ``fit`` (a round's
+            reporting devices; each on its own samples only, each copy written to its own file).
     """
 
     stage: StageName = "cloud"
@@ -81,10 +103,8 @@ class StageCall(Step):
     work_dir: Path = Path(".")
     partition: Optional[DataPartition] = None
     extra_args: tuple[str, ...] = ()
-    device: Optional[int] = None
     group: str = ""
-    downlink: tuple[Path, ...] = ()
-    uplink: tuple[Path, ...] = ()
+    devices: tuple[DeviceTask, ...] = ()
 
     @property
     def last_checkpoint(self) -> Path:
@@ -97,7 +117,7 @@ class StageCall(Step):
         parts = [self.group] if self.group else []
         if self.round_index:
             parts.append(f"round{self.round_index}")
-        parts.append(self.stage if self.device is None else f"device{self.device}")
+        parts.append("devices" if self.devices else self.stage)
         return "/".join(parts)
 
     def describe(self) -> dict[str, Any]:
@@ -111,6 +131,7 @@ class StageCall(Step):
             "data_args": self.data_args,
             "seed": self.seed,
             "extra_args": list(self.extra_args),
+            **({"devices": [task.describe() for task in self.devices]} if self.devices else {}),
         }
 
 

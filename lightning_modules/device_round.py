@@ -1,0 +1,214 @@
+"""A round's devices trained inside one ``fit``: each device's copy of the co-submodel, one after another.
+
+The device stage module (:class:`~lightning_modules.device.DeviceCoTrainingModule` or a subclass, parsed from the
+device stage's config as ``dcccl fit`` would) is the template: its guide, its loss, its optimizer and its budget are
+what every device trains with. For each device the round module resets the template's co-submodel to the device's
+start, trains it on that device's samples only, in a plain loop that takes the steps a device stage of its own would
+take (the same batches in the same order, the same budget floors and caps), and writes the copy with its sample count.
+Parsing the config, building the DataModule and the Trainer happen once per round instead of once per device.
+
+Under DDP the DataModule hands each process different devices; the copies are not parameters of this module, so
+DDP synchronises nothing between processes while they train different devices. A finished device leaves a record
+in the stage's ``progress/`` folder: a round killed midway skips, when it resumes, the devices it had finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import nn
+
+from dcccl.run.atomic import atomic_write_json
+from dcccl.run.exports import NetworkExport, load_export, save_export
+from dcccl.run.manifest import sha256_of
+from dcccl.run.ranks import barrier
+from dcccl.run.run_dir import RunDirectory
+from dcccl.run.steps import DeviceTask
+from dcccl.run.training_budget import REPORT, BudgetState
+from lightning_modules.base import NonFiniteLossError
+from lightning_modules.guided import GuidedCoTrainingModule
+
+log = logging.getLogger("dcccl")
+
+# Offset of a device's random stream (dropout, augmentation on the main process) from the run's seed.
+DEVICE_SEED_STRIDE = 1_000_003
+
+
+class DeviceRoundModule(LightningModule):
+    """Trains the devices of ``tasks`` with ``device_module``'s loss, optimizer and budget, one step per device.
+
+    Args:
+        device_module: The device stage module (the template every device trains with).
+        tasks: The devices to train: each one's start, copy and what crosses the wire.
+    """
+
+    def __init__(self, device_module: GuidedCoTrainingModule, tasks: Sequence[DeviceTask]) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        # Kept out of the module's children: DDP must not average the copies that different processes train.
+        self._template = [device_module]
+        self.tasks = {task.device: task for task in tasks}
+        if len(self.tasks) != len(tasks):
+            raise ValueError("a device round lists a device twice")
+        self.data_partition = device_module.data_partition
+        # DDP only wraps a module with a trainable parameter; this one is never used.
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self.round_devices: list[int] = []
+        self._starts: dict[Path, dict[str, torch.Tensor]] = {}
+        self._trained = 0
+        self._started = 0.0
+        self._batch_limit: int | float = 1.0
+
+    @property
+    def device_module(self) -> GuidedCoTrainingModule:
+        """The template every device trains with."""
+        return self._template[0]
+
+    def progress_dir(self) -> Path:
+        """Where finished devices are recorded."""
+        return RunDirectory.stage_progress(Path(self.trainer.default_root_dir))
+
+    def _record_of(self, device: int) -> Path:
+        return self.progress_dir() / f"device_{device:06d}.json"
+
+    def finished(self, device: int) -> bool:
+        """Whether ``device``'s copy was written by this start already (its record names the copy's bytes)."""
+        record, export = self._record_of(device), self.tasks[device].export
+        return record.is_file() and export.is_file() and \
+            json.loads(record.read_text()).get("copy_sha256") == sha256_of(export)
+
+    def setup(self, stage: str) -> None:
+        """The devices still to train (those a killed start finished are skipped)."""
+        if stage == "fit":
+            # The trainer's batch limit is each device's (as for a device stage of its own), not the round's.
+            self._batch_limit = self.trainer.limit_train_batches
+            self.trainer.limit_train_batches = 1.0
+            self.round_devices = [device for device in self.tasks if not self.finished(device)]
+            skipped = len(self.tasks) - len(self.round_devices)
+            if skipped and self.trainer.is_global_zero:
+                log.info("[dcccl] %d of %d devices finished before the round was interrupted; training the other %d",
+                         skipped, len(self.tasks), len(self.round_devices))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """A placeholder over the unused parameter: each device gets its own optimizer from the template."""
+        return torch.optim.SGD([self.anchor], lr=0.0)
+
+    def on_fit_start(self) -> None:
+        """Move the template where this process trains."""
+        self.device_module.to(self.device)
+        self._started = time.perf_counter()
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        """Train one device (``-1``: padding, nothing to do)."""
+        device = int(batch)
+        if device >= 0:
+            self.train_device(device)
+
+    def on_train_epoch_end(self) -> None:
+        """One pass over the round's devices is the whole round."""
+        self.trainer.should_stop = True
+
+    def _start_state(self, path: Path) -> dict[str, torch.Tensor]:
+        if path not in self._starts:
+            self._starts[path] = load_export(path, "co_submodel").state_dict
+        return self._starts[path]
+
+    def _caps(self) -> tuple[float, float]:
+        """The trainer's own limits (``max_epochs``, ``max_steps``) as a device stage of its own would obey them."""
+        epochs = self.trainer.fit_loop.max_epochs
+        steps = self.trainer.fit_loop.max_steps
+        return (math.inf if epochs is None or epochs < 0 else epochs), (math.inf if steps < 0 else steps)
+
+    def train_device(self, device: int) -> dict[str, Any]:
+        """Train ``device``'s copy from its start on its own samples, write it, record it; returns the record."""
+        task = self.tasks[device]
+        datamodule = self.trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "device_loader"):
+            raise RuntimeError("a device round needs a dcccl DataModule to serve each device's samples")
+        module = self.device_module
+        module.co_submodel.load_state_dict(self._start_state(task.start))
+        class_counts = [int(count) for count in datamodule.device_class_counts(device)]
+        module.begin_device(class_counts)
+        module.train()
+        optimizer = module.configure_optimizers()
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"{type(module).__name__}.configure_optimizers must return one optimizer to train a device "
+                            f"round with, got {type(optimizer).__name__}")
+        loader = datamodule.device_loader(device)
+        limit = self._batch_limit
+        batches_per_epoch = min(len(loader), limit) if isinstance(limit, int) else int(len(loader) * limit)
+        budget = module.budget
+        state = BudgetState(budget) if budget is not None else None
+        max_epochs, max_steps = self._caps()
+        epochs = steps = samples = 0
+        loss = torch.zeros(())
+        rng_devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=rng_devices):
+            torch.manual_seed(datamodule.seed * DEVICE_SEED_STRIDE + device)
+            while steps < max_steps:
+                loader.sampler.set_epoch(epochs)  # type: ignore[attr-defined]
+                for batch_index, (x, y) in enumerate(loader):
+                    if batch_index >= batches_per_epoch:
+                        break
+                    x, y = x.to(self.device), y.to(self.device)
+                    loss = module.training_loss(module(x), y)
+                    if not bool(torch.isfinite(loss.detach()).all()):
+                        raise NonFiniteLossError(
+                            f"device {device} (in {self.trainer.default_root_dir}): the training loss is "
+                            f"{loss.detach().float().sum().item()} at step {steps} (epoch {epochs}); the round was "
+                            "stopped and exported nothing for it: lower the learning rate, or check the data for "
+                            "NaN/inf values")
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    steps += 1
+                    samples += int(x.shape[0])
+                    if steps >= max_steps:
+                        break
+                epochs += 1
+                if (state is not None and state.should_stop(epochs, steps)) or epochs >= max_epochs:
+                    break
+        reason = (state.reason if state is not None else "") or \
+            "was stopped by the trainer's own limits (max_epochs, max_steps, ...)"
+        sample_count = sum(class_counts)
+        export = NetworkExport.of(module.co_submodel, "co_submodel", module.co_backbone, module.num_classes,
+                                  module.in_chans, sample_count, class_counts if module.report_class_counts else None)
+        save_export(export, task.export)
+        record = {"device": device, "copy": str(task.export), "copy_sha256": sha256_of(task.export),
+                  "epochs": epochs, "steps": steps, "samples": samples, "last_loss": float(loss.detach()),
+                  "stopped": reason}
+        atomic_write_json(self._record_of(device), record)
+        self._report(device, record)
+        return record
+
+    def _report(self, device: int, record: dict[str, Any]) -> None:
+        self._trained += 1
+        total = len(self.round_devices)
+        mine = math.ceil(total / max(self.trainer.world_size, 1))
+        every = 1 if mine <= 20 else math.ceil(mine / 10)
+        if self._trained % every == 0 or self._trained == mine:
+            elapsed = time.perf_counter() - self._started
+            where = f" on rank {self.global_rank}" if self.trainer.world_size > 1 else ""
+            log.info("[dcccl] device %d trained (%d/%d%s, %.2f s per device): %d epochs, %d steps, %d samples; it %s",
+                     device, self._trained, mine, where, elapsed / self._trained, record["epochs"], record["steps"],
+                     record["samples"], record["stopped"])
+
+    def on_fit_end(self) -> None:
+        """Wait for every process; then global rank zero writes the round's budget report (every device's record)."""
+        barrier()
+        if self.trainer.is_global_zero:
+            records = [json.loads(self._record_of(device).read_text()) for device in self.tasks
+                       if self._record_of(device).is_file()]
+            budget = self.device_module.budget
+            atomic_write_json(Path(self.trainer.default_root_dir) / REPORT, {
+                "stage": type(self.device_module).__name__, "samples": sum(record["samples"] for record in records),
+                "steps": sum(record["steps"] for record in records), "devices": records,
+                "budget": None if budget is None else vars(budget)})
