@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -44,6 +45,7 @@ from dcccl.reporting.tracking import (
 from dcccl.run.atomic import DISK_FULL_ERRNOS, DiskFullError, atomic_write_text
 from dcccl.run.boundary import ResolvedStage
 from dcccl.run.config_path import ConfigPath
+from dcccl.run.coordinator import StageRunner
 from dcccl.run.execution import PlanRun
 from dcccl.run.exports import check_lightning_checkpoint
 from dcccl.run.plan import dcccl_plan
@@ -289,12 +291,18 @@ def _is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0 and is_global_zero()
 
 
-def pipeline_main(argv: list[str]) -> dict[str, Any]:
-    """``dcccl pipeline``: parse, check everything before writing, run what must run, print the results."""
+def pipeline_main(argv: list[str],
+                  device_runner: Optional[Callable[[LightningStageRunner], StageRunner]] = None) -> dict[str, Any]:
+    """``dcccl pipeline``: parse, check everything before writing, run what must run, print the results.
+
+    ``device_runner`` wraps the stage runner to run the device stages elsewhere (the Flower ServerApp sends them to
+    real devices); every other stage runs here.
+    """
     parser = pipeline_parser()
     cfg = parser.parse_args(argv)
     settings = settings_from(parser, cfg)
-    runner = LightningStageRunner()
+    local = LightningStageRunner()
+    runner: StageRunner = device_runner(local) if device_runner is not None else local
     plan_run = PlanRun(settings, dcccl_plan(settings), runner, _restart_point(cfg), cfg.rerun_changed)
     data = None
     if not plan_run.up_to_date:
@@ -478,16 +486,21 @@ class _DropAdvertisements(logging.Filter):
 COMMANDS = {"pipeline": pipeline_main, "compare": compare_main, "ablate": ablate_main, "export": export_main}
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    """Entry point of the ``dcccl`` console script."""
-    # Like `python -m`, make the user's own modules (backbones, stage subclasses) importable by name.
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+def configure_logging() -> None:
+    """dcccl's progress lines on the console (global rank zero only), without Lightning's tips or intended warnings."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropAdvertisements())
     log.addFilter(_RankZeroOnly())
     for intended in _INTENDED_WARNINGS:
         warnings.filterwarnings("ignore", message=intended)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of the ``dcccl`` console script."""
+    # Like `python -m`, make the user's own modules (backbones, stage subclasses) importable by name.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    configure_logging()
     args = sys.argv[1:] if argv is None else list(argv)
     command = args[0] if args and args[0] in COMMANDS else None
     debug = "--debug" in args  # every command takes it; the stage CLI does not know it

@@ -14,7 +14,6 @@ in the stage's ``progress/`` folder: a round killed midway skips, when it resume
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -27,10 +26,9 @@ from lightning.pytorch import LightningModule
 from torch import nn
 
 from dcccl.run.atomic import atomic_write_json
+from dcccl.run.device_progress import finished_records, is_finished, record_finished
 from dcccl.run.exports import NetworkExport, load_export, save_export
-from dcccl.run.manifest import sha256_of
 from dcccl.run.ranks import barrier
-from dcccl.run.run_dir import RunDirectory
 from dcccl.run.steps import DeviceTask
 from dcccl.run.training_budget import REPORT, BudgetState
 from lightning_modules.base import NonFiniteLossError
@@ -72,18 +70,14 @@ class DeviceRoundModule(LightningModule):
         """The template every device trains with."""
         return self._template[0]
 
-    def progress_dir(self) -> Path:
-        """Where finished devices are recorded."""
-        return RunDirectory.stage_progress(Path(self.trainer.default_root_dir))
-
-    def _record_of(self, device: int) -> Path:
-        return self.progress_dir() / f"device_{device:06d}.json"
+    @property
+    def work_dir(self) -> Path:
+        """The stage's folder (its budget report and progress records)."""
+        return Path(self.trainer.default_root_dir)
 
     def finished(self, device: int) -> bool:
         """Whether ``device``'s copy was written by this start already (its record names the copy's bytes)."""
-        record, export = self._record_of(device), self.tasks[device].export
-        return record.is_file() and export.is_file() and \
-            json.loads(record.read_text()).get("copy_sha256") == sha256_of(export)
+        return is_finished(self.work_dir, device, self.tasks[device].export)
 
     def setup(self, stage: str) -> None:
         """The devices still to train (those a killed start finished are skipped)."""
@@ -182,10 +176,9 @@ class DeviceRoundModule(LightningModule):
         export = NetworkExport.of(module.co_submodel, "co_submodel", module.co_backbone, module.num_classes,
                                   module.in_chans, sample_count, class_counts if module.report_class_counts else None)
         save_export(export, task.export)
-        record = {"device": device, "copy": str(task.export), "copy_sha256": sha256_of(task.export),
-                  "epochs": epochs, "steps": steps, "samples": samples, "last_loss": float(loss.detach()),
-                  "stopped": reason}
-        atomic_write_json(self._record_of(device), record)
+        record = record_finished(self.work_dir, device, task.export, {
+            "epochs": epochs, "steps": steps, "samples": samples, "last_loss": float(loss.detach()), "stopped": reason,
+            "rank": self.global_rank})
         self._report(device, record)
         return record
 
@@ -205,10 +198,9 @@ class DeviceRoundModule(LightningModule):
         """Wait for every process; then global rank zero writes the round's budget report (every device's record)."""
         barrier()
         if self.trainer.is_global_zero:
-            records = [json.loads(self._record_of(device).read_text()) for device in self.tasks
-                       if self._record_of(device).is_file()]
+            records = finished_records(self.work_dir, list(self.tasks))
             budget = self.device_module.budget
-            atomic_write_json(Path(self.trainer.default_root_dir) / REPORT, {
+            atomic_write_json(self.work_dir / REPORT, {
                 "stage": type(self.device_module).__name__, "samples": sum(record["samples"] for record in records),
                 "steps": sum(record["steps"] for record in records), "devices": records,
                 "budget": None if budget is None else vars(budget)})

@@ -81,7 +81,9 @@ def test_pipeline_under_ddp_matches_one_process_and_resumes(tmp_path: Path) -> N
     stage_outputs = [run.cloud_submodel, run.control_model, run.cloud_copy(1), run.device_copy(1, 0),
                      run.fused_co_submodel(1), run.round_metrics(1)]
     expected = [run.pipeline_config, run.metrics, run.initial_co_submodel, *stage_outputs]
-    expected += [path.parent / "config.yaml" for path in stage_outputs if path != run.fused_co_submodel(1)]
+    expected += [path.parent / "config.yaml" for path in stage_outputs
+                 if path not in (run.fused_co_submodel(1), run.device_copy(1, 0))]
+    expected.append(run.round_dir(1) / "devices" / "config.yaml")
     missing = [str(path) for path in expected if not path.is_file()]
     assert not missing, missing
     assert artifacts(ddp_dir) == artifacts(single_dir)
@@ -129,3 +131,39 @@ def test_pipeline_under_ddp_matches_one_process_and_resumes(tmp_path: Path) -> N
     assert progress_labels(partial.stderr) == Counter({evaluation: 1})
     assert partial.stderr.count("done already, skipped") == sum(labels.values())  # every other step, fusion included
     assert read_json(ddp_dir / "metrics.json") == ddp_metrics  # the same artifacts, evaluated the same way
+
+
+FLEET = ("pipeline", "--config", "configs/fleet.yaml", "--rounds", "1", "--fleet.num_devices", "4",
+         "--fleet.sample_fraction", "1.0", "--fleet.availability", "1.0", "--trainer.max_epochs", "1",
+         "--trainer.enable_progress_bar", "false")
+
+
+@pytest.mark.slow
+def test_ddp_spreads_a_round_s_devices_over_the_ranks_and_fuses_what_one_process_fuses(tmp_path: Path) -> None:
+    """The cloud's stages of one 1-process run, then its device round again under DDP: each rank trains other
+    devices, and the fused co-submodel is the one the single process fused."""
+    import shutil
+
+    import torch
+
+    from dcccl.run.exports import load_export
+
+    single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
+    single = dcccl(*FLEET, "--run_dir", str(single_dir))
+    assert single.returncode == 0, single.stderr[-3000:]
+    shutil.copytree(single_dir, ddp_dir)
+    run = RunDirectory(ddp_dir)
+    for device in range(4):
+        run.device_copy(1, device).unlink()
+    shutil.rmtree(run.round_dir(1) / "devices" / "progress")
+    ddp = dcccl(*FLEET, *DDP, "--run_dir", str(ddp_dir))
+    assert ddp.returncode == 0 and "Traceback" not in ddp.stderr, ddp.stderr[-3000:]
+    assert "Starting with 2 processes" in ddp.stderr
+    assert "cloud submodel: done already, skipped" in ddp.stderr
+    budget = read_json(run.round_dir(1) / "devices" / "budget.json")
+    ranks = Counter(record["rank"] for record in budget["devices"])
+    assert ranks == Counter({0: 2, 1: 2}), budget["devices"]  # each rank trained two of the four devices
+    fused = load_export(run.fused_co_submodel(1)).state_dict
+    reference = load_export(RunDirectory(single_dir).fused_co_submodel(1)).state_dict
+    for key in reference:  # the same copies, fused the same way
+        torch.testing.assert_close(fused[key], reference[key], rtol=1e-5, atol=1e-6)

@@ -110,3 +110,37 @@ def test_changed_config_and_corrupted_artifact_are_refused_by_name(uninterrupted
     corrupted = run_pipeline(run_dir, "--trainer.deterministic", "true")
     assert corrupted.returncode == 2
     assert f"{cloud} is corrupted or truncated" in corrupted.stderr
+
+
+@pytest.mark.slow
+def test_a_round_killed_midway_resumes_with_the_devices_it_had_not_finished(tmp_path: Path) -> None:
+    """Killed after some of a round's devices wrote their copies: the resumed round trains only the others and the
+    run ends with the metrics of an uninterrupted one."""
+    fleet = ["pipeline", "--config", "configs/fleet.yaml", "--rounds", "1", "--fleet.num_devices", "6",
+             "--fleet.sample_fraction", "1.0", "--fleet.availability", "1.0", *SMALL[2:]]
+    reference = dcccl(*fleet, "--rounds", "1", "--run_dir", str(tmp_path / "reference"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    progress = run_dir / "rounds/round_001/devices/progress"
+    log = tmp_path / "killed.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(dcccl_command(*fleet, "--rounds", "1", "--run_dir", str(run_dir)), cwd=ROOT,
+                                   env=command_env(), stdout=output, stderr=output)
+        deadline = time.monotonic() + 300
+        try:
+            while not (progress.is_dir() and len(list(progress.glob("*.json"))) >= 2):
+                assert process.poll() is None, f"the pipeline ended before the moment to kill it:\n{log.read_text()}"
+                assert time.monotonic() < deadline, "the moment to kill the pipeline never came"
+                time.sleep(0.01)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+    finished = len(list(progress.glob("*.json")))
+    assert 2 <= finished < 6
+    resumed = dcccl(*fleet, "--rounds", "1", "--run_dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"{finished} of 6 devices finished before the round was interrupted; training the other {6 - finished}" \
+        in resumed.stderr
+    assert resumed.stderr.count(" trained (") == 6 - finished  # one line per device trained
+    assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(
+        (tmp_path / "reference/metrics.json").read_text())

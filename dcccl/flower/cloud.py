@@ -1,0 +1,234 @@
+"""The cloud of a real fleet: a Flower ``ServerApp`` that runs DC-CCL as ``dcccl pipeline`` does, except that each
+device stage is carried out by the devices (Flower ``ClientApp``s, :mod:`dcccl.flower.device`).
+
+The cloud submodel, the control model, the cloud's copy, fusion (any aggregation rule, latest-update included),
+head fine-tuning and evaluation run here, through the same plan, coordinator and run directory as the pipeline: a
+re-started ServerApp skips what is done, and a round cut short asks again only the devices whose copy is missing.
+
+Run configuration (``[tool.flwr.app.config]`` of ``configs/flower/pyproject.toml``, or ``flwr run --run-config``):
+``pipeline-config`` (an absolute path to a pipeline config), ``run-dir`` (absolute; default: the config's own),
+``reply-timeout`` (seconds a round waits for its devices) and ``node-wait`` (seconds to wait for the nodes to join).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from dcccl.federated.ledger import Ledger
+from dcccl.flower.records import describe_network, payload_bytes, weights_record
+from dcccl.run.atomic import atomic_write_json
+from dcccl.run.boundary import ResolvedStage
+from dcccl.run.coordinator import StageRunner
+from dcccl.run.device_progress import is_finished, record_finished
+from dcccl.run.exports import NetworkExport, load_export, save_export
+from dcccl.run.steps import DeviceTask, StageCall
+
+log = logging.getLogger("dcccl")
+# Trainer options that only make sense on the cloud's machine.
+CLOUD_ONLY_TRAINER_OPTIONS = ("default_root_dir", "logger")
+
+
+class DeviceFailed(RuntimeError):
+    """A device answered with an error, or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class WireRecord:
+    """One message as it was sent or received: what it was for and how many bytes it carried.
+
+    Args:
+        round: The round.
+        device: The device.
+        kind: ``partition``, ``install`` or ``train``.
+        direction: ``down`` (cloud to device) or ``up``.
+        payload_bytes: Bytes of the tensors it carried (what the ledger counts).
+        message_bytes: Bytes of all its records as Flower counts them (tensors with their headers and names,
+            configs and metrics).
+    """
+
+    round: int
+    device: int
+    kind: str
+    direction: str
+    payload_bytes: int
+    message_bytes: int
+
+
+def message_bytes(content: RecordDict) -> int:
+    """Bytes of a message's records and their names, as Flower counts them."""
+    return sum(int(record.count_bytes()) + len(name) for name, record in content.items())
+
+
+def recipe_of(call: StageCall) -> dict[str, Any]:
+    """What a device needs, besides the networks, to train as the pipeline's device stage would."""
+    stage, data = call.config_files[-1], (call.config_files[0] if len(call.config_files) > 1 else None)
+    return {
+        "stage_config": Path(stage).read_text(),
+        "data_config": None if data is None else Path(data).read_text(),
+        "trainer_args": {k: v for k, v in call.trainer_args.items() if k not in CLOUD_ONLY_TRAINER_OPTIONS},
+        "data_args": call.data_args, "seed": call.seed, "extra_args": list(call.extra_args),
+        "model_options": {k: v for k, v in call.model_args.items()
+                          if k not in ("control_model", "co_submodel", "export_path")},
+    }
+
+
+class FlowerDevices:
+    """A stage runner that sends device stages to the devices over a Flower ``Grid``; every other stage runs on the
+    cloud through ``local``.
+
+    Args:
+        grid: The ServerApp's grid.
+        local: Runs the cloud's own stages (the pipeline's stage runner).
+        reply_timeout: Seconds a round waits for its devices' replies.
+        node_wait: Seconds to wait for the devices a round needs to join.
+    """
+
+    def __init__(self, grid: Grid, local: StageRunner, reply_timeout: float = 600.0, node_wait: float = 120.0) -> None:
+        self.grid = grid
+        self.local = local
+        self.reply_timeout = reply_timeout
+        self.node_wait = node_wait
+        self.node_of: dict[int, int] = {}  # device -> node id
+        self.asked: set[int] = set()  # node ids asked for their partition
+        self.installed: set[int] = set()  # devices installed in this run
+
+    def resolve(self, call: StageCall) -> ResolvedStage:
+        """As the local runner resolves it (the boundary is checked on the cloud, before anything is sent)."""
+        return self.local.resolve(call)
+
+    def __call__(self, call: StageCall, resume: bool) -> None:
+        """Run ``call``: a device stage on the devices, anything else here."""
+        if call.stage != "device":
+            self.local(call, resume)
+            return
+        pending = [task for task in call.devices if not is_finished(call.work_dir, task.device, task.export)]
+        if len(pending) < len(call.devices):
+            log.info("[dcccl] %d of %d devices sent their copy before the round was interrupted; asking the other %d",
+                     len(call.devices) - len(pending), len(call.devices), len(pending))
+        self._find_nodes([task.device for task in pending])
+        wire: list[WireRecord] = []
+        self._install([task for task in pending if task.device not in self.installed], call, wire)
+        self._train(pending, call, wire)
+        log_path = call.work_dir / "messages.json"
+        resumed = len(pending) < len(call.devices) and log_path.is_file()  # keep what the cut-short start sent
+        earlier = json.loads(log_path.read_text())["messages"] if resumed else []
+        atomic_write_json(log_path, {"messages": earlier + [asdict(record) for record in wire]})
+
+    def _exchange(self, messages: dict[int, Message], what: str) -> dict[int, Message]:
+        """Send one message per node and return the replies by node; any error or silence raises."""
+        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.reply_timeout)
+        by_node: dict[int, Message] = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                raise DeviceFailed(f"{what}: node {node} answered with an error: {reply.error.reason}")
+            by_node[node] = reply
+        missing = sorted(set(messages) - set(by_node))
+        if missing:
+            raise DeviceFailed(f"{what}: no reply from node(s) {missing} within {self.reply_timeout:.0f} s "
+                               "(reply-timeout in the run config)")
+        return by_node
+
+    def _find_nodes(self, devices: Iterable[int]) -> None:
+        needed = set(devices) - set(self.node_of)
+        deadline = time.monotonic() + self.node_wait
+        while needed:
+            new = [node for node in self.grid.get_node_ids() if node not in self.asked]
+            if new:
+                self.asked.update(new)
+                queries = {node: Message(RecordDict(), dst_node_id=node, message_type="query.partition")
+                           for node in new}
+                for node, reply in self._exchange(queries, "asking the nodes which device they are").items():
+                    device = int(reply.content.metric_records["node"]["partition-id"])  # type: ignore[arg-type]
+                    if device in self.node_of and self.node_of[device] != node:
+                        raise DeviceFailed(f"two nodes ({self.node_of[device]} and {node}) say they are device "
+                                           f"{device}: give each SuperNode its own partition-id")
+                    self.node_of[device] = node
+                needed -= set(self.node_of)
+                continue
+            if time.monotonic() > deadline:
+                raise DeviceFailed(f"device(s) {sorted(needed)} did not join within {self.node_wait:.0f} s "
+                                   f"({len(self.node_of)} nodes known: start their SuperNodes with those partition-ids)")
+            time.sleep(1.0)
+
+    def _install(self, tasks: list[DeviceTask], call: StageCall, wire: list[WireRecord]) -> None:
+        if not tasks:
+            return
+        control = call.model_args.get("control_model")
+        ledger = Ledger()  # refuses to send anything but the control model and the co-submodel
+        ledger.check(tasks[0].device, "down", tasks[0].start)
+        start = load_export(tasks[0].start, "co_submodel")
+        records: dict[str, Any] = {"co_submodel": describe_network(start),
+                                   "recipe": ConfigRecord({"json": json.dumps(recipe_of(call))})}
+        if control is not None:
+            ledger.check(tasks[0].device, "down", control)
+            control_export = load_export(control, "control_model")
+            records.update({"control_model": describe_network(control_export),
+                            "control_model.weights": weights_record(control_export)})
+        content = RecordDict(records)
+        messages = {self.node_of[task.device]: Message(content, dst_node_id=self.node_of[task.device],
+                                                       message_type="query.install") for task in tasks}
+        self._exchange(messages, f"round {call.round_index}: installing the control model")
+        for task in tasks:
+            self.installed.add(task.device)
+            wire.append(WireRecord(call.round_index, task.device, "install", "down", payload_bytes(content),
+                                   message_bytes(content)))
+
+    def _train(self, tasks: list[DeviceTask], call: StageCall, wire: list[WireRecord]) -> None:
+        starts: dict[Path, NetworkExport] = {}
+        messages: dict[int, Message] = {}
+        for task in tasks:
+            start = starts.setdefault(task.start, load_export(task.start, "co_submodel"))
+            content = RecordDict({"co_submodel.weights": weights_record(start),
+                                  "round": ConfigRecord({"round": call.round_index, "device": task.device})})
+            node = self.node_of[task.device]
+            messages[node] = Message(content, dst_node_id=node, message_type="train",
+                                     group_id=f"round{call.round_index}")
+            wire.append(WireRecord(call.round_index, task.device, "train", "down", payload_bytes(content),
+                                   message_bytes(content)))
+        log.info("[dcccl] round %d: sent the co-submodel to %d device(s); waiting for their copies", call.round_index,
+                 len(tasks))
+        replies = self._exchange(messages, f"round {call.round_index}: training")
+        for task in tasks:
+            reply = replies[self.node_of[task.device]].content
+            counts = reply.metric_records["counts"]
+            class_counts = counts.get("class-counts")
+            start = starts[task.start]
+            copy = NetworkExport("co_submodel", start.backbone, start.num_classes, start.in_chans,
+                                 dict(reply.array_records["co_submodel.weights"].to_torch_state_dict()),
+                                 int(counts["sample-count"]),  # type: ignore[arg-type]
+                                 None if class_counts is None else [int(c) for c in class_counts])  # type: ignore[union-attr]
+            save_export(copy, task.export)
+            record_finished(call.work_dir, task.device, task.export, {"sample_count": copy.sample_count})
+            wire.append(WireRecord(call.round_index, task.device, "train", "up", payload_bytes(reply),
+                                   message_bytes(reply)))
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the pipeline of ``pipeline-config`` with its device stages on the fleet's nodes."""
+    from cli import configure_logging, pipeline_main  # the pipeline's own wiring (imports Lightning)
+
+    config = context.run_config
+    if "pipeline-config" not in config:
+        raise ValueError("the run config needs pipeline-config: flwr run configs/flower <connection> --run-config "
+                         "'pipeline-config=\"/abs/path/fleet.yaml\"'")
+    argv = ["--config", str(config["pipeline-config"])]
+    if config.get("run-dir"):
+        argv += ["--run_dir", str(config["run-dir"])]
+    configure_logging()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
+    pipeline_main(argv, device_runner=lambda local: FlowerDevices(
+        grid, local, float(config.get("reply-timeout", 600.0)), float(config.get("node-wait", 120.0))))  # type: ignore[arg-type]

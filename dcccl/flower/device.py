@@ -1,0 +1,132 @@
+"""A device of a real fleet: a Flower ``ClientApp`` that trains the co-submodel with the pipeline's device stage.
+
+Each node is configured on its own machine (``flower-supernode --node-config``):
+
+- ``state-dir`` (required): an absolute folder where the node keeps what the cloud installed and its copies;
+- ``partition-id``: the device's index in the fleet; with the cloud's data config, the node trains on that device's
+  share of it (a simulated fleet, or a test on one machine);
+- ``data-config``: a dcccl data config file on the node (its own image folder as the device side); the node then
+  trains on all of its device-side samples.
+
+Messages it answers: ``query.partition`` (which device it is), ``query.install`` (the control model, the
+co-submodel's architecture and the training settings, once per run) and ``train`` (the round's co-submodel down; the
+copy, its sample count and, when the rule asks, its samples per class up). It refuses, with an error reply, any
+message that carries a network of another role (the cloud submodel) or a record it does not expect.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from dcccl.errors import ConfigError
+from dcccl.flower.records import check_received, network_from, weights_record
+from dcccl.run.exports import load_export, save_export
+from dcccl.run.steps import DeviceTask, StageCall
+
+app = ClientApp()
+
+# Record name -> the roles a network under it may have: what each message may carry, nothing else.
+INSTALL_RECORDS: dict[str, set[str]] = {"control_model": {"control_model"}, "control_model.weights": set(),
+                                        "co_submodel": {"co_submodel"}, "recipe": set()}
+TRAIN_RECORDS: dict[str, set[str]] = {"co_submodel.weights": set(), "round": set()}
+
+
+def node_dir(context: Context) -> Path:
+    """This node's folder for the current run."""
+    state_dir = context.node_config.get("state-dir")
+    if state_dir is None:
+        raise ConfigError("the node needs a state-dir: flower-supernode --node-config 'state-dir=\"/abs/folder\" ...'")
+    return Path(str(state_dir)) / f"run_{context.run_id}"
+
+
+def partition_of(context: Context) -> Optional[int]:
+    """The device index this node plays in the fleet (``None``: it trains on its own data config's samples)."""
+    value = context.node_config.get("partition-id")
+    return None if value is None else int(value)  # type: ignore[arg-type]
+
+
+@app.query("partition")
+def partition(message: Message, context: Context) -> Message:
+    """Say which device of the fleet this node is (-1: its own data, no partition)."""
+    check_received(message.content, {})
+    device = partition_of(context)
+    return Message(RecordDict({"node": MetricRecord({"partition-id": -1 if device is None else device})}),
+                   reply_to=message)
+
+
+@app.query("install")
+def install(message: Message, context: Context) -> Message:
+    """Keep the control model, the co-submodel's architecture and the training settings on the node's disk."""
+    check_received(message.content, INSTALL_RECORDS)
+    folder = node_dir(context)
+    folder.mkdir(parents=True, exist_ok=True)
+    content = message.content
+    if "control_model" in content.config_records:
+        control = network_from(content.config_records["control_model"], content.array_records["control_model.weights"])
+        save_export(control, folder / "control_model.pt")
+    (folder / "co_submodel.json").write_text(json.dumps(dict(content.config_records["co_submodel"])))
+    (folder / "recipe.json").write_text(str(content.config_records["recipe"]["json"]))
+    return Message(RecordDict({"node": MetricRecord({"installed": 1})}), reply_to=message)
+
+
+def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_index: int) -> StageCall:
+    """The device stage this node runs for a round: the cloud's recipe, this node's files and data."""
+    work = folder / f"round_{round_index:03d}"
+    work.mkdir(parents=True, exist_ok=True)
+    stage_config = work / "device.yaml"
+    stage_config.write_text(recipe["stage_config"])
+    own_data = context.node_config.get("data-config")
+    device = partition_of(context)
+    if own_data is not None:
+        data_config: Optional[Path] = Path(str(own_data))
+        data_args: dict[str, Any] = {}
+        device = 0
+    else:
+        data_config = None
+        if recipe["data_config"] is not None:
+            data_config = work / "data.yaml"
+            data_config.write_text(recipe["data_config"])
+        data_args = recipe["data_args"]
+        if device is None:
+            raise ConfigError("the node has neither a partition-id nor a data-config: give it one "
+                              "(flower-supernode --node-config 'partition-id=0 ...' or 'data-config=\"...\"')")
+    control = folder / "control_model.pt"
+    start, copy = work / "start.pt", work / "co_submodel.pt"
+    model_args: dict[str, Any] = {"control_model": str(control) if control.is_file() else None,
+                                  "co_submodel": str(start), "export_path": None, **recipe["model_options"]}
+    return StageCall(
+        label=f"round {round_index}: this device", restart_point="rounds", outputs=(copy,),
+        inputs=tuple(p for p in (control, start) if p.is_file()), round_index=round_index, stage="device",
+        command="fit", config_files=tuple(p for p in (data_config, stage_config) if p is not None),
+        model_args=model_args, trainer_args={**recipe["trainer_args"], "default_root_dir": str(work)},
+        data_args=data_args, seed=int(recipe["seed"]), work_dir=work, partition="device",
+        extra_args=tuple(recipe["extra_args"]), devices=(DeviceTask(device, start, copy),))
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Train this device's copy from the round's co-submodel; send the copy and its counts back."""
+    from cli import LightningStageRunner  # the pipeline's own stage runner (imports Lightning)
+
+    check_received(message.content, TRAIN_RECORDS)
+    folder = node_dir(context)
+    if not (folder / "recipe.json").is_file():
+        raise RuntimeError("this node was not installed for the run (no query.install message came first)")
+    round_index = int(message.content.config_records["round"]["round"])  # type: ignore[arg-type]
+    recipe = json.loads((folder / "recipe.json").read_text())
+    call = device_call(folder, recipe, context, round_index)
+    architecture = ConfigRecord(json.loads((folder / "co_submodel.json").read_text()))
+    save_export(network_from(architecture, message.content.array_records["co_submodel.weights"]),
+                call.devices[0].start)
+    LightningStageRunner(interactive=False)(call, resume=False)
+    copy = load_export(call.devices[0].export, "co_submodel")
+    counts: dict[str, Any] = {"sample-count": int(copy.sample_count or 0)}
+    if copy.class_counts is not None:
+        counts["class-counts"] = [int(count) for count in copy.class_counts]
+    return Message(RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(counts)}),
+                   reply_to=message)

@@ -1,0 +1,191 @@
+"""DC-CCL on Flower: a real SuperLink and three real SuperNodes on loopback against ``dcccl pipeline`` with the same
+fleet config and seed; the ledger against the bytes of the messages actually sent; a device refuses the cloud
+submodel. Needs the flower extra (``pip install -e ".[flower]"``); skipped without it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+flwr = pytest.importorskip("flwr")
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
+
+from dcccl.flower.device import app as device_app  # noqa: E402
+from dcccl.flower.records import RefusedMessage, describe_network, weights_record  # noqa: E402
+from dcccl.run.exports import load_export  # noqa: E402
+from tests.commands import command_env, dcccl  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEADLINE_S = 600
+# Same seed, same data, same device stage: the copies differ at most by float rounding between processes (the
+# nodes run one thread each), so the served accuracy may move by a test sample or two.
+SERVED_TOLERANCE = 0.01
+
+
+def _context(tmp_path: Path) -> Context:
+    return Context(run_id=1, node_id=1, node_config={"state-dir": str(tmp_path / "node"), "partition-id": 0},
+                   state=RecordDict(), run_config={})
+
+
+def test_a_device_refuses_a_message_that_carries_the_cloud_submodel(
+        tmp_path: Path, export_factory: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # What Flower's runtime sets in the process of a task: a message is built for this run, from this node.
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    cloud = load_export(export_factory("cloud_submodel"))  # type: ignore[operator]
+    disguised = RecordDict({"control_model": describe_network(cloud), "control_model.weights": weights_record(cloud),
+                            "co_submodel": describe_network(cloud), "recipe": ConfigRecord({"json": "{}"})})
+    message = Message(disguised, dst_node_id=1, message_type="query.install")
+    with pytest.raises(RefusedMessage, match="carries a cloud_submodel as 'control_model'"):
+        device_app(message, _context(tmp_path))
+    extra = Message(RecordDict({"cloud_submodel.weights": weights_record(cloud)}), dst_node_id=1,
+                    message_type="train")
+    with pytest.raises(RefusedMessage, match="unexpected record 'cloud_submodel.weights'"):
+        device_app(extra, _context(tmp_path))
+    assert not (tmp_path / "node").exists()  # nothing was kept
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited before listening on {port}:\n{log.read_text()[-3000:]}"
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    pytest.fail(f"nothing listens on 127.0.0.1:{port} after {timeout} s:\n{log.read_text()[-3000:]}")
+
+
+def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> str:
+    result = subprocess.run([str(BIN / "flwr"), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, f"flwr {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def fleet_config(tmp_path: Path) -> Path:
+    """Three devices, two rounds, every device in every round, few batches per stage."""
+    quickstart = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
+    config = {
+        "config": str(ROOT / "configs/fleet.yaml"), "name": "flower", "rounds": 2,
+        "fleet": {"num_devices": 3, "partitioner": "dirichlet", "dirichlet_alpha": 0.5, "sample_fraction": 1.0,
+                  "availability": 1.0},
+        "trainer": {**quickstart["trainer"], "limit_train_batches": 8, "limit_val_batches": 2,
+                    "enable_progress_bar": False},
+    }
+    path = tmp_path / "flower_fleet.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Path) -> None:
+    config = fleet_config(tmp_path)
+    # One thread, as each Flower process below gets: the same float arithmetic on both sides.
+    reference = dcccl("pipeline", "--config", str(config), "--run_dir", str(tmp_path / "reference"),
+                      env=command_env(OMP_NUM_THREADS="1"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    home = tmp_path / "flwr_home"
+    home.mkdir()
+    env = command_env(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                      FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS="1",
+                      PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    link_port, *node_ports = _free_ports(4)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    processes: list[subprocess.Popen] = []
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    try:
+        link_log = logs / "superlink.log"
+        processes.append(subprocess.Popen(
+            [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(link_port), "--database", ":flwr-in-memory:"],
+            cwd=ROOT, env=env, stdout=link_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_for_port(link_port, processes[0], link_log)
+        for device, port in enumerate(node_ports):
+            node_log = logs / f"supernode{device}.log"
+            state = tmp_path / f"node{device}"
+            processes.append(subprocess.Popen(
+                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                 "--host", "127.0.0.1", "--port", str(port), "--max-retries", "10", "--max-wait-time", "60",
+                 "--node-config", f'partition-id={device} state-dir="{state}"'],
+                cwd=ROOT, env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
+            _wait_for_port(port, processes[-1], node_log)
+        run_dir = tmp_path / "flower"
+        started = json.loads(_flwr(env, "run", "configs/flower", "loopback", "--format", "json", "--run-config",
+                                   f'pipeline-config="{config}" run-dir="{run_dir}" reply-timeout=300.0',
+                                   timeout=120))
+        run_id = str(started["run-id"])
+        deadline, status = time.monotonic() + DEADLINE_S, ""
+        while time.monotonic() < deadline:
+            listed = json.loads(_flwr(env, "list", "loopback", "--run-id", run_id, "--format", "json", timeout=30))
+            status = listed["runs"][0]["status"]
+            if status.startswith("finished"):
+                break
+            assert all(process.poll() is None for process in processes), "a Flower process died"
+            time.sleep(2)
+        if status != "finished:completed":
+            shown = subprocess.run([str(BIN / "flwr"), "log", run_id, "loopback", "--show"], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=60).stdout
+            pytest.fail(f"the Flower run ended as {status!r}:\n{shown[-6000:]}")
+    finally:
+        for process in processes:
+            try:
+                os.killpg(process.pid, 9)
+            except ProcessLookupError:
+                pass
+            process.wait()
+
+    expected = json.loads((tmp_path / "reference/metrics.json").read_text())
+    served = json.loads((run_dir / "metrics.json").read_text())
+    print("served per round: pipeline", expected["served/acc_per_round"], "flower", served["served/acc_per_round"])
+    assert served["served/acc_per_round"] == pytest.approx(expected["served/acc_per_round"], abs=SERVED_TOLERANCE)
+    # The ledger says what crossed: the same transfers as the pipeline's, and exactly the tensors of the messages.
+    ledger = json.loads((run_dir / "transfers.json").read_text())
+    assert ledger["totals"] == json.loads((tmp_path / "reference/transfers.json").read_text())["totals"]
+    counted: dict[tuple[int, int, str], int] = defaultdict(int)
+    for transfer in ledger["transfers"]:
+        if transfer["what"] in ("control_model", "co_submodel"):
+            counted[(transfer["round"], transfer["device"], transfer["direction"])] += transfer["bytes"]
+    sent: dict[tuple[int, int, str], int] = defaultdict(int)
+    for r in (1, 2):
+        for message in json.loads((run_dir / f"rounds/round_{r:03d}/devices/messages.json").read_text())["messages"]:
+            sent[(message["round"], message["device"], message["direction"])] += message["payload_bytes"]
+            assert message["message_bytes"] >= message["payload_bytes"]
+    assert dict(counted) == dict(sent) and len(sent) == 2 * 3 * 2
+    # Nothing the nodes kept is the cloud submodel, nor holds any of its weights.
+    cloud = [t for t in load_export(run_dir / "cloud/cloud_submodel.pt").state_dict.values() if t.numel() > 16]
+    kept = list(tmp_path.glob("node*/**/*.pt"))
+    assert kept
+    for path in kept:
+        export = load_export(path)
+        assert export.role in ("control_model", "co_submodel")
+        assert not any(c.shape == t.shape and c.equal(t) for t in export.state_dict.values() for c in cloud)
+    shutil.rmtree(home, ignore_errors=True)
