@@ -222,9 +222,11 @@ class LightningStageRunner:
                 callback.save_to_log_dir = False  # written below, into the stage's own directory
         if cli.trainer.is_global_zero:
             atomic_write_text(call.work_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
-        resume_from = {"ckpt_path": str(call.last_checkpoint)} if resume and call.command == "fit" else {}
-        # A device stage trains all of its devices inside this one fit, each from the stage module as parsed.
+        # A device stage trains all of its devices inside this one fit, each from the stage module as parsed; it
+        # resumes from its per-device records (a checkpoint of its one epoch says nothing about missing copies).
         model = DeviceRoundModule(cli.model, call.devices) if call.devices else cli.model
+        resumes = resume and call.command == "fit" and not call.devices
+        resume_from = {"ckpt_path": str(call.last_checkpoint)} if resumes else {}
         try:
             getattr(cli.trainer, call.command)(model, datamodule=cli.datamodule, **resume_from)
         except OSError as err:  # Lightning's checkpoint writer does not say which file did not fit
