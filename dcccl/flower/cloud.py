@@ -157,7 +157,8 @@ class FlowerDevices:
                 continue
             if time.monotonic() > deadline:
                 raise DeviceFailed(f"device(s) {sorted(needed)} did not join within {self.node_wait:.0f} s "
-                                   f"({len(self.node_of)} nodes known: start their SuperNodes with those partition-ids)")
+                                   f"({len(self.node_of)} nodes known: start their SuperNodes with those "
+                                   "partition-ids)")
             time.sleep(1.0)
 
     def _install(self, tasks: list[DeviceTask], call: StageCall, wire: list[WireRecord]) -> None:
