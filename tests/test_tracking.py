@@ -114,7 +114,7 @@ def test_pipeline_with_wandb_offline_logs_one_run_per_stage_grouped_by_pipeline(
     assert [(run.job_type, run.name) for run in runs] == [
         ("cloud", "tracked/cloud"), ("distill", "tracked/distill"),
         *[(stage, f"tracked/round{r}/{name}") for r in (1, 2) for stage, name in (
-            ("cloud_round", "cloud_round"), ("device", "device0"), ("evaluate", "evaluate"))],
+            ("cloud_round", "cloud_round"), ("device", "devices"), ("evaluate", "evaluate"))],
         ("pipeline", "tracked/summary"),
     ]
     assert {run.group for run in runs} == {"tracked"} and {run.project for run in runs} == {"dcccl"}
