@@ -29,12 +29,13 @@ def run_pipeline(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     return dcccl(*_arguments(run_dir, *extra))
 
 
-def kill_pipeline_when(run_dir: Path, moment: Callable[[], bool]) -> str:
-    """Start the pipeline, SIGKILL it as soon as ``moment()`` holds and return what it had printed."""
+def kill_pipeline_when(run_dir: Path, moment: Callable[[], bool], arguments: list[str] | None = None) -> str:
+    """Start the pipeline (default: the small quickstart), SIGKILL it as soon as ``moment()`` holds and return what it
+    had printed."""
     log = run_dir.parent / f"{run_dir.name}.log"
     with open(log, "w") as output:
-        process = subprocess.Popen(dcccl_command(*_arguments(run_dir)), cwd=ROOT, env=command_env(), stdout=output,
-                                   stderr=output)
+        command = dcccl_command(*(arguments if arguments is not None else _arguments(run_dir)))
+        process = subprocess.Popen(command, cwd=ROOT, env=command_env(), stdout=output, stderr=output)
         deadline = time.monotonic() + 300
         try:
             while not moment():
@@ -122,19 +123,8 @@ def test_a_round_killed_midway_resumes_with_the_devices_it_had_not_finished(tmp_
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "run"
     progress = run_dir / "rounds/round_001/devices/progress"
-    log = tmp_path / "killed.log"
-    with open(log, "w") as output:
-        process = subprocess.Popen(dcccl_command(*fleet, "--rounds", "1", "--run_dir", str(run_dir)), cwd=ROOT,
-                                   env=command_env(), stdout=output, stderr=output)
-        deadline = time.monotonic() + 300
-        try:
-            while not (progress.is_dir() and len(list(progress.glob("*.json"))) >= 2):
-                assert process.poll() is None, f"the pipeline ended before the moment to kill it:\n{log.read_text()}"
-                assert time.monotonic() < deadline, "the moment to kill the pipeline never came"
-                time.sleep(0.01)
-        finally:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
+    kill_pipeline_when(run_dir, lambda: progress.is_dir() and len(list(progress.glob("*.json"))) >= 2,
+                       [*fleet, "--rounds", "1", "--run_dir", str(run_dir)])
     finished = len(list(progress.glob("*.json")))
     assert 2 <= finished < 6
     resumed = dcccl(*fleet, "--rounds", "1", "--run_dir", str(run_dir))
