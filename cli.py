@@ -52,7 +52,7 @@ from dcccl.run.plan import dcccl_plan
 from dcccl.run.ranks import is_global_zero
 from dcccl.run.settings import PipelineSettings, RestartPoint
 from dcccl.run.steps import StageCall
-from lightning_modules import STAGE_MODULES, DeviceRoundModule, StageModule
+from lightning_modules import STAGE_MODULES, DeviceRoundModule, DeviceSteps, StageModule
 
 log = logging.getLogger("dcccl")
 
@@ -224,7 +224,8 @@ class LightningStageRunner:
             atomic_write_text(call.work_dir / "config.yaml", cli.parser.dump(cli.config, skip_none=False))
         # A device stage trains all of its devices inside this one fit, each from the stage module as parsed; it
         # resumes from its per-device records (a checkpoint of its one epoch says nothing about missing copies).
-        model = DeviceRoundModule(cli.model, call.devices) if call.devices else cli.model
+        model = DeviceRoundModule(cli.model, call.devices, call.round_index, DeviceSteps.take_from(cli.trainer)) \
+            if call.devices else cli.model
         resumes = resume and call.command == "fit" and not call.devices
         resume_from = {"ckpt_path": str(call.last_checkpoint)} if resumes else {}
         try:

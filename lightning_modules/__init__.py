@@ -5,7 +5,7 @@ from lightning_modules.centralized import CentralizedModule
 from lightning_modules.cloud import CloudSubmodelModule
 from lightning_modules.cloud_round import CloudCoTrainingModule
 from lightning_modules.device import DeviceCoTrainingModule
-from lightning_modules.device_round import DeviceRoundModule
+from lightning_modules.device_round import DeviceRoundFailed, DeviceRoundModule, DeviceSteps
 from lightning_modules.distill import ControlDistillationModule
 from lightning_modules.evaluate import ServedModelEvaluation
 from lightning_modules.guided import GuidedCoTrainingModule
@@ -30,7 +30,9 @@ __all__ = [
     "CloudSubmodelModule",
     "ControlDistillationModule",
     "DeviceCoTrainingModule",
+    "DeviceRoundFailed",
     "DeviceRoundModule",
+    "DeviceSteps",
     "GuidedCoTrainingModule",
     "HeadFinetuneModule",
     "ServedModelEvaluation",

@@ -8,8 +8,15 @@ take (the same batches in the same order, the same budget floors and caps), and 
 Parsing the config, building the DataModule and the Trainer happen once per round instead of once per device.
 
 Under DDP the DataModule hands each process different devices; the copies are not parameters of this module, so
-DDP synchronises nothing between processes while they train different devices. A finished device leaves a record
-in the stage's ``progress/`` folder: a round killed midway skips, when it resumes, the devices it had finished.
+DDP synchronises nothing between processes while they train different devices. A device that fails on one process
+stops the round on every process (each raises at the end of the round's pass instead of waiting for the others). A
+finished device leaves a record in the stage's ``progress/`` folder: a round killed midway skips, when it resumes, the
+devices it had finished.
+
+The trainer's precision (its autocast, its gradient scaler for ``16-mixed`` on a GPU, its dtype for ``*-true``), its
+gradient clipping and its gradient accumulation apply to each device as they would to a device stage of its own.
+Lightning applies clipping and accumulation only to modules it optimizes itself, so the stage runner hands them to
+the round (:meth:`DeviceSteps.take_from`) instead of leaving them on the trainer.
 """
 
 from __future__ import annotations
@@ -18,17 +25,20 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Optional
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 
+from dcccl.errors import ConfigError
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.device_progress import finished_records, is_finished, record_finished
 from dcccl.run.exports import NetworkExport, load_export, save_export
 from dcccl.run.ranks import barrier
+from dcccl.run.sampling import device_seed
 from dcccl.run.steps import DeviceTask
 from dcccl.run.training_budget import REPORT, BudgetState
 from lightning_modules.base import NonFiniteLossError
@@ -36,8 +46,45 @@ from lightning_modules.guided import GuidedCoTrainingModule
 
 log = logging.getLogger("dcccl")
 
-# Offset of a device's random stream (dropout, augmentation on the main process) from the run's seed.
-DEVICE_SEED_STRIDE = 1_000_003
+
+class DeviceRoundFailed(RuntimeError):
+    """Another process of a distributed device round failed (its own error is in its output)."""
+
+
+@dataclass(frozen=True)
+class DeviceSteps:
+    """How a device turns batches into optimizer steps: the trainer options Lightning applies only to the modules it
+    optimizes itself, as a device stage of its own would get them.
+
+    Args:
+        accumulate_grad_batches: Batches whose gradients are summed (each loss divided by this) before a step; an
+            epoch's last batches step too.
+        gradient_clip_val: Clip the gradients to this norm (or value) before each step (``None``: no clipping).
+        gradient_clip_algorithm: ``norm`` or ``value``.
+    """
+
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: Optional[float] = None
+    gradient_clip_algorithm: Literal["norm", "value"] = "norm"
+
+    @classmethod
+    def take_from(cls, trainer: Trainer) -> DeviceSteps:
+        """The trainer's accumulation and clipping, removed from the trainer (it refuses them for a module that
+        optimizes its networks itself)."""
+        steps = cls(int(trainer.accumulate_grad_batches), trainer.gradient_clip_val,  # type: ignore[arg-type]
+                    trainer.gradient_clip_algorithm or "norm")  # type: ignore[arg-type]
+        trainer.accumulate_grad_batches = 1
+        trainer.gradient_clip_val = None
+        return steps
+
+    def clip(self, parameters: list[torch.Tensor]) -> None:
+        """Clip the gradients of ``parameters`` as Lightning's trainer would."""
+        if self.gradient_clip_val is None or self.gradient_clip_val <= 0:
+            return
+        if self.gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(parameters, self.gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(parameters, self.gradient_clip_val)
 
 
 class DeviceRoundModule(LightningModule):
@@ -46,9 +93,12 @@ class DeviceRoundModule(LightningModule):
     Args:
         device_module: The device stage module (the template every device trains with).
         tasks: The devices to train: each one's start, copy and what crosses the wire.
+        round_index: The round (it seeds each device's random stream together with the run's seed and the device).
+        steps: Gradient accumulation and clipping for each device (the stage runner takes them from the trainer).
     """
 
-    def __init__(self, device_module: GuidedCoTrainingModule, tasks: Sequence[DeviceTask]) -> None:
+    def __init__(self, device_module: GuidedCoTrainingModule, tasks: Sequence[DeviceTask], round_index: int = 0,
+                 steps: Optional[DeviceSteps] = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         # Kept out of the module's children: DDP must not average the copies that different processes train.
@@ -59,7 +109,13 @@ class DeviceRoundModule(LightningModule):
         self.data_partition = device_module.data_partition
         # DDP only wraps a module with a trainable parameter; this one is never used.
         self.anchor = nn.Parameter(torch.zeros(()))
+        self.round_index = round_index
+        self.steps = steps or DeviceSteps()
+        if self.steps.accumulate_grad_batches < 1:
+            raise ConfigError(f"accumulate_grad_batches must be at least 1, got {self.steps.accumulate_grad_batches}")
         self.round_devices: list[int] = []
+        self._failure: Optional[BaseException] = None
+        self._floors = (0, 0)
         self._starts: dict[Path, dict[str, torch.Tensor]] = {}
         self._trained = 0
         self._started = 0.0
@@ -85,6 +141,10 @@ class DeviceRoundModule(LightningModule):
             # The trainer's batch limit is each device's (as for a device stage of its own), not the round's.
             self._batch_limit = self.trainer.limit_train_batches
             self.trainer.limit_train_batches = 1.0
+            # Likewise the trainer's floors: each device trains at least them (the round itself is one pass).
+            fit_loop = self.trainer.fit_loop
+            self._floors = (fit_loop.min_epochs or 0, fit_loop.epoch_loop.min_steps or 0)
+            fit_loop.min_epochs, fit_loop.epoch_loop.min_steps = None, None
             self.round_devices = [device for device in self.tasks if not self.finished(device)]
             skipped = len(self.tasks) - len(self.round_devices)
             if skipped and self.trainer.is_global_zero:
@@ -96,19 +156,40 @@ class DeviceRoundModule(LightningModule):
         return torch.optim.SGD([self.anchor], lr=0.0)
 
     def on_fit_start(self) -> None:
-        """Move the template where this process trains."""
+        """Move the template where this process trains, in the trainer's dtype (``*-true`` precision)."""
+        self.trainer.precision_plugin.convert_module(self.device_module)
         self.device_module.to(self.device)
         self._started = time.perf_counter()
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        """Train one device (``-1``: padding, nothing to do)."""
+        """Train one device (``-1``: padding, nothing to do).
+
+        Among several processes a failure is kept until the round's pass ends, where every process learns of it
+        (a process that raised at once would leave the others waiting for it forever).
+        """
         device = int(batch)
-        if device >= 0:
+        if device < 0 or self._failure is not None:
+            return
+        if self.trainer.world_size == 1:
             self.train_device(device)
+            return
+        try:
+            self.train_device(device)
+        except Exception as err:  # re-raised at the end of the pass, once every process knows
+            log.error("[dcccl] device %d failed on rank %d: %s", device, self.global_rank, err)
+            self._failure = err
 
     def on_train_epoch_end(self) -> None:
-        """One pass over the round's devices is the whole round."""
+        """One pass over the round's devices is the whole round; a failure on any process stops every process."""
         self.trainer.should_stop = True
+        if self.trainer.world_size > 1:
+            failed = self.trainer.strategy.reduce(torch.tensor(float(self._failure is not None), device=self.device),
+                                                  reduce_op="sum")
+            if self._failure is not None:
+                raise self._failure
+            if float(failed) > 0:
+                raise DeviceRoundFailed(f"the device round failed on {int(float(failed))} other process(es) (their "
+                                        f"error is in their output); rank {self.global_rank} stopped with them")
 
     def _start_state(self, path: Path) -> dict[str, torch.Tensor]:
         if path not in self._starts:
@@ -139,36 +220,60 @@ class DeviceRoundModule(LightningModule):
         loader = datamodule.device_loader(device)
         limit = self._batch_limit
         batches_per_epoch = min(len(loader), limit) if isinstance(limit, int) else int(len(loader) * limit)
+        if batches_per_epoch < 1:
+            raise ConfigError(f"limit_train_batches={limit} leaves device {device} no batch to train on (it has "
+                              f"{len(loader)} per epoch): give the device stage a limit of at least one batch")
         budget = module.budget
         state = BudgetState(budget) if budget is not None else None
         max_epochs, max_steps = self._caps()
+        min_epochs, min_steps = self._floors
+        accumulate = self.steps.accumulate_grad_batches
+        precision = self.trainer.precision_plugin
+        # A fresh scaler per device (16-mixed on a GPU), as a device stage of its own starts with.
+        scaler = torch.amp.GradScaler(self.device.type) if getattr(precision, "scaler", None) is not None else None
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
         epochs = steps = samples = 0
         loss = torch.zeros(())
         rng_devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(datamodule.seed * DEVICE_SEED_STRIDE + device)
+            torch.manual_seed(device_seed(datamodule.seed, self.round_index, device))
+            optimizer.zero_grad()
             while steps < max_steps:
                 loader.sampler.set_epoch(epochs)  # type: ignore[attr-defined]
                 for batch_index, (x, y) in enumerate(loader):
                     if batch_index >= batches_per_epoch:
                         break
-                    x, y = x.to(self.device), y.to(self.device)
-                    loss = module.training_loss(module(x), y)
+                    x, y = precision.convert_input(x.to(self.device)), y.to(self.device)
+                    with precision.train_step_context():
+                        loss = module.training_loss(module(x), y)
                     if not bool(torch.isfinite(loss.detach()).all()):
                         raise NonFiniteLossError(
                             f"device {device} (in {self.trainer.default_root_dir}): the training loss is "
                             f"{loss.detach().float().sum().item()} at step {steps} (epoch {epochs}); the round was "
                             "stopped and exported nothing for it: lower the learning rate, or check the data for "
                             "NaN/inf values")
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    steps += 1
+                    scaled = loss / accumulate
+                    (scaled if scaler is None else scaler.scale(scaled)).backward()
                     samples += int(x.shape[0])
+                    if (batch_index + 1) % accumulate and batch_index + 1 < batches_per_epoch:
+                        continue  # Lightning also steps on an epoch's last batches, however few
+                    if scaler is not None:
+                        scaler.unscale_(optimizer)
+                    self.steps.clip(parameters)
+                    if scaler is None:
+                        optimizer.step()
+                    else:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    optimizer.zero_grad()
+                    steps += 1
                     if steps >= max_steps:
                         break
                 epochs += 1
-                if (state is not None and state.should_stop(epochs, steps)) or epochs >= max_epochs:
+                if epochs >= max_epochs:
+                    break
+                if state is not None and state.should_stop(epochs, steps) and epochs >= min_epochs \
+                        and steps >= min_steps:
                     break
         reason = (state.reason if state is not None else "") or \
             "was stopped by the trainer's own limits (max_epochs, max_steps, ...)"

@@ -156,6 +156,12 @@ def test_ddp_spreads_a_round_s_devices_over_the_ranks_and_fuses_what_one_process
     for device in range(4):
         run.device_copy(1, device).unlink()
     shutil.rmtree(run.round_dir(1) / "devices" / "progress")
+    # A device failing on rank 1 stops rank 0 too (instead of leaving it waiting at the end of the round).
+    failing = dcccl(*FLEET, *DDP, "--run_dir", str(ddp_dir), "--stage_args",
+                    json.dumps({"device": ["--model.class_path=tests.failing_device.FailsOnSecondRank"]}))
+    assert failing.returncode != 0
+    assert "injected failure of a device on rank 1" in failing.stderr, failing.stderr[-3000:]
+    assert "DeviceRoundFailed: the device round failed on 1 other process(es)" in failing.stderr, failing.stderr[-3000:]
     ddp = dcccl(*FLEET, *DDP, "--run_dir", str(ddp_dir))
     assert ddp.returncode == 0 and "Traceback" not in ddp.stderr, ddp.stderr[-3000:]
     assert "Starting with 2 processes" in ddp.stderr

@@ -12,10 +12,12 @@ import torch
 from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
+from dcccl.errors import ConfigError
 from dcccl.run.exports import load_export
+from dcccl.run.sampling import device_seed
 from dcccl.run.steps import DeviceTask
 from dcccl.run.training_budget import TrainingBudget
-from lightning_modules import DeviceCoTrainingModule, DeviceRoundModule
+from lightning_modules import DeviceCoTrainingModule, DeviceRoundModule, DeviceSteps
 
 FLEET = {"num_devices": 5, "device_partitioner": "dirichlet", "dirichlet_alpha": 0.5, "seed": 3}
 BUDGET = TrainingBudget(monitor=None, min_epochs=2, min_steps=12)
@@ -123,3 +125,83 @@ def test_round_devices_are_padded_to_a_multiple_of_the_processes() -> None:
 
     data.trainer = FakeTrainer()  # type: ignore[assignment]
     assert list(data.train_dataloader()) == [7, 3, 5, 9, 1, -1, -1, -1]
+
+
+@pytest.mark.parametrize("options", [
+    {"accumulate_grad_batches": 3, "gradient_clip_val": 0.05},
+    {"gradient_clip_val": 0.01, "gradient_clip_algorithm": "value"},
+    {"precision": "bf16-true"},
+    {"precision": "bf16-mixed", "accumulate_grad_batches": 2},
+], ids=["accumulate+clip-norm", "clip-value", "bf16-true", "bf16-mixed+accumulate"])
+def test_accumulation_clipping_and_precision_apply_to_each_device_as_to_a_stage_of_its_own(
+        tmp_path: Path, exports: tuple[Path, Path], options: dict[str, object]) -> None:
+    control, start = exports
+    task = DeviceTask(3, start, tmp_path / "round/device_3.pt")
+    round_trainer = trainer(tmp_path / "round", **options)
+    steps = DeviceSteps.take_from(round_trainer)
+    assert (round_trainer.accumulate_grad_batches, round_trainer.gradient_clip_val) == (1, None)  # the round's now
+    round_trainer.fit(DeviceRoundModule(device_module(control, start), [task], steps=steps), datamodule=fleet_data())
+    alone = tmp_path / "alone.pt"
+    trainer(tmp_path / "alone", **options).fit(device_module(control, start, alone),
+                                               datamodule=fleet_data(device_index=3))
+    plain = tmp_path / "plain.pt"  # the same device without the options: they change the copy
+    trainer(tmp_path / "plain").fit(device_module(control, start, plain), datamodule=fleet_data(device_index=3))
+    mine, reference = load_export(task.export).state_dict, load_export(alone).state_dict
+    for key in reference:
+        torch.testing.assert_close(mine[key], reference[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(mine[key], value) for key, value in load_export(plain).state_dict.items())
+    record = json.loads((tmp_path / "round/budget.json").read_text())["devices"][0]
+    budget = json.loads((tmp_path / "alone/budget.json").read_text())
+    assert (record["epochs"], record["steps"], record["samples"]) == (budget["epochs"], budget["steps"],
+                                                                      budget["samples"])
+
+
+def test_a_gradient_scaler_scales_each_device_as_a_stage_of_its_own(tmp_path: Path,
+                                                                   exports: tuple[Path, Path]) -> None:
+    """16-mixed with a scaler (what a GPU gets; on the CPU by hand): each device starts its own scaler."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    control, start = exports
+
+    def fp16() -> dict[str, object]:
+        return {"plugins": [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]}
+
+    tasks = [DeviceTask(device, start, tmp_path / f"round/device_{device}.pt") for device in (0, 3)]
+    trainer(tmp_path / "round", **fp16()).fit(DeviceRoundModule(device_module(control, start), tasks),
+                                             datamodule=fleet_data())
+    for task in tasks:
+        alone = tmp_path / f"alone_{task.device}.pt"
+        trainer(tmp_path / f"alone_{task.device}", **fp16()).fit(device_module(control, start, alone),
+                                                                 datamodule=fleet_data(device_index=task.device))
+        mine, reference = load_export(task.export).state_dict, load_export(alone).state_dict
+        for key in reference:
+            torch.testing.assert_close(mine[key], reference[key], rtol=1e-4, atol=1e-5)
+
+
+def test_the_trainer_s_floors_apply_to_each_device_and_the_round_still_ends(tmp_path: Path,
+                                                                          exports: tuple[Path, Path]) -> None:
+    control, start = exports
+    tasks = [DeviceTask(device, start, tmp_path / f"d{device}.pt") for device in range(2)]
+    round_module = DeviceRoundModule(device_module(control, start), tasks)
+    round_trainer = trainer(tmp_path / "round", min_epochs=4, max_epochs=6)
+    round_trainer.fit(round_module, datamodule=fleet_data())
+    assert round_trainer.current_epoch == 1  # one pass over the devices, the floor notwithstanding
+    records = json.loads((tmp_path / "round/budget.json").read_text())["devices"]
+    assert [r["epochs"] for r in records] == [4, 4]  # BUDGET alone stops after 2 epochs
+
+
+def test_a_batch_limit_that_leaves_a_device_nothing_is_refused(tmp_path: Path, exports: tuple[Path, Path]) -> None:
+    control, start = exports
+    round_module = DeviceRoundModule(device_module(control, start), [DeviceTask(0, start, tmp_path / "d0.pt")])
+    with pytest.raises(ConfigError, match="leaves device 0 no batch to train on"):
+        trainer(tmp_path / "round", limit_train_batches=0.0001).fit(round_module, datamodule=fleet_data())
+    assert not (tmp_path / "d0.pt").exists()
+
+
+def test_each_device_and_round_draws_its_own_random_stream() -> None:
+    seeds = {device_seed(seed, round_index, device) for seed in range(3) for round_index in range(1, 11)
+             for device in range(100)}
+    assert len(seeds) == 3 * 10 * 100
+    shuffles = {seed * 1_000_003 + epoch for seed in range(3) for epoch in range(1000)}
+    assert not seeds & shuffles
+    assert device_seed(0, 1, 2) == device_seed(0, 1, 2)

@@ -116,27 +116,39 @@ class FlowerDevices:
                      len(call.devices) - len(pending), len(call.devices), len(pending))
         self._find_nodes([task.device for task in pending])
         wire: list[WireRecord] = []
-        self._install([task for task in pending if task.device not in self.installed], call, wire)
-        self._train(pending, call, wire)
-        log_path = call.work_dir / "messages.json"
-        resumed = len(pending) < len(call.devices) and log_path.is_file()  # keep what the cut-short start sent
-        earlier = json.loads(log_path.read_text())["messages"] if resumed else []
-        atomic_write_json(log_path, {"messages": earlier + [asdict(record) for record in wire]})
+        try:
+            self._install([task for task in pending if task.device not in self.installed], call, wire)
+            self._train(pending, call, wire)
+        finally:  # what was sent is logged, also when a device failed
+            log_path = call.work_dir / "messages.json"
+            resumed = len(pending) < len(call.devices) and log_path.is_file()  # keep what the cut-short start sent
+            earlier = json.loads(log_path.read_text())["messages"] if resumed else []
+            atomic_write_json(log_path, {"messages": earlier + [asdict(record) for record in wire]})
 
     def _exchange(self, messages: dict[int, Message], what: str) -> dict[int, Message]:
         """Send one message per node and return the replies by node; any error or silence raises."""
+        replies, failures = self._exchange_some(messages, what)
+        if failures:
+            raise DeviceFailed("; ".join(failures))
+        return replies
+
+    def _exchange_some(self, messages: dict[int, Message], what: str) -> tuple[dict[int, Message], list[str]]:
+        """Send one message per node; the good replies by node, and what went wrong with the others."""
         replies = self.grid.send_and_receive(list(messages.values()), timeout=self.reply_timeout)
         by_node: dict[int, Message] = {}
+        failures: list[str] = []
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                raise DeviceFailed(f"{what}: node {node} answered with an error: {reply.error.reason}")
-            by_node[node] = reply
-        missing = sorted(set(messages) - set(by_node))
+                failures.append(f"{what}: node {node} answered with an error: {reply.error.reason}")
+            else:
+                by_node[node] = reply
+        answered = set(by_node) | {reply.metadata.src_node_id for reply in replies}
+        missing = sorted(set(messages) - answered)
         if missing:
-            raise DeviceFailed(f"{what}: no reply from node(s) {missing} within {self.reply_timeout:.0f} s "
-                               "(reply-timeout in the run config)")
-        return by_node
+            failures.append(f"{what}: no reply from node(s) {missing} within {self.reply_timeout:.0f} s "
+                            "(reply-timeout in the run config)")
+        return by_node, failures
 
     def _find_nodes(self, devices: Iterable[int]) -> None:
         needed = set(devices) - set(self.node_of)
@@ -198,8 +210,10 @@ class FlowerDevices:
                                    message_bytes(content)))
         log.info("[dcccl] round %d: sent the co-submodel to %d device(s); waiting for their copies", call.round_index,
                  len(tasks))
-        replies = self._exchange(messages, f"round {call.round_index}: training")
-        for task in tasks:
+        replies, failures = self._exchange_some(messages, f"round {call.round_index}: training")
+        for task in tasks:  # the copies that came are kept (a re-started round asks only for the others)
+            if self.node_of[task.device] not in replies:
+                continue
             reply = replies[self.node_of[task.device]].content
             counts = reply.metric_records["counts"]
             class_counts = counts.get("class-counts")
@@ -209,9 +223,14 @@ class FlowerDevices:
                                  int(counts["sample-count"]),  # type: ignore[arg-type]
                                  None if class_counts is None else [int(c) for c in class_counts])  # type: ignore[union-attr]
             save_export(copy, task.export)
-            record_finished(call.work_dir, task.device, task.export, {"sample_count": copy.sample_count})
+            trained = {key: int(counts.get(key, 0)) for key in ("epochs", "steps", "samples")}  # type: ignore[arg-type]
+            record_finished(call.work_dir, task.device, task.export,
+                            {**trained, "sample_count": copy.sample_count, "stopped": "trained on its node"})
             wire.append(WireRecord(call.round_index, task.device, "train", "up", payload_bytes(reply),
                                    message_bytes(reply)))
+        if failures:
+            raise DeviceFailed(f"{'; '.join(failures)} ({len(replies)} of {len(tasks)} copies were kept; re-starting "
+                               "the ServerApp asks only the others)")
 
 
 app = ServerApp()

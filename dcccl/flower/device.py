@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from dcccl.errors import ConfigError
 from dcccl.flower.records import check_received, network_from, weights_record
+from dcccl.run.device_progress import finished_records
 from dcccl.run.exports import load_export, save_export
 from dcccl.run.steps import DeviceTask, StageCall
 
@@ -126,6 +127,8 @@ def train(message: Message, context: Context) -> Message:
     LightningStageRunner(interactive=False)(call, resume=False)
     copy = load_export(call.devices[0].export, "co_submodel")
     counts: dict[str, Any] = {"sample-count": int(copy.sample_count or 0)}
+    trained = finished_records(call.work_dir, [call.devices[0].device])[0]  # what it ran: epochs, steps, samples
+    counts.update({key: int(trained[key]) for key in ("epochs", "steps", "samples")})
     if copy.class_counts is not None:
         counts["class-counts"] = [int(count) for count in copy.class_counts]
     return Message(RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(counts)}),

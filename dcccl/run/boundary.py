@@ -166,9 +166,9 @@ class DeviceGate:
         """Refuse the call (``LedgerViolation``, ``DeviceBudgetExceeded``) if what it receives does not pass."""
         if call.stage != "device":
             return
-        device = call.devices[0].device if call.devices else 0
-        for path in call.inputs:
-            self._ledger.check(device, "down", path)
+        for path in call.inputs:  # named after a device that receives it (the first, for what all receive)
+            receivers = [task.device for task in call.devices if path == task.start or path in task.downlink]
+            self._ledger.check(receivers[0] if receivers else 0, "down", path)
         if self.budget is not None and not self._measured:
             self._check_budget(call)
             self._measured = True

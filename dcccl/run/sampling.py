@@ -1,7 +1,9 @@
-"""Shuffling that a resumed run repeats exactly: each epoch's order depends on the seed and the epoch only."""
+"""Random streams that a resumed run repeats exactly: each epoch's order depends on the seed and the epoch only; each
+device's stream (dropout, augmentation drawn on the main process) on the seed, the round and the device only."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sized
 
 import torch
@@ -32,3 +34,14 @@ class EpochSeededSampler(RandomSampler):
     def __iter__(self) -> Iterator[int]:
         self.generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return super().__iter__()
+
+
+def device_seed(seed: int, round_index: int, device: int) -> int:
+    """The seed of ``device``'s random stream in ``round_index`` of a run seeded ``seed``.
+
+    A hash, so that no two (seed, round, device) share a stream and none is one of the shuffling streams
+    (``seed * 1_000_003 + epoch``) by construction of a linear formula. It seeds what the device draws on the process
+    that trains it (dropout, random augmentation in the main process); DataLoader workers draw from their own seeds.
+    """
+    digest = hashlib.blake2b(f"dcccl-device/{seed}/{round_index}/{device}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
