@@ -37,6 +37,7 @@ class ArrayDataModule(DCCCLDataModule):
         allow_unlearnable_test_classes: Go on (with a warning) when test samples hold classes that neither side
             holds, evaluating without them; refused by default.
         val_fraction: Share of each class's training samples, on each side, held out for validation.
+        pin_memory: Page-locked batches for faster copies to a GPU (``null``: when a GPU is present).
     """
 
     def __init__(
@@ -57,12 +58,13 @@ class ArrayDataModule(DCCCLDataModule):
         predict_folder: str | None = None,
         allow_unlearnable_test_classes: bool = False,
         val_fraction: float = 0.1,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition,
                          num_devices=num_devices, device_index=device_index, device_partitioner=device_partitioner,
                          dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device,
                          predict_folder=predict_folder, allow_unlearnable_test_classes=allow_unlearnable_test_classes,
-                         val_fraction=val_fraction)
+                         val_fraction=val_fraction, pin_memory=pin_memory)
         self.split_spec = ClassSplit(tuple(cloud_classes), tuple(device_classes))
         self.split_spec.validate(self.num_classes)
         self.test_fraction = test_fraction

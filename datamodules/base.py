@@ -49,6 +49,9 @@ class SplitData:
         cloud_val: Validation samples held out of the cloud's (set by the base class).
         device_val: Validation samples held out of the devices' (set by the base class; only the pooled,
             privacy-violating baseline validates on them).
+        cloud_augmented: The samples of ``cloud_train``, in its order, with the training augmentation: what the
+            stages train on, when given (validation and evaluation keep the plain samples).
+        device_augmented: Likewise for ``device_train``.
     """
 
     cloud_train: Dataset
@@ -60,6 +63,8 @@ class SplitData:
     cloud_labels: np.ndarray
     cloud_val: Optional[Dataset] = None
     device_val: Optional[Dataset] = None
+    cloud_augmented: Optional[Dataset] = None
+    device_augmented: Optional[Dataset] = None
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -148,7 +153,7 @@ class DCCCLDataModule(LightningDataModule):
 
     Args:
         batch_size: Samples per batch.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (``null``: :meth:`default_num_workers`, which suits the data).
         seed: Seed of the train/test split, of the division of shared classes and of the fleet's partition.
         partition: Pin the training partition instead of taking it from the stage module.
         num_devices: Number of devices the device-side samples are divided among.
@@ -162,22 +167,29 @@ class DCCCLDataModule(LightningDataModule):
             cloud nor the devices hold, evaluating without them; by default such data is refused, since no model
             of the method can learn those classes.
         val_fraction: Share of each class's training samples, on each side, held out for validation.
+        pin_memory: Page-locked batches for faster copies to a GPU (``null``: when a GPU is present).
+        persistent_workers: Keep the worker processes between epochs (with ``num_workers`` > 0).
     """
 
-    def __init__(self, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+    def __init__(self, batch_size: int = 64, num_workers: Optional[int] = None, seed: int = 0,
                  partition: Optional[DataPartition] = None, num_devices: int = 1, device_index: int = 0,
                  device_partitioner: DevicePartitioner = "iid", dirichlet_alpha: float = 0.5,
                  classes_per_device: Optional[list[list[int]]] = None, predict_folder: Optional[str] = None,
-                 allow_unlearnable_test_classes: bool = False, val_fraction: float = 0.1) -> None:
+                 allow_unlearnable_test_classes: bool = False, val_fraction: float = 0.1,
+                 pin_memory: Optional[bool] = None, persistent_workers: bool = True) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise DataError(f"num_workers must be 0 or more, got {num_workers}")
         if not 0.0 <= val_fraction < 1.0:
             raise DataError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if not 0 <= device_index < num_devices:
             raise DataError(f"device_index {device_index} is not one of the {num_devices} devices")
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = self.default_num_workers() if num_workers is None else num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
         self.seed = seed
         self.partition = partition
         self.num_devices = num_devices
@@ -190,6 +202,15 @@ class DCCCLDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self._data: Optional[SplitData] = None
         self._device_parts: Optional[list[np.ndarray]] = None
+
+    def default_num_workers(self) -> int:
+        """Worker processes when ``num_workers`` is not given: none (samples already in memory need no workers)."""
+        return 0
+
+    @property
+    def augments_training(self) -> bool:
+        """Whether the training samples are drawn afresh each time (random augmentation)."""
+        return False
 
     @property
     @abstractmethod
@@ -216,14 +237,18 @@ class DCCCLDataModule(LightningDataModule):
 
     def hold_out_validation(self, data: SplitData) -> SplitData:
         """``data`` with ``val_fraction`` of each side's training samples, class by class, held out for validation."""
+        # What trains: the augmented samples when there are any; what validates: always the plain ones.
+        training = {"cloud": data.cloud_train if data.cloud_augmented is None else data.cloud_augmented,
+                    "device": data.device_train if data.device_augmented is None else data.device_augmented}
         if self.val_fraction == 0.0:
-            return replace(data, cloud_val=Subset(data.cloud_train, []), device_val=Subset(data.device_train, []))
+            return replace(data, cloud_train=training["cloud"], device_train=training["device"],
+                           cloud_val=Subset(data.cloud_train, []), device_val=Subset(data.device_train, []))
         sides = {}
         for side, samples, labels in (("cloud", data.cloud_train, data.cloud_labels),
                                       ("device", data.device_train, data.device_labels)):
             # Its own random stream: the held-out samples do not depend on how the test samples were drawn.
             fit, val = stratified_split(labels, self.val_fraction, self.seed + VALIDATION_SEED_OFFSET)
-            sides[side] = (Subset(samples, fit.tolist()), labels[fit], Subset(samples, val.tolist()))
+            sides[side] = (Subset(training[side], fit.tolist()), labels[fit], Subset(samples, val.tolist()))
         return replace(data, cloud_train=sides["cloud"][0], cloud_labels=sides["cloud"][1], cloud_val=sides["cloud"][2],
                        device_train=sides["device"][0], device_labels=sides["device"][1],
                        device_val=sides["device"][2])
@@ -361,10 +386,19 @@ class DCCCLDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         if len(dataset) == 0:  # type: ignore[arg-type]
             raise DataError("a data partition is empty: check the class split and the data folders")
-        kwargs: dict[str, Any] = {"persistent_workers": True} if self.num_workers > 0 else {}
         # Seeded per epoch: a stage resumed from its last checkpoint sees the order an uninterrupted run saw.
         sampler = EpochSeededSampler(dataset, self.seed) if shuffle else None  # type: ignore[arg-type]
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers, **kwargs)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **self._loader_options())
+
+    def _loader_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.num_workers > 0:
+            options["persistent_workers"] = self.persistent_workers
+        return options
+
+    def sequential_loader(self, dataset: Dataset) -> DataLoader:
+        """``dataset`` in order, every sample on every process (to compute something once per sample)."""
+        return self._loader(dataset, shuffle=False)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training samples of the partition in use; ``(sample, label, index)`` when the stage module asks
@@ -413,4 +447,4 @@ class DCCCLDataModule(LightningDataModule):
             return self._loader(dataset, shuffle=False)
         sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                                shuffle=False)
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **self._loader_options())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 from PIL import Image
@@ -14,7 +14,8 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, has_file_allowed_extension
 
 from datamodules.base import DCCCLDataModule, SplitData
-from dcccl.errors import DataError, MissingFileError
+from datamodules.transforms import TrainAugmentation, resize_before_crop, timm_data_config, timm_transform
+from dcccl.errors import ConfigError, DataError, MissingFileError
 from dcccl.federated.class_split import ClassSplit, DataPartition
 from dcccl.federated.partitioners import DevicePartitioner
 
@@ -130,7 +131,7 @@ class ImageFolderDataModule(DCCCLDataModule):
         image_size: Side length images are resized to.
         channels: 1 (grey-scale) or 3 (RGB).
         batch_size: Samples per batch.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes (``null``: one per CPU core but one, at most 8).
         seed: Seed of the fleet's partition (the folders fix the cloud/device/test split).
         partition: Pin the training partition instead of taking it from the stage module.
         num_devices: Number of devices the device folder's images are divided among.
@@ -143,6 +144,15 @@ class ImageFolderDataModule(DCCCLDataModule):
         allow_unlearnable_test_classes: Go on (with a warning) when test samples hold classes that neither side
             holds, evaluating without them; refused by default.
         val_fraction: Share of each class's training samples, on each side, held out for validation.
+        pipeline: ``resize`` (every image resized to ``image_size``, no augmentation) or ``timm`` (timm's pipelines:
+            resize and centre crop for validation and evaluation, ``augment`` for training).
+        data_config: For the ``timm`` pipeline: the timm model whose pretrained data config (interpolation, crop,
+            mean/std) it follows, e.g. the device's backbone; ``null``: timm's defaults (ImageNet statistics).
+        augment: For the ``timm`` pipeline: the training augmentation (``null``: the evaluation pipeline trains).
+        normalize: Normalise the images (``resize``: to [-1, 1]; ``timm``: with the data config's mean/std);
+            ``false`` leaves them in [0, 1], for backbones with ``normalize: true`` that normalise their own input.
+        pin_memory: Page-locked batches for faster copies to a GPU (``null``: when a GPU is present).
+        persistent_workers: Keep the worker processes between epochs.
     """
 
     def __init__(
@@ -153,7 +163,7 @@ class ImageFolderDataModule(DCCCLDataModule):
         image_size: int = 32,
         channels: int = 3,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         seed: int = 0,
         partition: DataPartition | None = None,
         num_devices: int = 1,
@@ -164,14 +174,30 @@ class ImageFolderDataModule(DCCCLDataModule):
         predict_folder: str | None = None,
         allow_unlearnable_test_classes: bool = False,
         val_fraction: float = 0.1,
+        pipeline: Literal["resize", "timm"] = "resize",
+        data_config: str | None = None,
+        augment: TrainAugmentation | None = None,
+        normalize: bool = True,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, partition=partition,
                          num_devices=num_devices, device_index=device_index, device_partitioner=device_partitioner,
                          dirichlet_alpha=dirichlet_alpha, classes_per_device=classes_per_device,
                          predict_folder=predict_folder, allow_unlearnable_test_classes=allow_unlearnable_test_classes,
-                         val_fraction=val_fraction)
+                         val_fraction=val_fraction, pin_memory=pin_memory, persistent_workers=persistent_workers)
         if channels not in (1, 3):
             raise DataError(f"channels must be 1 or 3, got {channels}")
+        if pipeline not in ("resize", "timm"):
+            raise ConfigError(f"pipeline must be 'resize' or 'timm', got {pipeline!r}")
+        if pipeline == "resize" and (augment is not None or data_config is not None):
+            raise ConfigError("augment and data_config belong to timm's pipeline: set pipeline: timm, or remove them")
+        if pipeline == "timm" and channels != 3:
+            raise ConfigError("timm's pipeline makes RGB images: set channels: 3, or pipeline: resize")
+        self.pipeline = pipeline
+        self.data_config = timm_data_config(data_config) if pipeline == "timm" else None
+        self.augment = augment
+        self.normalize = normalize
         self.dirs = {"cloud": Path(cloud_dir), "device": Path(device_dir), "test": Path(test_dir)}
         for side, folder in self.dirs.items():
             if not folder.is_dir():
@@ -207,19 +233,42 @@ class ImageFolderDataModule(DCCCLDataModule):
         """The class-folder names, by global index."""
         return list(self.classes)
 
-    def input_description(self) -> dict[str, Any]:
-        """Resized images scaled to [0, 1], then normalised to [-1, 1] per channel."""
-        return {**super().input_description(), "scale": 1 / 255, "mean": [0.5] * self.channels,
-                "std": [0.5] * self.channels}
+    def default_num_workers(self) -> int:
+        """One worker per CPU core but one (decoding images is the work), at most 8."""
+        return min(8, max(1, (os.cpu_count() or 2) - 1))
 
-    def transform(self) -> Callable[..., Any]:
-        """Resize, convert channels, scale to [-1, 1]."""
+    @property
+    def augments_training(self) -> bool:
+        """Whether training images are augmented (timm's pipeline with ``augment``)."""
+        return self.augment is not None
+
+    def input_description(self) -> dict[str, Any]:
+        """How an image becomes a sample: resized (and centre-cropped, timm's pipeline), scaled to [0, 1], then
+        normalised per channel unless the networks normalise their own input."""
+        description: dict[str, Any] = {**super().input_description(), "scale": 1 / 255}
+        if self.data_config is not None:
+            description["resize"] = {
+                "shorter_side": resize_before_crop(self.image_size, self.data_config["crop_pct"]),
+                "center_crop": self.image_size, "interpolation": self.data_config["interpolation"]}
+        if self.normalize:
+            mean, std = (self.data_config["mean"], self.data_config["std"]) if self.data_config is not None else \
+                ([0.5] * self.channels, [0.5] * self.channels)
+            description.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+        return description
+
+    def transform(self, training: bool = False) -> Callable[..., Any]:
+        """The pipeline of validation, evaluation and prediction, or (``training``) that of the training images."""
+        if self.data_config is not None:
+            return timm_transform(self.image_size, self.data_config, self.normalize,
+                                  self.augment if training else None)
         steps: list[Any] = [transforms.Resize((self.image_size, self.image_size))]
         if self.channels == 1:
             steps.append(transforms.Grayscale(num_output_channels=1))
         else:
             steps.append(transforms.Lambda(_to_rgb))
-        steps += [transforms.ToTensor(), transforms.Normalize([0.5] * self.channels, [0.5] * self.channels)]
+        steps.append(transforms.ToTensor())
+        if self.normalize:
+            steps.append(transforms.Normalize([0.5] * self.channels, [0.5] * self.channels))
         return transforms.Compose(steps)
 
     def predict_transform(self) -> Callable[..., Any]:
@@ -236,6 +285,9 @@ class ImageFolderDataModule(DCCCLDataModule):
                                  f"{self.dirs[side]}/<class name>/, one sub-folder per class")
             folder.check_images()
         held = {side: tuple(sorted(set(folders[side].targets))) for side in ("cloud", "device")}
+        # The same files in the same order, through the training augmentation (validation keeps the plain ones).
+        augmented = {side: GlobalClassImageFolder(self.dirs[side], self.class_to_idx, self.transform(training=True))
+                     for side in ("cloud", "device")} if self.augments_training else {}
         return SplitData(
             cloud_train=folders["cloud"],
             device_train=folders["device"],
@@ -244,4 +296,6 @@ class ImageFolderDataModule(DCCCLDataModule):
             class_split=ClassSplit(held["cloud"], held["device"]),
             device_labels=np.asarray(folders["device"].targets, dtype=np.int64),
             cloud_labels=np.asarray(folders["cloud"].targets, dtype=np.int64),
+            cloud_augmented=augmented.get("cloud"),
+            device_augmented=augmented.get("device"),
         )

@@ -11,6 +11,7 @@ from lightning_modules.evaluate import ServedModelEvaluation
 from lightning_modules.guided import GuidedCoTrainingModule
 from lightning_modules.head import HeadFinetuneModule
 from lightning_modules.predict import ServedModelPrediction
+from lightning_modules.speed import ChannelsLast, CompileNetworks
 
 # The module class each stage of a plan must run (or a subclass of it): what the privacy boundary checks.
 STAGE_MODULES: dict[str, type[StageModule]] = {
@@ -26,8 +27,10 @@ STAGE_MODULES: dict[str, type[StageModule]] = {
 __all__ = [
     "STAGE_MODULES",
     "CentralizedModule",
+    "ChannelsLast",
     "CloudCoTrainingModule",
     "CloudSubmodelModule",
+    "CompileNetworks",
     "ControlDistillationModule",
     "DeviceCoTrainingModule",
     "DeviceRoundFailed",

@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
@@ -39,7 +40,8 @@ class ControlDistillationModule(StageModule):
         cutmix_alpha: CutMix's α, likewise (0: off).
         mix_prob: Share of the batches that are mixed.
         cache_teacher_logits: Compute the frozen cloud submodel's logits on every training sample once, before the
-            first epoch, and reuse them (mixed batches are always scored afresh).
+            first epoch, and reuse them (mixed batches are always scored afresh). Not done when the data augments its
+            training images (each epoch shows other crops); the stage says so.
         optimizer: Optimizer for the control model.
         export_path: Where to write the distilled control model.
         budget: How long the stage trains (floors, cap, early stopping on a validation metric); none: the
@@ -95,18 +97,28 @@ class ControlDistillationModule(StageModule):
     @property
     def wants_sample_indices(self) -> bool:
         """Training batches carry the samples' positions, to look up their cached teacher logits."""
-        return self.cache_teacher_logits
+        return self.cache_teacher_logits and not self._augmented_data()
+
+    def _augmented_data(self) -> bool:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return bool(getattr(datamodule, "augments_training", False))
 
     def on_fit_start(self) -> None:
-        """With ``cache_teacher_logits``: the teacher's logits on every training sample, in the dataset's order."""
+        """With ``cache_teacher_logits``: the teacher's logits on every training sample, in the dataset's order
+        (in the trainer's precision, with the data's own loader settings)."""
         if not self.cache_teacher_logits:
+            return
+        if self._augmented_data():
+            rank_zero_info("[dcccl] distillation: the teacher's logits are computed on every batch (not cached): "
+                           "the data augments its training images")
             return
         datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
         samples = datamodule.train_dataset(datamodule.resolve_partition())
         logits = []
-        with torch.no_grad():
-            for x, _ in torch.utils.data.DataLoader(samples, batch_size=256):
-                logits.append(self.cloud_submodel(x.to(self.device)))
+        with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+            for x, _ in datamodule.sequential_loader(samples):
+                x = self.trainer.precision_plugin.convert_input(x.to(self.device))
+                logits.append(self.cloud_submodel(x).float())
         self.teacher_logits = torch.cat(logits)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
@@ -120,7 +132,8 @@ class ControlDistillationModule(StageModule):
         else:
             with torch.no_grad():
                 teacher = self.cloud_submodel(x)
-        loss = distillation_loss(self(x), teacher, self.loss_kind, self.temperature)
+        student = self(x)
+        loss = distillation_loss(student, teacher.to(student.dtype), self.loss_kind, self.temperature)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

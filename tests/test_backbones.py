@@ -325,7 +325,8 @@ def test_backbone_spec_builds() -> None:
 def test_backbone_spec_dict_round_trip(tmp_path: Path) -> None:
     spec = BackboneSpec(name="small_cnn", checkpoint_path=str(tmp_path / "w.pt"), kwargs={"width": 8})
     data = spec.to_dict()
-    assert data == {"name": "small_cnn", "checkpoint_path": str(tmp_path / "w.pt"), "kwargs": {"width": 8}}
+    assert data == {"name": "small_cnn", "checkpoint_path": str(tmp_path / "w.pt"), "kwargs": {"width": 8},
+                    "pretrained": False, "normalize": False}
     assert BackboneSpec.from_dict(data) == spec
     assert BackboneSpec.from_dict(BackboneSpec().to_dict()) == BackboneSpec()
 

@@ -60,7 +60,8 @@ def test_export_payload_and_default_sample_count(tmp_path: Path) -> None:
     export = NetworkExport.of(_trained_like_network(), "cloud_submodel", SPEC, num_classes=10, in_chans=1)
     payload = export.payload()
     assert payload["format"] == EXPORT_FORMAT == "dcccl.export/1"
-    assert payload["backbone"] == {"name": "small_cnn", "checkpoint_path": None, "kwargs": {"width": 4, "depth": 2}}
+    assert payload["backbone"] == {"name": "small_cnn", "checkpoint_path": None, "kwargs": {"width": 4, "depth": 2},
+                                   "pretrained": False, "normalize": False}
     assert payload["sample_count"] is None
     loaded = load_export(save_export(export, tmp_path / "cloud.pt"))  # no role check
     assert loaded.role == "cloud_submodel"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -13,7 +14,7 @@ import timm
 import torch
 from torch import nn
 
-from dcccl.errors import DCCCLError, MissingFileError
+from dcccl.errors import ConfigError, DCCCLError, MissingFileError
 
 BackboneBuilder = Callable[..., nn.Module]
 _BuilderT = TypeVar("_BuilderT", bound=BackboneBuilder)
@@ -129,7 +130,8 @@ def torch_load_problem(path: Path, err: Exception) -> str:
 
 def read_state_dict(checkpoint_path: str | Path, mmap: bool = False) -> dict[str, Any]:
     """The state dict a local weights file holds: a plain state dict (e.g. a timm checkpoint), one wrapped under
-    ``state_dict`` or ``model``, or a Lightning checkpoint's (keys still carry the module's attribute prefix).
+    ``state_dict`` or ``model``, a Lightning checkpoint's (keys still carry the module's attribute prefix), or a
+    ``.safetensors`` file (what the Hugging Face hub serves timm's weights as).
 
     Args:
         checkpoint_path: The file.
@@ -142,6 +144,15 @@ def read_state_dict(checkpoint_path: str | Path, mmap: bool = False) -> dict[str
     path = Path(checkpoint_path)
     if not path.is_file():
         raise MissingFileError(f"pretrained weights file not found: {path}; fix checkpoint_path")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise WeightsFileError(f"{path} is not a safetensors file that can be read ({err}): point "
+                                   "checkpoint_path at the weights file itself") from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:  # torch raises several types for foreign or corrupt files
@@ -158,13 +169,65 @@ def read_state_dict(checkpoint_path: str | Path, mmap: bool = False) -> dict[str
     return state
 
 
-def check_backbone(name: str, checkpoint_path: str | Path | None = None) -> None:
-    """Check, without building anything, that ``name`` names a backbone and ``checkpoint_path`` a weights file.
+class MissingPretrainedWeightsError(MissingFileError):
+    """``pretrained: true`` names a timm model whose weights are not on this machine (nothing is ever downloaded)."""
+
+
+# The files timm's weights are kept under on the Hugging Face hub, in the order timm tries them.
+_HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache this process reads (``HF_HUB_CACHE``, else ``HF_HOME/hub``), read at call time."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+
+
+def cached_pretrained_file(name: str) -> Path | None:
+    """The file of timm's pretrained weights for ``name`` in the local hub cache, or ``None`` (never downloads)."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    config = get_pretrained_cfg(name, allow_unregistered=False) if timm.is_model(name) else None
+    repo = getattr(config, "hf_hub_id", None)
+    if not repo:
+        return None
+    filenames = (config.hf_hub_filename,) if config.hf_hub_filename else _HUB_FILENAMES  # type: ignore[union-attr]
+    for filename in filenames:
+        found = try_to_load_from_cache(repo, filename, cache_dir=hub_cache_dir())
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def pretrained_file(name: str) -> Path:
+    """Where timm's pretrained weights for ``name`` are on this machine; refused, saying where to put them."""
+    if not timm.is_model(name):
+        raise ConfigError(f"pretrained: true needs a timm model name, got {name!r}: give checkpoint_path a weights "
+                          "file instead")
+    found = cached_pretrained_file(name)
+    if found is None:
+        from timm.models import get_pretrained_cfg
+
+        repo = getattr(get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
+        raise MissingPretrainedWeightsError(
+            f"pretrained weights of {name} are not in the Hugging Face cache {hub_cache_dir()} (nothing is "
+            f"downloaded): on a machine with network run `huggingface-cli download {repo}` and copy its cache here "
+            "(set HF_HOME or HF_HUB_CACHE to it, and HF_HUB_OFFLINE=1), or download the weights file and set the "
+            "backbone's checkpoint_path to it")
+    return found
+
+
+def check_backbone(name: str, checkpoint_path: str | Path | None = None, pretrained: bool = False) -> None:
+    """Check, without building anything, that ``name`` names a backbone and its weights are on this machine.
 
     Raises:
         BackboneNotFoundError: ``name`` is neither registered, importable nor a timm model (close names listed).
         FileNotFoundError: ``checkpoint_path`` does not exist.
         WeightsFileError: ``checkpoint_path`` holds no weights torch can read.
+        MissingPretrainedWeightsError: ``pretrained`` without ``checkpoint_path``, and timm's weights are not in the
+            local Hugging Face cache.
     """
     if name not in _REGISTRY:
         if ":" in name:
@@ -173,6 +236,8 @@ def check_backbone(name: str, checkpoint_path: str | Path | None = None) -> None
             raise _not_found(name)
     if checkpoint_path is not None:
         read_state_dict(checkpoint_path, mmap=True)
+    elif pretrained:
+        pretrained_file(name)
 
 
 def load_local_weights(network: nn.Module, checkpoint_path: str | Path) -> None:
@@ -205,6 +270,7 @@ def build_backbone(
     num_classes: int,
     in_chans: int,
     checkpoint_path: str | Path | None = None,
+    pretrained: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
     """Build the backbone called ``name`` with ``num_classes`` logits and ``in_chans`` input channels.
@@ -214,8 +280,15 @@ def build_backbone(
         num_classes: Number of output logits.
         in_chans: Number of input channels.
         checkpoint_path: Optional local weights file. Nothing is ever downloaded.
+        pretrained: Without ``checkpoint_path``: timm's pretrained weights for ``name`` from the local Hugging Face
+            cache, loaded by timm (its key filters, a classifier of another size re-initialised).
         **kwargs: Passed to the builder (for timm: to ``timm.create_model``).
     """
+    if pretrained and checkpoint_path is None:
+        weights = pretrained_file(name)
+        # timm's own loader, pointed at the local file: nothing reaches for the hub.
+        return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
+                                 pretrained_cfg_overlay={"file": str(weights), "source": ""}, **kwargs)
     if name in _REGISTRY:
         network = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     elif ":" in name:

@@ -7,6 +7,7 @@ from typing import Any, Optional
 
 from torch import nn
 
+from dcccl.backbones.normalized import NormalizedInput, data_statistics
 from dcccl.backbones.registry import build_backbone
 
 
@@ -18,23 +19,36 @@ class BackboneSpec:
         name: A registered backbone (e.g. ``small_cnn``), a ``package.module:function`` path or a timm model name.
         checkpoint_path: Optional local file with pretrained weights; never downloaded.
         kwargs: Extra keyword arguments for the builder (e.g. ``{width: 8}`` or timm's ``drop_rate``).
+        pretrained: Without ``checkpoint_path``: timm's pretrained weights for ``name`` (a timm name, with its tag,
+            e.g. ``mobilenetv3_large_100.ra_in1k``) from the local Hugging Face cache (``HF_HOME``); refused,
+            saying where to put them, when they are not there.
+        normalize: The network normalises its own input with the mean and std it was trained with (its timm data
+            config); for data that gives images in [0, 1] (``normalize: false`` in the data), when networks that
+            expect different statistics share the same samples.
     """
 
     name: str = "small_cnn"
     checkpoint_path: Optional[str] = None
     kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    normalize: bool = False
 
     def build(self, num_classes: int, in_chans: int) -> nn.Module:
         """Instantiate the network for ``num_classes`` logits and ``in_chans`` input channels."""
-        return build_backbone(self.name, num_classes, in_chans, self.checkpoint_path, **self.kwargs)
+        network = build_backbone(self.name, num_classes, in_chans, self.checkpoint_path, self.pretrained,
+                                 **self.kwargs)
+        if self.normalize:
+            network = NormalizedInput(network, *data_statistics(network, in_chans))
+        return network
 
     def without_weights(self) -> BackboneSpec:
-        """The same architecture with every ``checkpoint_path`` removed, nested base specs included.
+        """The same architecture with every ``checkpoint_path`` and ``pretrained`` removed, nested base specs
+        included (the normalisation stays: it belongs to the network).
 
         Used to rebuild a network whose weights come from elsewhere (an export), so that no weights file is
         read again or needs to exist any more.
         """
-        return BackboneSpec(self.name, None, _strip_checkpoints(self.kwargs))
+        return BackboneSpec(self.name, None, _strip_checkpoints(self.kwargs), False, self.normalize)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for exports and configs."""
@@ -48,7 +62,8 @@ class BackboneSpec:
 
 def _strip_checkpoints(value: Any) -> Any:
     if isinstance(value, dict):
-        return {key: _strip_checkpoints(item) for key, item in value.items() if key != "checkpoint_path"}
+        return {key: (False if key == "pretrained" else _strip_checkpoints(item)) for key, item in value.items()
+                if key != "checkpoint_path"}
     if isinstance(value, list):
         return [_strip_checkpoints(item) for item in value]
     return value

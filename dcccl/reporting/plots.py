@@ -138,29 +138,52 @@ def plot_accuracy_per_round(history: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
+# Above this many classes the confusion matrix is drawn at a fixed size: no counts in the cells, every n-th class named.
+MAX_ANNOTATED_CLASSES = 30
+
+
 def plot_confusion_matrix(matrix: list[list[int]], path: Path, class_names: Optional[list[str]] = None,
                           title: str = "Served model on the union test set") -> Path:
-    """Confusion matrix (rows: true class, columns: predicted class), counts written in the cells."""
+    """Confusion matrix (rows: true class, columns: predicted class), counts written in the cells.
+
+    With more than :data:`MAX_ANNOTATED_CLASSES` classes the figure keeps a readable fixed size (a cell per class
+    would make a 1,000-class matrix an image of tens of thousands of pixels a side): the counts are colours on a
+    logarithmic scale and about 20 classes along each axis are named.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     counts = np.asarray(matrix)
     names = class_names or [str(i) for i in range(len(counts))]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(counts), 0.8 + 0.5 * len(counts)))
-    image = ax.imshow(counts, cmap="Blues")
+    large = len(counts) > MAX_ANNOTATED_CLASSES
+    size = (11.0, 10.0) if large else (1.0 + 0.55 * len(counts), 0.8 + 0.5 * len(counts))
+    fig, ax = plt.subplots(figsize=size)
+    if large:
+        masked = np.ma.masked_equal(counts, 0)
+        image = ax.imshow(masked, cmap="Blues", interpolation="nearest",
+                          norm=LogNorm(vmin=1, vmax=max(int(counts.max()), 2)))
+        step = max(1, math.ceil(len(names) / 20))
+        ticks = list(range(0, len(names), step))
+        ax.set_xticks(ticks, labels=[names[i] for i in ticks], rotation=90, fontsize=7)
+        ax.set_yticks(ticks, labels=[names[i] for i in ticks], fontsize=7)
+        title = f"{title} ({len(names)} classes, counts by colour)"
+    else:
+        image = ax.imshow(counts, cmap="Blues")
+        ax.set_xticks(range(len(names)), labels=names)
+        ax.set_yticks(range(len(names)), labels=names)
     fig.colorbar(image, ax=ax, fraction=0.046)
-    ax.set_xticks(range(len(names)), labels=names)
-    ax.set_yticks(range(len(names)), labels=names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(title)
-    threshold = counts.max() / 2 if counts.size else 0
-    for (row, col), value in np.ndenumerate(counts):
-        if value:
-            ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
-                    color="white" if value > threshold else "black")
+    if not large:
+        threshold = counts.max() / 2 if counts.size else 0
+        for (row, col), value in np.ndenumerate(counts):
+            if value:
+                ax.text(col, row, str(value), ha="center", va="center", fontsize=7,
+                        color="white" if value > threshold else "black")
     fig.tight_layout()
     return _save(fig, path)
 

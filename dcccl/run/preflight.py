@@ -165,7 +165,7 @@ def check_before_running(settings: PipelineSettings, plan: Sequence[Any], decisi
     check_boundary(resolved, settings.run.root)
     for _, stage in resolved:
         for spec in backbone_specs(stage.model_args):
-            check_backbone(spec["name"], spec["checkpoint_path"])
+            check_backbone(spec["name"], spec["checkpoint_path"], bool(spec.get("pretrained", False)))
     if refusals:
         raise refusals[0]
     kept = kept_artifacts(decisions)
