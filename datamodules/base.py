@@ -396,6 +396,10 @@ class DCCCLDataModule(LightningDataModule):
             options["persistent_workers"] = self.persistent_workers
         return options
 
+    def partition_loader(self, partition: DataPartition) -> DataLoader:
+        """Shuffled training samples of ``partition``, as a stage training on it gets them (without a trainer)."""
+        return self._loader(self.train_dataset(partition), shuffle=True)
+
     def sequential_loader(self, dataset: Dataset) -> DataLoader:
         """``dataset`` in order, every sample on every process (to compute something once per sample)."""
         return self._loader(dataset, shuffle=False)

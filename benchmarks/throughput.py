@@ -1,0 +1,202 @@
+"""Training throughput of the cloud and device stages on an image folder: dcccl against a plain PyTorch loop.
+
+For each stage and side the script starts its own process (so that each has its own peak memory):
+
+- **cloud**: :class:`lightning_modules.CloudSubmodelModule` with timm ``resnet18`` (cross-entropy);
+- **device**: :class:`lightning_modules.DeviceCoTrainingModule` with timm ``mobilenetv3_large_100`` as both control
+  model (frozen) and co-submodel (the multi-class hinge);
+- **dcccl** fits the stage module with a Lightning ``Trainer``; **plain** runs a ``for`` loop over the same
+  DataLoader (the DataModule's own: timm's training pipeline with random-resized crop and flip, the same workers),
+  calling the same module's forward and loss, with the same optimizer.
+
+Both sides skip ``--warmup`` steps, then time ``--steps`` steps. Figures: images per second per side, the ratio of
+plain to dcccl seconds (target at most 1.10), and each process's peak resident memory (CPU) or peak CUDA memory.
+With a GPU the script measures at 224 px in ``bf16-mixed`` (``torch.autocast`` on the plain side); on a CPU at
+``--image-size`` (64-96 px) in 32-bit.
+
+    python benchmarks/throughput.py --json throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("cloud", "device")
+
+
+def _folders(root: Path, size: int) -> dict[str, str]:
+    sys.path.insert(0, str(ROOT))
+    from tests.image_folders import write_class_images
+
+    classes = [f"class_{index:02d}" for index in range(10)]
+    write_class_images(root / "cloud", classes[:6], 60, size, seed=1)
+    write_class_images(root / "device", classes[6:], 60, size, seed=2)
+    write_class_images(root / "test", classes, 2, size, seed=3)
+    return {f"{side}_dir": str(root / side) for side in ("cloud", "device", "test")}
+
+
+def _data(folders: dict[str, str], image_size: int, batch_size: int) -> Any:
+    from datamodules import ImageFolderDataModule
+    from datamodules.transforms import TrainAugmentation
+
+    return ImageFolderDataModule(**folders, image_size=image_size, batch_size=batch_size, pipeline="timm",
+                                 augment=TrainAugmentation(), val_fraction=0.0)
+
+
+def _module(stage: str, workdir: Path) -> Any:
+    import torch
+
+    from dcccl.backbones.spec import BackboneSpec
+    from dcccl.run.exports import NetworkExport, save_export
+    from lightning_modules import CloudSubmodelModule, DeviceCoTrainingModule
+
+    torch.manual_seed(0)
+    if stage == "cloud":
+        return CloudSubmodelModule(10, 3, backbone=BackboneSpec("resnet18"))
+    spec = BackboneSpec("mobilenetv3_large_100")
+    paths = {}
+    for role in ("control_model", "co_submodel"):
+        paths[role] = workdir / f"{role}.pt"
+        save_export(NetworkExport.of(spec.build(10, 3), role, spec, 10, 3), paths[role])  # type: ignore[arg-type]
+    return DeviceCoTrainingModule(10, 3, control_model=str(paths["control_model"]),
+                                  co_submodel=str(paths["co_submodel"]), margin=1.0)
+
+
+def _loss(stage: str, module: Any, x: Any, y: Any) -> Any:
+    return module.training_loss(module(x), y)
+
+
+def run_dcccl(stage: str, data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
+    from lightning.pytorch import Callback, Trainer
+
+    class Clock(Callback):
+        start = end = 0.0
+
+        def on_train_batch_start(self, trainer: Any, *_: Any) -> None:
+            if trainer.global_step == warmup:
+                _synchronize(gpu)
+                Clock.start = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            if trainer.global_step == warmup + steps:
+                _synchronize(gpu)
+                Clock.end = time.perf_counter()
+
+    Trainer(accelerator="gpu" if gpu else "cpu", devices=1, precision="bf16-mixed" if gpu else "32-true",
+            max_steps=warmup + steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[Clock()],
+            default_root_dir=str(Path(tempfile.mkdtemp()))).fit(module, datamodule=data)
+    return Clock.end - Clock.start
+
+
+def run_plain(stage: str, data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
+    import torch
+
+    device = torch.device("cuda" if gpu else "cpu")
+    module.to(device).train()
+    for network in module.frozen_networks():
+        network.eval()
+    optimizer = module.configure_optimizers()
+    loader = data.partition_loader(module.data_partition)
+    done, start, epoch = 0, 0.0, 0
+    while done < warmup + steps:
+        loader.sampler.set_epoch(epoch)
+        for x, y in loader:
+            if done == warmup:
+                _synchronize(gpu)
+                start = time.perf_counter()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
+                loss = _loss(stage, module, x, y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            done += 1
+            if done == warmup + steps:
+                break
+        epoch += 1
+    _synchronize(gpu)
+    return time.perf_counter() - start
+
+
+def _synchronize(gpu: bool) -> None:
+    if gpu:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def child(stage: str, side: str, workdir: Path, image_size: int, batch_size: int, warmup: int, steps: int) -> None:
+    import torch
+
+    gpu = torch.cuda.is_available()
+    folders = json.loads((workdir / "folders.json").read_text())
+    data = _data(folders, 224 if gpu else image_size, batch_size)
+    _ = data.data  # index the folders before the clock starts
+    module = _module(stage, workdir)
+    seconds = (run_dcccl if side == "dcccl" else run_plain)(stage, data, module, warmup, steps, gpu)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"seconds": seconds, "images_per_s": steps * batch_size / seconds, "peak_mib": peak}))
+
+
+def measure(stage: str, side: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    command = [sys.executable, __file__, "--child", stage, "--side", side, "--workdir", str(workdir),
+               "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
+               "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                            text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"{stage}/{side} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    """Measure both stages on both sides and print (and optionally write) the figures."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", type=int, default=64, help="input size on a CPU (a GPU uses 224)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=("dcccl", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.side, args.workdir, args.image_size, args.batch_size, args.warmup, args.steps)
+        return
+    import torch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        (workdir / "folders.json").write_text(json.dumps(_folders(workdir / "images", 2 * args.image_size)))
+        figures: dict[str, Any] = {}
+        for stage in STAGES:
+            sides = {side: measure(stage, side, args, workdir) for side in ("plain", "dcccl")}
+            ratio = sides["dcccl"]["seconds"] / sides["plain"]["seconds"]
+            figures[stage] = {**sides, "ratio": ratio}
+            print(f"{stage:6s} plain {sides['plain']['images_per_s']:7.1f} img/s, dcccl "
+                  f"{sides['dcccl']['images_per_s']:7.1f} img/s, ratio {ratio:.2f} (target <= 1.10); peak "
+                  f"{sides['plain']['peak_mib']:.0f} vs {sides['dcccl']['peak_mib']:.0f} MiB")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "figures": figures, "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "image_size": 224 if torch.cuda.is_available() else args.image_size, "batch_size": args.batch_size,
+            "steps": args.steps}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
