@@ -73,11 +73,7 @@ def _module(stage: str, workdir: Path) -> Any:
                                   co_submodel=str(paths["co_submodel"]), margin=1.0)
 
 
-def _loss(stage: str, module: Any, x: Any, y: Any) -> Any:
-    return module.training_loss(module(x), y)
-
-
-def run_dcccl(stage: str, data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
+def run_dcccl(data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
     from lightning.pytorch import Callback, Trainer
 
     class Clock(Callback):
@@ -100,7 +96,7 @@ def run_dcccl(stage: str, data: Any, module: Any, warmup: int, steps: int, gpu: 
     return Clock.end - Clock.start
 
 
-def run_plain(stage: str, data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
+def run_plain(data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
     import torch
 
     device = torch.device("cuda" if gpu else "cpu")
@@ -118,7 +114,7 @@ def run_plain(stage: str, data: Any, module: Any, warmup: int, steps: int, gpu: 
                 start = time.perf_counter()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu):
-                loss = _loss(stage, module, x, y)
+                loss = module.training_loss(module(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -145,7 +141,7 @@ def child(stage: str, side: str, workdir: Path, image_size: int, batch_size: int
     data = _data(folders, 224 if gpu else image_size, batch_size)
     _ = data.data  # index the folders before the clock starts
     module = _module(stage, workdir)
-    seconds = (run_dcccl if side == "dcccl" else run_plain)(stage, data, module, warmup, steps, gpu)
+    seconds = (run_dcccl if side == "dcccl" else run_plain)(data, module, warmup, steps, gpu)
     peak = torch.cuda.max_memory_allocated() / 2**20 if gpu else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"seconds": seconds, "images_per_s": steps * batch_size / seconds, "peak_mib": peak}))

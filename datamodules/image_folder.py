@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -113,6 +114,12 @@ class GlobalClassImageFolder(ImageFolder):
             )
         _CHECKED_FOLDERS.add(key)
 
+    def with_transform(self, transform: Callable[..., Any]) -> GlobalClassImageFolder:
+        """The same samples, in the same order, through ``transform`` (the folder is not indexed again)."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
+
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         """The global classes, whatever this folder holds."""
         return sorted(self._global_class_to_idx, key=self._global_class_to_idx.__getitem__), self._global_class_to_idx
@@ -194,7 +201,6 @@ class ImageFolderDataModule(DCCCLDataModule):
             raise ConfigError("augment and data_config belong to timm's pipeline: set pipeline: timm, or remove them")
         if pipeline == "timm" and channels != 3:
             raise ConfigError("timm's pipeline makes RGB images: set channels: 3, or pipeline: resize")
-        self.pipeline = pipeline
         self.data_config = timm_data_config(data_config) if pipeline == "timm" else None
         self.augment = augment
         self.normalize = normalize
@@ -286,7 +292,7 @@ class ImageFolderDataModule(DCCCLDataModule):
             folder.check_images()
         held = {side: tuple(sorted(set(folders[side].targets))) for side in ("cloud", "device")}
         # The same files in the same order, through the training augmentation (validation keeps the plain ones).
-        augmented = {side: GlobalClassImageFolder(self.dirs[side], self.class_to_idx, self.transform(training=True))
+        augmented = {side: folders[side].with_transform(self.transform(training=True))
                      for side in ("cloud", "device")} if self.augments_training else {}
         return SplitData(
             cloud_train=folders["cloud"],

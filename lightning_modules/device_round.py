@@ -31,6 +31,8 @@ from typing import Any, Literal, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
 from dcccl.errors import ConfigError
@@ -77,14 +79,20 @@ class DeviceSteps:
         trainer.gradient_clip_val = None
         return steps
 
-    def clip(self, parameters: list[torch.Tensor]) -> None:
-        """Clip the gradients of ``parameters`` as Lightning's trainer would."""
-        if self.gradient_clip_val is None or self.gradient_clip_val <= 0:
-            return
-        if self.gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(parameters, self.gradient_clip_val)
+    def step(self, optimizer: torch.optim.Optimizer, precision: Precision,
+             scaler: Optional[torch.amp.GradScaler]) -> None:
+        """One optimizer step on the gradients gathered so far: unscaled, clipped as Lightning's trainer clips, then
+        the step (through ``scaler`` when there is one) and the gradients cleared."""
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        precision.clip_gradients(optimizer, self.gradient_clip_val or 0.0,
+                                 GradClipAlgorithmType(self.gradient_clip_algorithm))
+        if scaler is None:
+            optimizer.step()
         else:
-            torch.nn.utils.clip_grad_norm_(parameters, self.gradient_clip_val)
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad()
 
 
 class DeviceRoundModule(LightningModule):
@@ -231,7 +239,6 @@ class DeviceRoundModule(LightningModule):
         precision = self.trainer.precision_plugin
         # A fresh scaler per device (16-mixed on a GPU), as a device stage of its own starts with.
         scaler = torch.amp.GradScaler(self.device.type) if getattr(precision, "scaler", None) is not None else None
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
         epochs = steps = samples = 0
         loss = torch.zeros(())
         rng_devices = [self.device] if self.device.type == "cuda" else []
@@ -257,15 +264,7 @@ class DeviceRoundModule(LightningModule):
                     samples += int(x.shape[0])
                     if (batch_index + 1) % accumulate and batch_index + 1 < batches_per_epoch:
                         continue  # Lightning also steps on an epoch's last batches, however few
-                    if scaler is not None:
-                        scaler.unscale_(optimizer)
-                    self.steps.clip(parameters)
-                    if scaler is None:
-                        optimizer.step()
-                    else:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    optimizer.zero_grad()
+                    self.steps.step(optimizer, precision, scaler)
                     steps += 1
                     if steps >= max_steps:
                         break

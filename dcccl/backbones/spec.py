@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Optional
 
 from torch import nn
@@ -48,7 +48,7 @@ class BackboneSpec:
         Used to rebuild a network whose weights come from elsewhere (an export), so that no weights file is
         read again or needs to exist any more.
         """
-        return BackboneSpec(self.name, None, _strip_checkpoints(self.kwargs), False, self.normalize)
+        return replace(self, checkpoint_path=None, kwargs=_strip_checkpoints(self.kwargs), pretrained=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-dict form, for exports and configs."""

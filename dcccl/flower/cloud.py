@@ -143,8 +143,7 @@ class FlowerDevices:
                 failures.append(f"{what}: node {node} answered with an error: {reply.error.reason}")
             else:
                 by_node[node] = reply
-        answered = set(by_node) | {reply.metadata.src_node_id for reply in replies}
-        missing = sorted(set(messages) - answered)
+        missing = sorted(set(messages) - {reply.metadata.src_node_id for reply in replies})
         if missing:
             failures.append(f"{what}: no reply from node(s) {missing} within {self.reply_timeout:.0f} s "
                             "(reply-timeout in the run config)")
