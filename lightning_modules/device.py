@@ -10,6 +10,7 @@ from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
+from dcccl.federated.privacy import DifferentialPrivacy, check_trainable, require_opacus
 from dcccl.run.exports import load_network
 from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.guided import GuidedCoTrainingModule
@@ -42,6 +43,8 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         margin: Train with the multi-class hinge at this margin (in logits) instead of cross-entropy.
         logit_adjustment: τ of the balanced softmax (0: plain cross-entropy).
         report_class_counts: Record the copy's samples per class in its export (they go up with it).
+        privacy: Train each device's copy with DP-SGD (Opacus, the ``privacy`` extra); the pipeline hands every
+            device the run's ``privacy`` setting, and only device rounds apply it.
     """
 
     data_partition = "device"
@@ -60,6 +63,7 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         margin: Optional[float] = None,
         logit_adjustment: float = 0.0,
         report_class_counts: bool = False,
+        privacy: Optional[DifferentialPrivacy] = None,
     ) -> None:
         guide = load_network(control_model, "control_model", num_classes) if control_model is not None else None
         super().__init__(num_classes, in_chans, guide, co_submodel, co_backbone, optimizer, export_path, budget,
@@ -69,10 +73,17 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         self.logit_adjustment = logit_adjustment
         self.report_class_counts = report_class_counts
         self.log_prior: Optional[torch.Tensor] = None
+        self.privacy = privacy
+        if privacy is not None:
+            require_opacus()
+            check_trainable(self.co_submodel, "the device stage")
 
     def setup(self, stage: str) -> None:
         """Prepare for the device the DataModule serves (:meth:`begin_device`)."""
         if stage == "fit":
+            if self.privacy is not None:
+                raise ConfigError("privacy (DP-SGD) applies to device rounds (dcccl pipeline, a Flower device); a "
+                                  "device stage run alone trains without it: remove model.init_args.privacy")
             self.begin_device(self.train_class_counts())
 
     def begin_device(self, class_counts: list[int]) -> None:

@@ -36,15 +36,17 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
 from dcccl.errors import ConfigError
+from dcccl.federated.privacy import PrivateTraining, round_step_cap
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.device_progress import finished_records, is_finished, record_finished
+from dcccl.run.device_state import load_device_state, save_device_state
 from dcccl.run.exports import NetworkExport, load_export, save_export
 from dcccl.run.ranks import barrier
 from dcccl.run.sampling import device_seed
 from dcccl.run.steps import DeviceTask
 from dcccl.run.training_budget import REPORT, BudgetState
 from lightning_modules.base import NonFiniteLossError
-from lightning_modules.guided import GuidedCoTrainingModule
+from lightning_modules.device import DeviceCoTrainingModule
 
 log = logging.getLogger("dcccl")
 
@@ -105,7 +107,7 @@ class DeviceRoundModule(LightningModule):
         steps: Gradient accumulation and clipping for each device (the stage runner takes them from the trainer).
     """
 
-    def __init__(self, device_module: GuidedCoTrainingModule, tasks: Sequence[DeviceTask], round_index: int = 0,
+    def __init__(self, device_module: DeviceCoTrainingModule, tasks: Sequence[DeviceTask], round_index: int = 0,
                  steps: Optional[DeviceSteps] = None) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -130,7 +132,7 @@ class DeviceRoundModule(LightningModule):
         self._batch_limit: int | float = 1.0
 
     @property
-    def device_module(self) -> GuidedCoTrainingModule:
+    def device_module(self) -> DeviceCoTrainingModule:
         """The template every device trains with."""
         return self._template[0]
 
@@ -235,6 +237,11 @@ class DeviceRoundModule(LightningModule):
         state = BudgetState(budget) if budget is not None else None
         max_epochs, max_steps = self._caps()
         min_epochs, min_steps = self._floors
+        kept = load_device_state(task.state_in)
+        private = None
+        if module.privacy is not None:
+            private = self._private_training(module, kept, optimizer, loader, batches_per_epoch)
+            module.co_submodel, optimizer, loader = private.network, private.optimizer, private.loader
         accumulate = self.steps.accumulate_grad_batches
         precision = self.trainer.precision_plugin
         # A fresh scaler per device (16-mixed on a GPU), as a device stage of its own starts with.
@@ -242,49 +249,83 @@ class DeviceRoundModule(LightningModule):
         epochs = steps = samples = 0
         loss = torch.zeros(())
         rng_devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=rng_devices):
-            torch.manual_seed(device_seed(datamodule.seed, self.round_index, device))
-            optimizer.zero_grad()
-            while steps < max_steps:
-                loader.sampler.set_epoch(epochs)  # type: ignore[attr-defined]
-                for batch_index, (x, y) in enumerate(loader):
-                    if batch_index >= batches_per_epoch:
+        try:
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(device_seed(datamodule.seed, self.round_index, device))
+                optimizer.zero_grad()
+                while steps < max_steps:
+                    if hasattr(loader.sampler, "set_epoch"):  # Poisson sampling (DP-SGD) draws afresh each time
+                        loader.sampler.set_epoch(epochs)
+                    for batch_index, (x, y) in enumerate(loader):
+                        if batch_index >= batches_per_epoch:
+                            break
+                        x, y = precision.convert_input(x.to(self.device)), y.to(self.device)
+                        with precision.train_step_context():
+                            loss = module.training_loss(module(x), y)
+                        # Poisson sampling may draw an empty batch: DP-SGD still steps (noise only) on it.
+                        if x.shape[0] and not bool(torch.isfinite(loss.detach()).all()):
+                            raise NonFiniteLossError(
+                                f"device {device} (in {self.trainer.default_root_dir}): the training loss is "
+                                f"{loss.detach().float().sum().item()} at step {steps} (epoch {epochs}); the round "
+                                "was stopped and exported nothing for it: lower the learning rate, or check the data "
+                                "for NaN/inf values")
+                        scaled = loss / accumulate
+                        (scaled if scaler is None else scaler.scale(scaled)).backward()
+                        samples += int(x.shape[0])
+                        if (batch_index + 1) % accumulate and batch_index + 1 < batches_per_epoch:
+                            continue  # Lightning also steps on an epoch's last batches, however few
+                        self.steps.step(optimizer, precision, scaler)
+                        steps += 1
+                        if steps >= max_steps:
+                            break
+                    epochs += 1
+                    if epochs >= max_epochs:
                         break
-                    x, y = precision.convert_input(x.to(self.device)), y.to(self.device)
-                    with precision.train_step_context():
-                        loss = module.training_loss(module(x), y)
-                    if not bool(torch.isfinite(loss.detach()).all()):
-                        raise NonFiniteLossError(
-                            f"device {device} (in {self.trainer.default_root_dir}): the training loss is "
-                            f"{loss.detach().float().sum().item()} at step {steps} (epoch {epochs}); the round was "
-                            "stopped and exported nothing for it: lower the learning rate, or check the data for "
-                            "NaN/inf values")
-                    scaled = loss / accumulate
-                    (scaled if scaler is None else scaler.scale(scaled)).backward()
-                    samples += int(x.shape[0])
-                    if (batch_index + 1) % accumulate and batch_index + 1 < batches_per_epoch:
-                        continue  # Lightning also steps on an epoch's last batches, however few
-                    self.steps.step(optimizer, precision, scaler)
-                    steps += 1
-                    if steps >= max_steps:
+                    if state is not None and state.should_stop(epochs, steps) and epochs >= min_epochs \
+                            and steps >= min_steps:
                         break
-                epochs += 1
-                if epochs >= max_epochs:
-                    break
-                if state is not None and state.should_stop(epochs, steps) and epochs >= min_epochs \
-                        and steps >= min_steps:
-                    break
+        finally:
+            if private is not None:
+                module.co_submodel = private.close()
         reason = (state.reason if state is not None else "") or \
             "was stopped by the trainer's own limits (max_epochs, max_steps, ...)"
         sample_count = sum(class_counts)
         export = NetworkExport.of(module.co_submodel, "co_submodel", module.co_backbone, module.num_classes,
                                   module.in_chans, sample_count, class_counts if module.report_class_counts else None)
+        details: dict[str, Any] = {"epochs": epochs, "steps": steps, "samples": samples,
+                                   "last_loss": float(loss.detach()), "stopped": reason, "rank": self.global_rank}
+        if private is not None:
+            report = private.report()
+            kept["privacy_history"] = report.pop("history")
+            details["privacy"] = report
         save_export(export, task.export)
-        record = record_finished(self.work_dir, device, task.export, {
-            "epochs": epochs, "steps": steps, "samples": samples, "last_loss": float(loss.detach()), "stopped": reason,
-            "rank": self.global_rank})
+        if task.state_out is not None:
+            save_device_state(kept, task.state_out)
+        record = record_finished(self.work_dir, device, task.export, details)
         self._report(device, record)
         return record
+
+    def _private_training(self, module: DeviceCoTrainingModule, kept: dict[str, Any], optimizer: torch.optim.Optimizer,
+                          loader: Any, batches_per_epoch: int) -> PrivateTraining:
+        """DP-SGD around this device's co-submodel, optimizer and loader, its accountant continuing ``kept``'s."""
+        privacy = module.privacy
+        assert privacy is not None
+        if self.steps.accumulate_grad_batches != 1 or self.steps.gradient_clip_val:
+            raise ConfigError("privacy (DP-SGD) clips each sample's gradient itself and steps on every batch: remove "
+                              "the trainer's accumulate_grad_batches and gradient_clip_val")
+        if self.trainer.precision not in ("32-true", "32"):
+            raise ConfigError(f"privacy (DP-SGD) trains in 32-bit precision, but the trainer has precision="
+                              f"{self.trainer.precision!r}: set trainer.precision: 32-true")
+        budget = module.budget
+        max_epochs, max_steps = self._caps()
+        min_epochs, min_steps = self._floors
+        if budget is not None:
+            max_epochs = min(max_epochs, budget.max_epochs)
+            max_steps = min(max_steps, budget.max_steps if budget.max_steps is not None else math.inf)
+            min_epochs, min_steps = max(min_epochs, budget.min_epochs), max(min_steps, budget.min_steps)
+        cap = round_step_cap(min_epochs, min_steps, budget is None or budget.monitor is not None, max_epochs,
+                             max_steps, batches_per_epoch)
+        return PrivateTraining(privacy, kept.get("privacy_history", []), module.co_submodel, optimizer, loader, cap)
 
     def _report(self, device: int, record: dict[str, Any]) -> None:
         self._trained += 1

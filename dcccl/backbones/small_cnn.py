@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
@@ -10,10 +12,21 @@ from dcccl.backbones.registry import register_backbone
 from dcccl.errors import ConfigError
 
 
-def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+Norm = Literal["batch", "group"]
+
+
+def _norm(kind: Norm, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":  # per sample: DP-SGD can train it (groups of two channels where the width allows)
+        return nn.GroupNorm(max(1, channels // 2), channels)
+    raise ConfigError(f"SmallCNN norm must be 'batch' or 'group', got {kind!r}")
+
+
+def _conv_block(in_channels: int, out_channels: int, norm: Norm) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
+        _norm(norm, out_channels),
         nn.ReLU(inplace=True),
         nn.MaxPool2d(2),
     )
@@ -27,14 +40,16 @@ class SmallCNN(ClassifierHeadMixin, nn.Module):
         in_chans: Number of input channels.
         width: Channels of the first block; each further block doubles them.
         depth: Number of conv blocks (each halves the spatial size).
+        norm: ``batch`` norm, or ``group`` norm (normalises each sample on its own: what DP-SGD needs).
     """
 
-    def __init__(self, num_classes: int, in_chans: int = 1, width: int = 32, depth: int = 3) -> None:
+    def __init__(self, num_classes: int, in_chans: int = 1, width: int = 32, depth: int = 3,
+                 norm: Norm = "batch") -> None:
         super().__init__()
         if width < 1 or depth < 1:
             raise ConfigError(f"SmallCNN needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
         channels = [in_chans] + [width * 2**i for i in range(depth)]
-        self.features = nn.Sequential(*(_conv_block(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])))
+        self.features = nn.Sequential(*(_conv_block(c_in, c_out, norm) for c_in, c_out in zip(channels, channels[1:])))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = channels[-1]
         self.num_classes = num_classes
@@ -46,6 +61,7 @@ class SmallCNN(ClassifierHeadMixin, nn.Module):
 
 
 @register_backbone(key="small_cnn")
-def small_cnn(num_classes: int, in_chans: int = 1, width: int = 32, depth: int = 3) -> SmallCNN:
+def small_cnn(num_classes: int, in_chans: int = 1, width: int = 32, depth: int = 3,
+              norm: Norm = "batch") -> SmallCNN:
     """Build :class:`SmallCNN`; the default backbone of the quickstart for 28x28 digits."""
-    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width, depth=depth)
+    return SmallCNN(num_classes=num_classes, in_chans=in_chans, width=width, depth=depth, norm=norm)

@@ -1,7 +1,7 @@
 """The device/cloud ledger: every transfer between the cloud and a device, in bytes.
 
 By construction only the control model and the co-submodel go down, and only a co-submodel copy, its
-sample count and (for class-aware fusion) its samples per class go up; recording anything else raises
+sample count, (for class-aware fusion) its samples per class and (with DP-SGD) the epsilon it has spent go up; recording anything else raises
 :class:`LedgerViolation`, so a misconfigured stage is refused before it runs.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 from dcccl.errors import DCCCLError
 from dcccl.federated.costs import state_dict_bytes
@@ -19,9 +19,10 @@ from dcccl.run.exports import load_export
 Direction = Literal["down", "up"]
 ALLOWED: dict[str, frozenset[str]] = {
     "down": frozenset({"control_model", "co_submodel"}),
-    "up": frozenset({"co_submodel", "sample_count", "class_counts"}),
+    "up": frozenset({"co_submodel", "sample_count", "class_counts", "epsilon"}),
 }
 SAMPLE_COUNT_BYTES = 8  # one int64
+EPSILON_BYTES = 8  # one float64
 
 
 class LedgerViolation(DCCCLError):
@@ -30,7 +31,8 @@ class LedgerViolation(DCCCLError):
 
 @dataclass(frozen=True)
 class Transfer:
-    """One transfer: in which round, to or from which device, what, how many bytes, from which file."""
+    """One transfer: in which round, to or from which device, what, how many bytes, from which file (and for a
+    reported figure such as the epsilon, its value)."""
 
     round: int
     device: int
@@ -38,6 +40,7 @@ class Transfer:
     what: str
     bytes: int
     file: str
+    value: Optional[float] = None
 
 
 class Ledger:
@@ -82,6 +85,12 @@ class Ledger:
         """Record a device reporting its samples per class (one int64 per class), as its copy at ``path`` holds."""
         _, _, classes = self._describe(path)
         transfer = Transfer(round_index, device, "up", "class_counts", SAMPLE_COUNT_BYTES * classes, "")
+        self.transfers.append(transfer)
+        return transfer
+
+    def record_epsilon(self, round_index: int, device: int, epsilon: float) -> Transfer:
+        """Record a device reporting the epsilon it has spent so far (DP-SGD)."""
+        transfer = Transfer(round_index, device, "up", "epsilon", EPSILON_BYTES, "", epsilon)
         self.transfers.append(transfer)
         return transfer
 

@@ -17,6 +17,7 @@ from dcccl.run.ranks import is_global_zero
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings
 from dcccl.run.steps import StageCall, Step
+from dcccl.run.training_budget import REPORT
 
 CONFUSION_KEY = "served/confusion_matrix"
 
@@ -26,12 +27,21 @@ def evaluations(plan: Sequence[Step]) -> list[StageCall]:
     return [step for step in plan if isinstance(step, StageCall) and step.stage == "evaluate"]
 
 
+def device_records(call: StageCall) -> dict[int, dict[str, Any]]:
+    """What each device of a finished device call reported (its round's budget report), by device."""
+    report = call.work_dir / REPORT
+    if not report.is_file():
+        return {}
+    return {int(record["device"]): record for record in json.loads(report.read_text()).get("devices", [])}
+
+
 def ledger_of(plan: Sequence[Step]) -> Ledger:
     """Every transfer the plan's device stages make: what goes down before each, what comes up after it."""
     ledger = Ledger()
     for step in plan:
         if not (isinstance(step, StageCall) and step.stage == "device"):
             continue
+        records = device_records(step) if step.model_args.get("privacy") else {}
         for task in step.devices:
             for path in task.downlink:
                 ledger.record_file(step.round_index, task.device, "down", path)
@@ -40,7 +50,21 @@ def ledger_of(plan: Sequence[Step]) -> Ledger:
                 ledger.record_sample_count(step.round_index, task.device)
                 if step.model_args.get("report_class_counts"):
                     ledger.record_class_counts(step.round_index, task.device, path)
+            if "privacy" in records.get(task.device, {}):
+                ledger.record_epsilon(step.round_index, task.device, records[task.device]["privacy"]["epsilon"])
     return ledger
+
+
+def privacy_summary(ledger: Ledger) -> dict[str, Any]:
+    """The epsilon each device has spent by the end of the run (its last report), their largest and mean value."""
+    spent: dict[int, float] = {}
+    for transfer in ledger.transfers:
+        if transfer.what == "epsilon" and transfer.value is not None:
+            spent[transfer.device] = transfer.value
+    if not spent:
+        return {}
+    return {"privacy/epsilon_max": max(spent.values()), "privacy/epsilon_mean": sum(spent.values()) / len(spent),
+            "privacy/epsilon_per_device": {str(device): spent[device] for device in sorted(spent)}}
 
 
 def round_history(plan: Sequence[Step]) -> list[dict[str, Any]]:
@@ -61,6 +85,7 @@ def summarize(history: list[dict[str, Any]], ledger: Ledger) -> dict[str, Any]:
         "transfers/downlink_bytes": totals["downlink_bytes"],
         "transfers/uplink_bytes": totals["uplink_bytes"],
         "transfers/per_round": totals["per_round"],
+        **privacy_summary(ledger),
     }
 
 
@@ -115,6 +140,8 @@ def collect_metrics(settings: PipelineSettings, plan: Sequence[Step], run: RunDi
     history = round_history(plan)
     ledger = ledger_of(plan)
     metrics = summarize(history, ledger)
+    if settings.privacy is not None:
+        metrics["privacy/delta"] = settings.privacy.delta
     write_run_outputs(settings, plan, run, metrics, history[-1].get(CONFUSION_KEY), ledger)
     return metrics
 

@@ -103,6 +103,9 @@ class PlanBuilder:
         }
         if report_class_counts:  # the rule fuses class by class: the counts go up with the copy
             model_args["report_class_counts"] = True
+        privacy = self.settings.device_privacy
+        if privacy is not None:
+            model_args["privacy"] = privacy.to_dict()
         inputs = tuple(p for p in (control_model, *starts) if p is not None)
         return self.call("device", model_args, tuple(task.export for task in tasks), label, "rounds",
                          round_index=round_index, inputs=inputs, partition="device", devices=tuple(tasks),
@@ -147,6 +150,7 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
     served_cloud = cloud_submodel if settings.serve_cloud_submodel else None
     control = control_model if settings.device_guide == "control_model" else None
     has_control: set[int] = set()
+    last_round: dict[int, int] = {}  # device -> the last round it took part in
     for r in range(1, settings.rounds + 1):
         tag = f"round {r}/{settings.rounds}"
         start = initial if r == 1 else round_result(settings, run, r - 1)
@@ -168,7 +172,12 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
             has_control.add(device)
             downlink = tuple(p for p in (control if sends_control else None, device_start) if p is not None)
             copy = run.device_copy(r, device)
-            tasks.append(DeviceTask(device, device_start, copy, downlink, (copy,)))
+            state_in = state_out = None
+            if settings.keeps_device_state:
+                state_in = run.device_state(last_round[device], device) if device in last_round else None
+                state_out = run.device_state(r, device)
+            last_round[device] = r
+            tasks.append(DeviceTask(device, device_start, copy, downlink, (copy,), state_in, state_out))
         if tasks:
             steps.append(build.devices(tasks, control, f"{tag}: {devices_label(reporting)}", r,
                                        settings.rule.needs_class_counts))

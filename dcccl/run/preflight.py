@@ -20,6 +20,7 @@ from torch import nn
 
 from dcccl.backbones.registry import check_backbone
 from dcccl.backbones.spec import BackboneSpec
+from dcccl.federated.privacy import check_trainable, require_opacus
 from dcccl.errors import ConfigError, DCCCLError
 from dcccl.federated.budget import check_device_budget
 from dcccl.run.boundary import ResolvedStage, check_boundary
@@ -150,6 +151,24 @@ def check_head_api(settings: PipelineSettings, resolved: Sequence[tuple[StageCal
             "(dcccl.backbones.ClassifierHeadMixin)")
 
 
+def check_private_co_submodel(settings: PipelineSettings, kept: Sequence[Path],
+                              resolved: Sequence[tuple[StageCall, ResolvedStage]], data: DataDescription) -> None:
+    """With ``privacy``, refuse before anything trains a co-submodel DP-SGD cannot train (batch norm), or a missing
+    Opacus.
+
+    Raises:
+        ConfigError: Opacus is missing, or the co-submodel has layers that mix a batch's samples.
+    """
+    if settings.privacy is None:
+        return
+    require_opacus()
+    run = settings.run
+    network = _network(run.initial_co_submodel if run.initial_co_submodel in kept else None, "co_submodel",
+                       _resolved_spec(resolved, "cloud_round", "co_backbone"), data, device="meta")
+    if network is not None:
+        check_trainable(network, "the run (privacy is set)")
+
+
 def check_before_running(settings: PipelineSettings, plan: Sequence[Any], decisions: Sequence[Decision],
                          runner: StageRunner, data: DataDescription, refusals: Sequence[DCCCLError] = ()) -> None:
     """Every check of a plan before it runs (see the module docstring); writes nothing.
@@ -171,4 +190,5 @@ def check_before_running(settings: PipelineSettings, plan: Sequence[Any], decisi
     kept = kept_artifacts(decisions)
     check_kept_exports(kept, data, settings.run.root)
     check_head_api(settings, resolved, data)
+    check_private_co_submodel(settings, kept, resolved, data)
     check_budget_before_running(settings, kept, resolved, data)

@@ -120,6 +120,10 @@ class RunDirectory:
         """A device's copy of the co-submodel after training in a round."""
         return self.round_dir(round_index) / f"device_{device_index:03d}" / "co_submodel.pt"
 
+    def device_state(self, round_index: int, device_index: int) -> Path:
+        """What a device keeps after a round (its accountant's history, its compression residual): device-side."""
+        return self.round_dir(round_index) / f"device_{device_index:03d}" / "device_state.pt"
+
     def fused_co_submodel(self, round_index: int) -> Path:
         """The fused co-submodel at the end of a round."""
         return self.round_dir(round_index) / "fusion" / "co_submodel.pt"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -11,6 +11,7 @@ from dcccl.errors import ConfigError, MissingFileError
 from dcccl.federated.aggregation import AggregationRule, FedAvg
 from dcccl.federated.budget import DeviceBudget
 from dcccl.federated.fleet import FleetSpec
+from dcccl.federated.privacy import DifferentialPrivacy
 from dcccl.run.config_path import ConfigPath
 from dcccl.run.run_dir import RunDirectory
 
@@ -53,6 +54,9 @@ class PipelineSettings:
             cloud submodel frozen (the ``head`` stage config; needs timm's head API).
         device_budget: Limits the on-device part (control model + co-submodel) must fit; checked before the
             first device trains, and the run is refused if it does not fit.
+        privacy: Train every device's copy with DP-SGD (Opacus, ``pip install 'dcccl[privacy]'``): e.g.
+            ``{target_epsilon: 8, delta: 1.0e-5}``; each device's epsilon is in ``metrics.json`` and the ledger. The
+            co-submodel must have no batch norm (``configs/privacy.yaml``).
         split: Build the submodels by splitting one base model vertically instead of taking each stage's own
             backbone: the cloud submodel is the large group, the co-submodel (and the control model, which
             is distilled afterwards) the small group, all initialised from the base model's weights.
@@ -74,6 +78,7 @@ class PipelineSettings:
     aggregation: Optional[AggregationRule] = None
     finetune_head: bool = False
     device_budget: Optional[DeviceBudget] = None
+    privacy: Optional[DifferentialPrivacy] = None
     split: Optional[SplitSpec] = None
     trainer: dict[str, Any] = field(default_factory=dict)
     stage_args: dict[str, list[str]] = field(default_factory=dict)
@@ -96,6 +101,16 @@ class PipelineSettings:
     def rule(self) -> AggregationRule:
         """The aggregation rule in effect."""
         return self.aggregation if self.aggregation is not None else FedAvg()
+
+    @property
+    def device_privacy(self) -> Optional[DifferentialPrivacy]:
+        """What every device trains with: the ``privacy`` setting, its target covering this run's rounds."""
+        return None if self.privacy is None else replace(self.privacy, rounds=self.rounds)
+
+    @property
+    def keeps_device_state(self) -> bool:
+        """Whether devices keep state from round to round (an accountant's history)."""
+        return self.privacy is not None
 
     @property
     def run(self) -> RunDirectory:

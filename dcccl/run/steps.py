@@ -55,6 +55,9 @@ class DeviceTask:
         downlink: What the cloud sends it before it trains (the control model only the first time it takes part).
         uplink: What it sends back (its copy; its sample count, and its samples per class when the rule asks for
             them, are counted with it).
+        state_in: What the device kept from the last round it took part in (its privacy accountant's history, its
+            compression residual); ``None``: nothing (its first round, or nothing to keep). It never leaves the device.
+        state_out: Where the device keeps that state after this round (``None``: it keeps none).
     """
 
     device: int
@@ -62,6 +65,8 @@ class DeviceTask:
     export: Path
     downlink: tuple[Path, ...] = ()
     uplink: tuple[Path, ...] = ()
+    state_in: Optional[Path] = None
+    state_out: Optional[Path] = None
 
     def describe(self) -> dict[str, Any]:
         """The device and the two artifact paths (what decides what the task produces)."""
