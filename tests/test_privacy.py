@@ -135,3 +135,36 @@ def test_a_round_s_step_cap_is_its_budget_s_floor_or_its_caps() -> None:
     with pytest.raises(ConfigError, match="cap"):
         DifferentialPrivacy(target_epsilon=1.0).noise_for(0.1, None)
     assert BUDGET.monitor is None
+
+
+@pytest.mark.slow
+def test_a_private_pipeline_reports_its_epsilon_and_the_audit_attacks_its_copies(tmp_path: Path) -> None:
+    from tests.commands import dcccl
+
+    refused = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(tmp_path / "bn"),
+                    "--privacy.target_epsilon", "8")
+    assert refused.returncode == 2 and "norm: group" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "bn").exists()
+    not_run = dcccl("audit", "--run_dir", str(tmp_path / "bn"))
+    assert not_run.returncode == 2 and "run dcccl pipeline first" in not_run.stderr
+
+    run_dir = tmp_path / "private"
+    result = dcccl("pipeline", "--config", "configs/privacy.yaml", "--run_dir", str(run_dir), "--rounds", "2",
+                   "--privacy.target_epsilon", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 3.9 <= metrics["privacy/epsilon_max"] <= 4.0 and metrics["privacy/delta"] == 1e-5
+    transfers = json.loads((run_dir / "transfers.json").read_text())["transfers"]
+    reported = [t for t in transfers if t["what"] == "epsilon"]
+    assert [(t["round"], t["bytes"]) for t in reported] == [(1, 8), (2, 8)]
+    assert reported[0]["value"] < reported[1]["value"] == metrics["privacy/epsilon_max"]
+    assert metrics["served/acc_device_classes"] > 0.1  # the device classes are still learned under DP (f: 0)
+
+    audit = dcccl("audit", "--run_dir", str(run_dir), "--samples", "300")
+    assert audit.returncode == 0, audit.stderr[-3000:]
+    report = json.loads((run_dir / "membership.json").read_text())
+    assert [entry["round"] for entry in report["rounds"]] == [1, 2]
+    assert 0.4 < report["auc"] < 0.6 and report["rounds"][-1]["pairs"]["0"] == 300
+    assert report["privacy/epsilon_max"] == metrics["privacy/epsilon_max"]
+    assert (run_dir / "membership_roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "AUC" in audit.stdout

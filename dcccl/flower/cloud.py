@@ -222,7 +222,10 @@ class FlowerDevices:
                                  int(counts["sample-count"]),  # type: ignore[arg-type]
                                  None if class_counts is None else [int(c) for c in class_counts])  # type: ignore[union-attr]
             save_export(copy, task.export)
-            trained = {key: int(counts.get(key, 0)) for key in ("epochs", "steps", "samples")}  # type: ignore[arg-type]
+            trained: dict[str, Any] = {key: int(counts.get(key, 0))  # type: ignore[arg-type]
+                                       for key in ("epochs", "steps", "samples")}
+            if "epsilon" in counts:  # DP-SGD: what the device has spent over the run so far
+                trained["privacy"] = {"epsilon": float(counts["epsilon"])}  # type: ignore[arg-type]
             record_finished(call.work_dir, task.device, task.export,
                             {**trained, "sample_count": copy.sample_count, "stopped": "trained on its node"})
             wire.append(WireRecord(call.round_index, task.device, "train", "up", payload_bytes(reply),

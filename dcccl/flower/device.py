@@ -10,7 +10,8 @@ Each node is configured on its own machine (``flower-supernode --node-config``):
 
 Messages it answers: ``query.partition`` (which device it is), ``query.install`` (the control model, the
 co-submodel's architecture and the training settings, once per run) and ``train`` (the round's co-submodel down; the
-copy, its sample count and, when the rule asks, its samples per class up). It refuses, with an error reply, any
+copy, its sample count, when the rule asks its samples per class, and with DP-SGD the epsilon it has spent up). What
+the device keeps between rounds (its privacy accountant's history) stays in its own folder. It refuses, with an error reply, any
 message that carries a network of another role (the cloud submodel) or a record it does not expect.
 """
 
@@ -98,6 +99,10 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
                               "(flower-supernode --node-config 'partition-id=0 ...' or 'data-config=\"...\"')")
     control = folder / "control_model.pt"
     start, copy = work / "start.pt", work / "co_submodel.pt"
+    # What the device keeps between its rounds (its privacy accountant's history): the latest earlier round's.
+    earlier = sorted(folder.glob("round_*/device_state.pt"))
+    earlier = [path for path in earlier if path.parent.name < work.name]
+    state_in = earlier[-1] if earlier else None
     model_args: dict[str, Any] = {"control_model": str(control) if control.is_file() else None,
                                   "co_submodel": str(start), "export_path": None, **recipe["model_options"]}
     return StageCall(
@@ -106,7 +111,8 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
         command="fit", config_files=tuple(p for p in (data_config, stage_config) if p is not None),
         model_args=model_args, trainer_args={**recipe["trainer_args"], "default_root_dir": str(work)},
         data_args=data_args, seed=int(recipe["seed"]), work_dir=work, partition="device",
-        extra_args=tuple(recipe["extra_args"]), devices=(DeviceTask(device, start, copy),))
+        extra_args=tuple(recipe["extra_args"]),
+        devices=(DeviceTask(device, start, copy, state_in=state_in, state_out=work / "device_state.pt"),))
 
 
 @app.train()
@@ -129,6 +135,8 @@ def train(message: Message, context: Context) -> Message:
     counts: dict[str, Any] = {"sample-count": int(copy.sample_count or 0)}
     trained = finished_records(call.work_dir, [call.devices[0].device])[0]  # what it ran: epochs, steps, samples
     counts.update({key: int(trained[key]) for key in ("epochs", "steps", "samples")})
+    if "privacy" in trained:  # DP-SGD: the epsilon this device has spent over the run so far goes up
+        counts["epsilon"] = float(trained["privacy"]["epsilon"])
     if copy.class_counts is not None:
         counts["class-counts"] = [int(count) for count in copy.class_counts]
     return Message(RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(counts)}),

@@ -195,3 +195,25 @@ def _save(fig: Any, path: Path) -> Path:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_membership_roc(curves: dict[int, tuple[list[float], list[float]]], aucs: dict[int, float], path: Path,
+                        title: str = "Membership inference on the uploaded copies") -> Path:
+    """ROC curves of the loss-threshold attack, one per device copy (at most ten labelled), with the chance line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="chance (AUC 0.50)")
+    for position, (device, (fpr, tpr)) in enumerate(sorted(curves.items())):
+        label = f"device {device} (AUC {aucs[device]:.3f})" if position < 10 else None
+        ax.plot(fpr, tpr, linewidth=1.2, alpha=0.8, label=label)
+    ax.set_xlabel("false positive rate (held-out samples called members)")
+    ax.set_ylabel("true positive rate (training samples called members)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, path)

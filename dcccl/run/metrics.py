@@ -12,12 +12,12 @@ from typing import Any
 from dcccl.federated.ledger import Ledger
 from dcccl.reporting.plots import plot_accuracy_per_round, plot_confusion_matrix
 from dcccl.run.atomic import atomic_write_json
+from dcccl.run.device_progress import finished_records
 from dcccl.run.manifest import Manifest, fingerprint
 from dcccl.run.ranks import is_global_zero
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings
 from dcccl.run.steps import StageCall, Step
-from dcccl.run.training_budget import REPORT
 
 CONFUSION_KEY = "served/confusion_matrix"
 
@@ -28,11 +28,9 @@ def evaluations(plan: Sequence[Step]) -> list[StageCall]:
 
 
 def device_records(call: StageCall) -> dict[int, dict[str, Any]]:
-    """What each device of a finished device call reported (its round's budget report), by device."""
-    report = call.work_dir / REPORT
-    if not report.is_file():
-        return {}
-    return {int(record["device"]): record for record in json.loads(report.read_text()).get("devices", [])}
+    """What each device of a finished device call reported (its progress record), by device."""
+    records = finished_records(call.work_dir, [task.device for task in call.devices])
+    return {int(record["device"]): record for record in records}
 
 
 def ledger_of(plan: Sequence[Step]) -> Ledger:
