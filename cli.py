@@ -387,6 +387,9 @@ def ablate_parser() -> ArgumentParser:
     parser.add_argument("--variants", type=ConfigPath, required=True, help="YAML file of variants.")
     parser.add_argument("--only", type=str, default=None, nargs="+", help="Run only these variants (and the first).")
     parser.add_argument("--seeds", type=int, default=[0], nargs="+", help="Seeds, e.g. --seeds 0 1 2.")
+    parser.add_argument("--audit", action=ActionYesNo, default=False,
+                        help="Run dcccl audit's membership-inference attack on every variant's device copies and add "
+                             "its AUC to the table.")
     return parser
 
 
@@ -418,6 +421,10 @@ def ablate_main(argv: list[str]) -> dict[str, Any]:
         metrics = plan_run.execute(data[run.seed])
         fidelity = control_fidelity_of(run.cloud_submodel, run.control_model, datamodules[run.seed])
         results[run.name][run.seed] = {**metrics, "fidelity": fidelity}
+        if cfg.audit and _is_rank_zero():
+            audited = audit_membership(run.plan, datamodule_of(run.settings), run.settings.run.root,
+                                       run.settings.device_guide == "control_model", run.seed)
+            results[run.name][run.seed]["membership/auc"] = audited["auc"]
     if not _is_rank_zero():
         return {}
     table = ablation_table(results)

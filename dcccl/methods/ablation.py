@@ -8,10 +8,10 @@ would be configured exactly alike (same description, so the same training), so o
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from dcccl.errors import ConfigError, MissingFileError
 from dcccl.run.atomic import atomic_write_json, atomic_write_text
@@ -99,12 +99,30 @@ class Ablation:
         return runs
 
 
+def _bytes_per_round(metrics: dict[str, Any]) -> Optional[float]:
+    if "transfers/uplink_bytes" not in metrics or not metrics.get("rounds"):
+        return None
+    return (metrics["transfers/downlink_bytes"] + metrics["transfers/uplink_bytes"]) / len(metrics["rounds"])
+
+
+# Columns a variant has only sometimes: the epsilon its devices spent (DP-SGD), the membership attack's AUC
+# (dcccl ablate --audit) and the bytes crossing the boundary per round.
+OPTIONAL_COLUMNS: dict[str, Callable[[dict[str, Any]], Optional[float]]] = {
+    "epsilon": lambda m: m.get("privacy/epsilon_max"),
+    "membership_auc": lambda m: m.get("membership/auc"),
+    "bytes_per_round": _bytes_per_round,
+}
+OPTIONAL_TITLES = {"epsilon": "ε spent (max over devices)", "membership_auc": "Membership AUC",
+                   "bytes_per_round": "KB per round (down + up)"}
+
+
 def ablation_table(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
-    """``ablation.json``: per variant the accuracies and the control model's fidelity, mean and std over seeds.
+    """``ablation.json``: per variant the accuracies and the control model's fidelity, mean and std over seeds (and
+    the :data:`OPTIONAL_COLUMNS` every seed of the variant has).
 
     Args:
         results: ``{variant: {seed: metrics}}``, where metrics are the run's ``metrics.json`` plus ``fidelity``
-            (``{"cloud_test": {...}, "device_test": {...}}``).
+            (``{"cloud_test": {...}, "device_test": {...}}``) and, audited, ``membership/auc``.
     """
     table: dict[str, Any] = {"variants": list(results)}
     for name, per_seed in results.items():
@@ -112,6 +130,10 @@ def ablation_table(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, A
         columns = {key: [float(m[f"served/{key}"]) for m in per_seed.values()] for key in ABLATION_KEYS}
         for side in ("cloud_test", "device_test"):
             columns[f"agreement_{side}"] = [float(m["fidelity"][side]["agreement"]) for m in per_seed.values()]
+        for key, read in OPTIONAL_COLUMNS.items():
+            values = [read(m) for m in per_seed.values()]
+            if values and all(value is not None for value in values):
+                columns[key] = [float(value) for value in values]  # type: ignore[arg-type]
         for key, values in columns.items():
             entry[key] = statistics.fmean(values)
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -119,15 +141,31 @@ def ablation_table(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, A
     return table
 
 
+def _optional_cell(key: str, entry: dict[str, Any]) -> str:
+    if key not in entry:
+        return "no DP" if key == "epsilon" else "–"
+    if key == "bytes_per_round":
+        return f"{entry[key] / 1000:,.1f}"
+    return f"{entry[key]:.3f} ± {entry[f'{key}_std']:.3f}" if key == "membership_auc" else \
+        f"{entry[key]:.2f} ± {entry[f'{key}_std']:.2f}"
+
+
 def ablation_markdown(table: dict[str, Any], descriptions: dict[str, str]) -> str:
-    """The table in markdown: accuracy in percent (mean ± std over the seeds) and the control model's agreement."""
+    """The table in markdown: accuracy in percent (mean ± std over the seeds) and the control model's agreement;
+    the epsilon and the membership AUC where a variant has them, the bytes per round where variants differ in it."""
+    entries = [table[name] for name in table["variants"]]
+    optional = [key for key in OPTIONAL_COLUMNS if any(key in entry for entry in entries)]
+    if "bytes_per_round" in optional and len({round(entry.get("bytes_per_round", -1)) for entry in entries}) < 2:
+        optional.remove("bytes_per_round")
     header = ("| Variant | Acc (%) | Cloud classes (%) | Device-only classes (%) | g agrees with f, cloud test (%) "
-              "| g agrees with f, device test (%) | What changes |")
+              "| g agrees with f, device test (%) | " + "".join(f"{OPTIONAL_TITLES[key]} | " for key in optional)
+              + "What changes |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for name in table["variants"]:
         entry = table[name]
         cells = [f"{100 * entry[key]:.1f} ± {100 * entry[f'{key}_std']:.1f}"
                  for key in (*ABLATION_KEYS, "agreement_cloud_test", "agreement_device_test")]
+        cells += [_optional_cell(key, entry) for key in optional]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {descriptions.get(name, '')} |")
     seeds = ", ".join(str(seed) for seed in table[table["variants"][0]]["seeds"])
     return "\n".join(lines) + f"\n\nSeeds: {seeds} (mean ± std).\n"
