@@ -10,6 +10,7 @@ from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
+from dcccl.federated.compression import Compression
 from dcccl.federated.privacy import DifferentialPrivacy, check_trainable, require_opacus
 from dcccl.run.exports import load_network
 from dcccl.run.training_budget import TrainingBudget
@@ -45,6 +46,8 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         report_class_counts: Record the copy's samples per class in its export (they go up with it).
         privacy: Train each device's copy with DP-SGD (Opacus, the ``privacy`` extra); the pipeline hands every
             device the run's ``privacy`` setting, and only device rounds apply it.
+        compression: Send the co-submodel compressed each way (the pipeline hands every device the run's
+            ``compression`` setting; device rounds apply it).
     """
 
     data_partition = "device"
@@ -64,6 +67,7 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         logit_adjustment: float = 0.0,
         report_class_counts: bool = False,
         privacy: Optional[DifferentialPrivacy] = None,
+        compression: Optional[Compression] = None,
     ) -> None:
         guide = load_network(control_model, "control_model", num_classes) if control_model is not None else None
         super().__init__(num_classes, in_chans, guide, co_submodel, co_backbone, optimizer, export_path, budget,
@@ -74,6 +78,7 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         self.report_class_counts = report_class_counts
         self.log_prior: Optional[torch.Tensor] = None
         self.privacy = privacy
+        self.compression = compression
         if privacy is not None:
             require_opacus()
             check_trainable(self.co_submodel, "the device stage")
@@ -81,9 +86,9 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
     def setup(self, stage: str) -> None:
         """Prepare for the device the DataModule serves (:meth:`begin_device`)."""
         if stage == "fit":
-            if self.privacy is not None:
-                raise ConfigError("privacy (DP-SGD) applies to device rounds (dcccl pipeline, a Flower device); a "
-                                  "device stage run alone trains without it: remove model.init_args.privacy")
+            if self.privacy is not None or self.compression is not None:
+                raise ConfigError("privacy and compression apply to device rounds (dcccl pipeline); a device stage "
+                                  "run alone sends nothing: remove model.init_args.privacy/compression")
             self.begin_device(self.train_class_counts())
 
     def begin_device(self, class_counts: list[int]) -> None:

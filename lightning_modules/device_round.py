@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -219,7 +219,14 @@ class DeviceRoundModule(LightningModule):
         if datamodule is None or not hasattr(datamodule, "device_loader"):
             raise RuntimeError("a device round needs a dcccl DataModule to serve each device's samples")
         module = self.device_module
-        module.co_submodel.load_state_dict(self._start_state(task.start))
+        kept = load_device_state(task.state_in)
+        start = self._start_state(task.start)
+        compression = module.compression
+        down_bytes = 0
+        if compression is not None:  # what the device decodes of the round's co-submodel, given what it holds
+            start, down_bytes = compression.send_down(start, kept.get("held"))
+            kept["held"] = start
+        module.co_submodel.load_state_dict(start)
         class_counts = [int(count) for count in datamodule.device_class_counts(device)]
         module.begin_device(class_counts)
         module.train()
@@ -237,7 +244,6 @@ class DeviceRoundModule(LightningModule):
         state = BudgetState(budget) if budget is not None else None
         max_epochs, max_steps = self._caps()
         min_epochs, min_steps = self._floors
-        kept = load_device_state(task.state_in)
         private = None
         if module.privacy is not None:
             private = self._private_training(module, kept, optimizer, loader, batches_per_epoch)
@@ -298,6 +304,11 @@ class DeviceRoundModule(LightningModule):
             report = private.report()
             kept["privacy_history"] = report.pop("history")
             details["privacy"] = report
+        if compression is not None:  # the copy the cloud decodes, and the bytes each way
+            trained = {key: value.detach().cpu() for key, value in module.co_submodel.state_dict().items()}
+            decoded, kept["residual_up"], up_bytes = compression.send_up(trained, start, kept.get("residual_up"))
+            export = replace(export, state_dict=decoded)
+            details["wire"] = {"down_bytes": down_bytes, "up_bytes": up_bytes}
         save_export(export, task.export)
         if task.state_out is not None:
             save_device_state(kept, task.state_out)

@@ -68,10 +68,12 @@ class Ledger:
             )
         return role, size
 
-    def record_file(self, round_index: int, device: int, direction: Direction, path: str | Path) -> Transfer:
-        """Record sending an export; its role must be allowed in that direction."""
+    def record_file(self, round_index: int, device: int, direction: Direction, path: str | Path,
+                    sent_bytes: Optional[int] = None) -> Transfer:
+        """Record sending an export; its role must be allowed in that direction. ``sent_bytes``: what its encoding
+        took on the wire (compressed transfers), instead of the export's size."""
         role, size = self.check(device, direction, path)
-        transfer = Transfer(round_index, device, direction, role, size, str(path))
+        transfer = Transfer(round_index, device, direction, role, size if sent_bytes is None else sent_bytes, str(path))
         self.transfers.append(transfer)
         return transfer
 

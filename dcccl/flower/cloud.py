@@ -28,6 +28,7 @@ from dcccl.flower.records import describe_network, payload_bytes, weights_record
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.boundary import ResolvedStage
 from dcccl.run.coordinator import StageRunner
+from dcccl.errors import ConfigError
 from dcccl.run.device_progress import is_finished, record_finished
 from dcccl.run.exports import NetworkExport, load_export, save_export
 from dcccl.run.steps import DeviceTask, StageCall
@@ -102,7 +103,14 @@ class FlowerDevices:
         self.installed: set[int] = set()  # devices installed in this run
 
     def resolve(self, call: StageCall) -> ResolvedStage:
-        """As the local runner resolves it (the boundary is checked on the cloud, before anything is sent)."""
+        """As the local runner resolves it (the boundary is checked on the cloud, before anything is sent).
+
+        Raises:
+            ConfigError: For compressed transfers, which a simulated fleet runs but Flower's messages do not carry yet.
+        """
+        if call.stage == "device" and call.model_args.get("compression") is not None:
+            raise ConfigError("compression runs on a simulated fleet (dcccl pipeline) only: Flower's messages carry "
+                              "the full co-submodel; remove compression from the pipeline config to run on Flower")
         return self.local.resolve(call)
 
     def __call__(self, call: StageCall, resume: bool) -> None:

@@ -39,12 +39,14 @@ def ledger_of(plan: Sequence[Step]) -> Ledger:
     for step in plan:
         if not (isinstance(step, StageCall) and step.stage == "device"):
             continue
-        records = device_records(step) if step.model_args.get("privacy") else {}
+        records = device_records(step) if any(task.state_out is not None for task in step.devices) else {}
         for task in step.devices:
+            wire = records.get(task.device, {}).get("wire", {})  # compressed: the bytes the encoding took
             for path in task.downlink:
-                ledger.record_file(step.round_index, task.device, "down", path)
+                ledger.record_file(step.round_index, task.device, "down", path,
+                                   wire.get("down_bytes") if path == task.start else None)
             for path in task.uplink:
-                ledger.record_file(step.round_index, task.device, "up", path)
+                ledger.record_file(step.round_index, task.device, "up", path, wire.get("up_bytes"))
                 ledger.record_sample_count(step.round_index, task.device)
                 if step.model_args.get("report_class_counts"):
                     ledger.record_class_counts(step.round_index, task.device, path)

@@ -106,6 +106,8 @@ class PlanBuilder:
         privacy = self.settings.device_privacy
         if privacy is not None:
             model_args["privacy"] = privacy.to_dict()
+        if self.settings.compression is not None:
+            model_args["compression"] = self.settings.compression.to_dict()
         inputs = tuple(p for p in (control_model, *starts) if p is not None)
         return self.call("device", model_args, tuple(task.export for task in tasks), label, "rounds",
                          round_index=round_index, inputs=inputs, partition="device", devices=tuple(tasks),

@@ -10,6 +10,7 @@ from dcccl.backbones.split import SplitSpec
 from dcccl.errors import ConfigError, MissingFileError
 from dcccl.federated.aggregation import AggregationRule, FedAvg
 from dcccl.federated.budget import DeviceBudget
+from dcccl.federated.compression import Compression
 from dcccl.federated.fleet import FleetSpec
 from dcccl.federated.privacy import DifferentialPrivacy
 from dcccl.run.config_path import ConfigPath
@@ -57,6 +58,8 @@ class PipelineSettings:
         privacy: Train every device's copy with DP-SGD (Opacus, ``pip install 'dcccl[privacy]'``): e.g.
             ``{target_epsilon: 8, delta: 1.0e-5}``; each device's epsilon is in ``metrics.json`` and the ledger. The
             co-submodel must have no batch norm (``configs/privacy.yaml``).
+        compression: Send the co-submodel's updates compressed, both ways: ``{codec: int8}`` (per-tensor scale) or
+            ``{codec: topk, fraction: 0.1}`` (with error feedback); the ledger counts the encoded bytes.
         split: Build the submodels by splitting one base model vertically instead of taking each stage's own
             backbone: the cloud submodel is the large group, the co-submodel (and the control model, which
             is distilled afterwards) the small group, all initialised from the base model's weights.
@@ -79,6 +82,7 @@ class PipelineSettings:
     finetune_head: bool = False
     device_budget: Optional[DeviceBudget] = None
     privacy: Optional[DifferentialPrivacy] = None
+    compression: Optional[Compression] = None
     split: Optional[SplitSpec] = None
     trainer: dict[str, Any] = field(default_factory=dict)
     stage_args: dict[str, list[str]] = field(default_factory=dict)
@@ -109,8 +113,8 @@ class PipelineSettings:
 
     @property
     def keeps_device_state(self) -> bool:
-        """Whether devices keep state from round to round (an accountant's history)."""
-        return self.privacy is not None
+        """Whether devices keep state from round to round (an accountant's history, what they hold, a residual)."""
+        return self.privacy is not None or self.compression is not None
 
     @property
     def run(self) -> RunDirectory:
