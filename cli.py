@@ -191,7 +191,13 @@ class LightningStageRunner:
         self._parser: Optional[LightningArgumentParser] = None
 
     def resolve(self, call: StageCall) -> ResolvedStage:
-        """The config ``call``'s stage would run with; a stage config that does not parse raises ``ConfigError``."""
+        """The config ``call``'s stage would run with; a stage config that does not parse raises ``ConfigError``.
+
+        A device call with secure aggregation is refused: it needs Flower's SecAgg+ between real devices.
+        """
+        if call.secure_sum is not None:
+            raise ConfigError("secure_aggregation runs on Flower (flwr run configs/flower ...): a simulated fleet has "
+                              "no devices to mask their copies; remove secure_aggregation for dcccl pipeline")
         args = stage_arguments(call)
         try:
             if self._parser is None:  # built once: parsing is cheap, building the parser is not

@@ -54,7 +54,7 @@ def test_a_device_refuses_a_message_that_carries_the_cloud_submodel(
     with pytest.raises(RefusedMessage, match="carries a cloud_submodel as 'control_model'"):
         device_app(message, _context(tmp_path))
     extra = Message(RecordDict({"cloud_submodel.weights": weights_record(cloud)}), dst_node_id=1,
-                    message_type="train")
+                    message_type="train.copy")
     with pytest.raises(RefusedMessage, match="unexpected record 'cloud_submodel.weights'"):
         device_app(extra, _context(tmp_path))
     assert not (tmp_path / "node").exists()  # nothing was kept
@@ -88,35 +88,29 @@ def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> str:
     return result.stdout
 
 
-def fleet_config(tmp_path: Path) -> Path:
-    """Three devices, two rounds, every device in every round, few batches per stage."""
+def fleet_config(tmp_path: Path, rounds: int = 2, **settings: object) -> Path:
+    """Three devices, two rounds, every device in every round, few batches per stage (plus ``settings``)."""
     quickstart = yaml.safe_load((ROOT / "configs/quickstart.yaml").read_text())
     config = {
-        "config": str(ROOT / "configs/fleet.yaml"), "name": "flower", "rounds": 2,
+        "config": str(ROOT / "configs/fleet.yaml"), "name": "flower", "rounds": rounds,
         "fleet": {"num_devices": 3, "partitioner": "dirichlet", "dirichlet_alpha": 0.5, "sample_fraction": 1.0,
                   "availability": 1.0},
         "trainer": {**quickstart["trainer"], "limit_train_batches": 8, "limit_val_batches": 2,
                     "enable_progress_bar": False},
     }
     path = tmp_path / "flower_fleet.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump({**config, **settings}, sort_keys=False))  # "config:" first: later keys win
     return path
 
 
-@pytest.mark.slow
-def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Path) -> None:
-    config = fleet_config(tmp_path)
-    # One thread, as each Flower process below gets: the same float arithmetic on both sides.
-    reference = dcccl("pipeline", "--config", str(config), "--run_dir", str(tmp_path / "reference"),
-                      env=command_env(OMP_NUM_THREADS="1"))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
+def run_on_flower(tmp_path: Path, config: Path, run_dir: Path, nodes: int = 3) -> None:
+    """Run ``config`` through the Flower App on a real SuperLink and ``nodes`` SuperNodes on loopback."""
     home = tmp_path / "flwr_home"
     home.mkdir()
     env = command_env(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
                       FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS="1",
                       PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    link_port, *node_ports = _free_ports(4)
+    link_port, *node_ports = _free_ports(nodes + 1)
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                       f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
     processes: list[subprocess.Popen] = []
@@ -138,7 +132,6 @@ def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Pa
                  "--node-config", f'partition-id={device} state-dir="{state}"'],
                 cwd=ROOT, env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
             _wait_for_port(port, processes[-1], node_log)
-        run_dir = tmp_path / "flower"
         started = json.loads(_flwr(env, "run", "configs/flower", "loopback", "--format", "json", "--run-config",
                                    f'pipeline-config="{config}" run-dir="{run_dir}" reply-timeout=300.0',
                                    timeout=120))
@@ -162,6 +155,19 @@ def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Pa
             except ProcessLookupError:
                 pass
             process.wait()
+
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Path) -> None:
+    config = fleet_config(tmp_path)
+    # One thread, as each Flower process below gets: the same float arithmetic on both sides.
+    reference = dcccl("pipeline", "--config", str(config), "--run_dir", str(tmp_path / "reference"),
+                      env=command_env(OMP_NUM_THREADS="1"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_dir = tmp_path / "flower"
+    run_on_flower(tmp_path, config, run_dir)
 
     expected = json.loads((tmp_path / "reference/metrics.json").read_text())
     served = json.loads((run_dir / "metrics.json").read_text())
@@ -188,4 +194,42 @@ def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Pa
         export = load_export(path)
         assert export.role in ("control_model", "co_submodel")
         assert not any(c.shape == t.shape and c.equal(t) for t in export.state_dict.values() for c in cloud)
-    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_on_loopback_equals_plain_fedavg_within_its_quantisation(tmp_path: Path) -> None:
+    from dcccl.federated.secure_aggregation import SecureAggregation, quantization_tolerance
+
+    config = fleet_config(tmp_path, rounds=1, secure_aggregation={}, aggregation={
+        "class_path": "FedAvg", "init_args": {"cloud_share": 0.5, "device_weighting": "samples"}})
+    refused = dcccl("pipeline", "--config", str(config), "--run_dir", str(tmp_path / "simulated"))
+    assert refused.returncode == 2 and "secure_aggregation runs on Flower" in refused.stderr
+    run_dir = tmp_path / "secure"
+    run_on_flower(tmp_path, config, run_dir)
+
+    # The cloud holds the mean of the copies, never a copy; the nodes hold their own.
+    assert (run_dir / "rounds/round_001/devices/secure_sum.pt").is_file()
+    assert not list(run_dir.glob("rounds/round_001/device_*"))
+    copies = [load_export(next((tmp_path / f"node{device}").glob("run_*/round_001/co_submodel.pt")))
+              for device in range(3)]
+    cloud = load_export(run_dir / "rounds/round_001/cloud_round/co_submodel.pt")
+    fused = load_export(run_dir / "rounds/round_001/fusion/co_submodel.pt").state_dict
+    counts = [copy.sample_count for copy in copies]
+    tolerance = 0.5 * quantization_tolerance(SecureAggregation(), counts)  # the devices' half of the fusion
+    assert tolerance < 1e-3
+    worst = 0.0
+    for key, value in fused.items():
+        if not value.is_floating_point():
+            continue
+        plain = 0.5 * cloud.state_dict[key].double() + 0.5 * sum(
+            n * copy.state_dict[key].double() for n, copy in zip(counts, copies)) / sum(counts)
+        worst = max(worst, float((value.double() - plain).abs().max()))
+    print("largest difference from plain FedAvg", worst, "tolerance", tolerance)
+    assert worst <= tolerance + 1e-6
+    # Each device's masked update is counted up, the co-submodel down; every SecAgg+ message is logged.
+    transfers = json.loads((run_dir / "transfers.json").read_text())["transfers"]
+    up = {t["device"]: t["bytes"] for t in transfers if t["what"] == "co_submodel" and t["direction"] == "up"}
+    assert sorted(up) == [0, 1, 2] and all(size >= sum(v.numel() for v in fused.values()) for size in up.values())
+    messages = json.loads((run_dir / "rounds/round_001/devices/messages.json").read_text())["messages"]
+    assert {m["kind"] for m in messages} >= {"secagg+ setup", "secagg+ share_keys", "secagg+ collect_masked_vectors",
+                                            "secagg+ unmask"}

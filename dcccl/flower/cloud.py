@@ -4,6 +4,8 @@ device stage is carried out by the devices (Flower ``ClientApp``s, :mod:`dcccl.f
 The cloud submodel, the control model, the cloud's copy, fusion (any aggregation rule, latest-update included),
 head fine-tuning and evaluation run here, through the same plan, coordinator and run directory as the pipeline: a
 re-started ServerApp skips what is done, and a round cut short asks again only the devices whose copy is missing.
+With ``secure_aggregation`` in the pipeline config each round's copies reach the cloud only as their weighted mean,
+through Flower's SecAgg+ (:mod:`dcccl.flower.secure`).
 
 Run configuration (``[tool.flwr.app.config]`` of ``configs/flower/pyproject.toml``, or ``flwr run --run-config``):
 ``pipeline-config`` (an absolute path to a pipeline config), ``run-dir`` (absolute; default: the config's own),
@@ -16,19 +18,21 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from dcccl.errors import ConfigError
 from dcccl.federated.ledger import Ledger
+from dcccl.federated.secure_aggregation import apply_mean_update
 from dcccl.flower.records import describe_network, payload_bytes, weights_record
+from dcccl.flower.secure import secure_mean
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.boundary import ResolvedStage
 from dcccl.run.coordinator import StageRunner
-from dcccl.errors import ConfigError
 from dcccl.run.device_progress import is_finished, record_finished
 from dcccl.run.exports import NetworkExport, load_export, save_export
 from dcccl.run.steps import DeviceTask, StageCall
@@ -93,8 +97,10 @@ class FlowerDevices:
         node_wait: Seconds to wait for the devices a round needs to join.
     """
 
-    def __init__(self, grid: Grid, local: StageRunner, reply_timeout: float = 600.0, node_wait: float = 120.0) -> None:
+    def __init__(self, grid: Grid, local: StageRunner, reply_timeout: float = 600.0, node_wait: float = 120.0,
+                 context: Optional[Context] = None) -> None:
         self.grid = grid
+        self.context = context
         self.local = local
         self.reply_timeout = reply_timeout
         self.node_wait = node_wait
@@ -111,14 +117,22 @@ class FlowerDevices:
         if call.stage == "device" and call.model_args.get("compression") is not None:
             raise ConfigError("compression runs on a simulated fleet (dcccl pipeline) only: Flower's messages carry "
                               "the full co-submodel; remove compression from the pipeline config to run on Flower")
-        return self.local.resolve(call)
+        if call.secure_sum is not None and len(call.devices) < 2:
+            raise ConfigError(f"secure aggregation needs at least two devices in a round, but {call.label!r} has "
+                              f"{len(call.devices)}: give the fleet more devices (or a larger sample_fraction), or "
+                              "remove secure_aggregation")
+        return self.local.resolve(replace(call, secure_sum=None))  # the local runner refuses secure calls
 
     def __call__(self, call: StageCall, resume: bool) -> None:
         """Run ``call``: a device stage on the devices, anything else here."""
         if call.stage != "device":
             self.local(call, resume)
             return
-        pending = [task for task in call.devices if not is_finished(call.work_dir, task.device, task.export)]
+        copy_of = {task.device: call.secure_sum.path if call.secure_sum is not None else task.export
+                   for task in call.devices}
+        pending = [task for task in call.devices if not is_finished(call.work_dir, task.device, copy_of[task.device])]
+        if call.secure_sum is not None and pending:  # the secure sum is all of the round's devices or nothing
+            pending = list(call.devices)
         if len(pending) < len(call.devices):
             log.info("[dcccl] %d of %d devices sent their copy before the round was interrupted; asking the other %d",
                      len(call.devices) - len(pending), len(call.devices), len(pending))
@@ -126,7 +140,10 @@ class FlowerDevices:
         wire: list[WireRecord] = []
         try:
             self._install([task for task in pending if task.device not in self.installed], call, wire)
-            self._train(pending, call, wire)
+            if call.secure_sum is not None:
+                self._train_secure(pending, call, wire)
+            else:
+                self._train(pending, call, wire)
         finally:  # what was sent is logged, also when a device failed
             log_path = call.work_dir / "messages.json"
             resumed = len(pending) < len(call.devices) and log_path.is_file()  # keep what the cut-short start sent
@@ -211,7 +228,7 @@ class FlowerDevices:
             content = RecordDict({"co_submodel.weights": weights_record(start),
                                   "round": ConfigRecord({"round": call.round_index, "device": task.device})})
             node = self.node_of[task.device]
-            messages[node] = Message(content, dst_node_id=node, message_type="train",
+            messages[node] = Message(content, dst_node_id=node, message_type="train.copy",
                                      group_id=f"round{call.round_index}")
             wire.append(WireRecord(call.round_index, task.device, "train", "down", payload_bytes(content),
                                    message_bytes(content)))
@@ -243,6 +260,50 @@ class FlowerDevices:
                                "the ServerApp asks only the others)")
 
 
+    def _train_secure(self, tasks: list[DeviceTask], call: StageCall, wire: list[WireRecord]) -> None:
+        """Train the round's devices and average their copies with SecAgg+; writes only the weighted mean copy."""
+        secure = call.secure_sum
+        assert secure is not None
+        if self.context is None:
+            raise RuntimeError("secure aggregation needs the ServerApp's context (FlowerDevices(context=...))")
+        ledger = Ledger()
+        for task in tasks:
+            ledger.check(task.device, "down", task.start)
+        start = load_export(tasks[0].start, "co_submodel")
+        nodes = {self.node_of[task.device]: task.device for task in tasks}
+        log.info("[dcccl] round %d: training %d device(s) and averaging their copies with SecAgg+", call.round_index,
+                 len(tasks))
+        strategy, counting = secure_mean(self.grid, self.context, list(nodes),
+                                         [value.numpy() for value in start.state_dict.values()], call.round_index,
+                                         secure.settings, secure.weight_by_samples)
+        up_bytes: dict[int, int] = {}
+        down_bytes: dict[int, int] = {}
+        for node, stage, direction, payload, total in counting.counted:
+            device = nodes.get(node, -1)
+            wire.append(WireRecord(call.round_index, device, f"secagg+ {stage}", direction, payload, total))
+            if stage == "collect_masked_vectors":  # the co-submodel down with the fit settings, the masked update up
+                (up_bytes if direction == "up" else down_bytes)[device] = payload
+        reported = {nodes[int(proxy.node_id)]: fitres for proxy, fitres in strategy.results}
+        if strategy.mean is None or set(reported) != set(nodes.values()):
+            missing = sorted(set(nodes.values()) - set(reported))
+            raise DeviceFailed(f"round {call.round_index}: SecAgg+ did not recover the mean of the copies (devices "
+                               f"{missing or 'all'} did not finish the protocol; {len(strategy.failures)} failures): "
+                               "re-starting the ServerApp runs the round again")
+        total = sum(int(fitres.metrics.get("sample-count", 0)) for fitres in reported.values())
+        mean = NetworkExport("co_submodel", start.backbone, start.num_classes, start.in_chans,
+                             apply_mean_update(start.state_dict, strategy.mean), total)
+        save_export(mean, secure.path)
+        for device, fitres in sorted(reported.items()):
+            trained: dict[str, Any] = {key: int(fitres.metrics.get(key, 0))  # type: ignore[arg-type]
+                                       for key in ("epochs", "steps", "samples")}
+            if "epsilon" in fitres.metrics:
+                trained["privacy"] = {"epsilon": float(fitres.metrics["epsilon"])}  # type: ignore[arg-type]
+            record_finished(call.work_dir, device, secure.path, {
+                **trained, "sample_count": int(fitres.metrics.get("sample-count", 0)),  # type: ignore[arg-type]
+                "stopped": "trained on its node; its copy reached the cloud only in the SecAgg+ mean",
+                "wire": {"down_bytes": down_bytes.get(device, 0), "up_bytes": up_bytes.get(device, 0)}})
+
+
 app = ServerApp()
 
 
@@ -261,4 +322,5 @@ def main(grid: Grid, context: Context) -> None:
     configure_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
     pipeline_main(argv, device_runner=lambda local: FlowerDevices(
-        grid, local, float(config.get("reply-timeout", 600.0)), float(config.get("node-wait", 120.0))))  # type: ignore[arg-type]
+        grid, local, float(config.get("reply-timeout", 600.0)), float(config.get("node-wait", 120.0)),  # type: ignore[arg-type]
+        context))

@@ -9,7 +9,8 @@ Each node is configured on its own machine (``flower-supernode --node-config``):
   trains on all of its device-side samples.
 
 Messages it answers: ``query.partition`` (which device it is), ``query.install`` (the control model, the
-co-submodel's architecture and the training settings, once per run) and ``train`` (the round's co-submodel down; the
+co-submodel's architecture and the training settings, once per run), ``train`` (SecAgg+'s messages under secure
+aggregation: the round's co-submodel down, the masked update up) and ``train.copy`` (the round's co-submodel down; the
 copy, its sample count, when the rule asks its samples per class, and with DP-SGD the epsilon it has spent up). What
 the device keeps between rounds (its privacy accountant's history) stays in its own folder. It refuses, with an error reply, any
 message that carries a network of another role (the cloud submodel) or a record it does not expect.
@@ -18,16 +19,22 @@ message that carries a network of another role (the cloud submodel) or a record 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
 
 from dcccl.errors import ConfigError
-from dcccl.flower.records import check_received, network_from, weights_record
+from dcccl.federated.secure_aggregation import update_arrays
+from dcccl.flower.records import RefusedMessage, check_received, network_from, weights_record
 from dcccl.run.device_progress import finished_records
-from dcccl.run.exports import load_export, save_export
+from dcccl.run.exports import NetworkExport, load_export, save_export
 from dcccl.run.steps import DeviceTask, StageCall
 
 app = ClientApp()
@@ -115,21 +122,17 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
         devices=(DeviceTask(device, start, copy, state_in=state_in, state_out=work / "device_state.pt"),))
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """Train this device's copy from the round's co-submodel; send the copy and its counts back."""
+def train_here(context: Context, round_index: int, start: NetworkExport) -> tuple[StageCall, NetworkExport,
+                                                                                 dict[str, Any]]:
+    """Train this device's copy for ``round_index`` from ``start``: the call it ran, its copy, what it reports."""
     from cli import LightningStageRunner  # the pipeline's own stage runner (imports Lightning)
 
-    check_received(message.content, TRAIN_RECORDS)
     folder = node_dir(context)
     if not (folder / "recipe.json").is_file():
         raise RuntimeError("this node was not installed for the run (no query.install message came first)")
-    round_index = int(message.content.config_records["round"]["round"])  # type: ignore[arg-type]
     recipe = json.loads((folder / "recipe.json").read_text())
     call = device_call(folder, recipe, context, round_index)
-    architecture = ConfigRecord(json.loads((folder / "co_submodel.json").read_text()))
-    save_export(network_from(architecture, message.content.array_records["co_submodel.weights"]),
-                call.devices[0].start)
+    save_export(start, call.devices[0].start)
     LightningStageRunner(interactive=False)(call, resume=False)
     copy = load_export(call.devices[0].export, "co_submodel")
     counts: dict[str, Any] = {"sample-count": int(copy.sample_count or 0)}
@@ -137,7 +140,46 @@ def train(message: Message, context: Context) -> Message:
     counts.update({key: int(trained[key]) for key in ("epochs", "steps", "samples")})
     if "privacy" in trained:  # DP-SGD: the epsilon this device has spent over the run so far goes up
         counts["epsilon"] = float(trained["privacy"]["epsilon"])
+    return call, copy, counts
+
+
+def architecture(context: Context) -> ConfigRecord:
+    """The co-submodel's description the cloud installed on this node."""
+    return ConfigRecord(json.loads((node_dir(context) / "co_submodel.json").read_text()))
+
+
+@app.train("copy")
+def train(message: Message, context: Context) -> Message:
+    """Train this device's copy from the round's co-submodel; send the copy and its counts back."""
+    check_received(message.content, TRAIN_RECORDS)
+    round_index = int(message.content.config_records["round"]["round"])  # type: ignore[arg-type]
+    start = network_from(architecture(context), message.content.array_records["co_submodel.weights"])
+    _, copy, counts = train_here(context, round_index, start)
     if copy.class_counts is not None:
         counts["class-counts"] = [int(count) for count in copy.class_counts]
     return Message(RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(counts)}),
                    reply_to=message)
+
+
+@app.train(mods=[secaggplus_mod])
+def secure_train(message: Message, context: Context) -> Message:
+    """A round under secure aggregation: train from the co-submodel SecAgg+ brings, reply with the update (the copy
+    minus its start) for ``secaggplus_mod`` to mask, weighted by the sample count (or by one)."""
+    fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
+    round_index = int(fit_ins.config["round"])  # type: ignore[arg-type]
+    description = architecture(context)
+    if str(description.get("role")) != "co_submodel":
+        raise RefusedMessage("refusing to train anything but the co-submodel under secure aggregation")
+    arrays = parameters_to_ndarrays(fit_ins.parameters)
+    empty = network_from(description, ArrayRecord())
+    keys = list(empty.backbone.without_weights().build(empty.num_classes, empty.in_chans).state_dict())
+    if len(arrays) != len(keys):
+        raise RefusedMessage(f"the secure round's co-submodel has {len(arrays)} tensors, the installed one "
+                             f"{len(keys)}")
+    start_state = {key: torch.as_tensor(array) for key, array in zip(keys, arrays)}
+    start = replace(empty, state_dict=start_state)
+    _, copy, counts = train_here(context, round_index, start)
+    weight = counts["sample-count"] if fit_ins.config.get("weight-by-samples", True) else 1
+    fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update_arrays(copy.state_dict, start_state)),
+                     int(weight), counts)
+    return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=message)

@@ -6,7 +6,7 @@ cloud -> distill -> per round: cloud side, every reporting device, fusion, (head
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -14,7 +14,7 @@ from dcccl.reporting.tracking import with_save_dirs
 from dcccl.run.fusion import FusionStep
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings, RestartPoint
-from dcccl.run.steps import DeviceTask, StageCall, StageName, Step
+from dcccl.run.steps import DeviceTask, SecureSum, StageCall, StageName, Step
 
 Plan = list[Step]
 
@@ -109,9 +109,13 @@ class PlanBuilder:
         if self.settings.compression is not None:
             model_args["compression"] = self.settings.compression.to_dict()
         inputs = tuple(p for p in (control_model, *starts) if p is not None)
-        return self.call("device", model_args, tuple(task.export for task in tasks), label, "rounds",
-                         round_index=round_index, inputs=inputs, partition="device", devices=tuple(tasks),
-                         work_dir=self.run.round_dir(round_index) / "devices")
+        secure = self.settings.secure_aggregation
+        outputs = (self.run.secure_sum(round_index),) if secure is not None else tuple(task.export for task in tasks)
+        call = self.call("device", model_args, outputs, label, "rounds", round_index=round_index, inputs=inputs,
+                         partition="device", devices=tuple(tasks), work_dir=self.run.round_dir(round_index) / "devices")
+        if secure is None:
+            return call
+        return replace(call, secure_sum=SecureSum(outputs[0], secure, self.settings.rule.secure_weights_by_samples))
 
     def evaluation(self, co_submodel: Path, metrics: Path, label: str, restart_point: RestartPoint,
                    cloud_submodel: Optional[Path], round_index: int = 0) -> StageCall:
@@ -179,7 +183,8 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
                 state_in = run.device_state(last_round[device], device) if device in last_round else None
                 state_out = run.device_state(r, device)
             last_round[device] = r
-            tasks.append(DeviceTask(device, device_start, copy, downlink, (copy,), state_in, state_out))
+            uplink = run.secure_sum(r) if settings.secure_aggregation is not None else copy  # all the cloud sees
+            tasks.append(DeviceTask(device, device_start, copy, downlink, (uplink,), state_in, state_out))
         if tasks:
             steps.append(build.devices(tasks, control, f"{tag}: {devices_label(reporting)}", r,
                                        settings.rule.needs_class_counts))
@@ -222,6 +227,9 @@ def fusion_step(settings: PipelineSettings, run: RunDirectory, round_index: int,
     fused = rule.fused_copies(settings.fleet, settings.seed_everything, round_index)
 
     copies = tuple(run.device_copy(r, device) for device, r in fused)
+    if settings.secure_aggregation is not None and fused:  # the devices' weighted mean, as one copy
+        copies = (run.secure_sum(round_index),)
+        fused = [(-1, round_index)]
     bases = tuple(None if r == round_index else device_start_of(settings, run, r, initial) for _, r in fused)
     onto = device_start_of(settings, run, round_index, initial) if any(base is not None for base in bases) else None
     inputs = [run.cloud_copy(round_index), *copies, *(base for base in bases if base is not None),

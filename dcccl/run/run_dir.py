@@ -124,6 +124,10 @@ class RunDirectory:
         """What a device keeps after a round (its accountant's history, its compression residual): device-side."""
         return self.round_dir(round_index) / f"device_{device_index:03d}" / "device_state.pt"
 
+    def secure_sum(self, round_index: int) -> Path:
+        """The devices' weighted mean copy of a round, as secure aggregation reveals it to the cloud."""
+        return self.round_dir(round_index) / "devices" / "secure_sum.pt"
+
     def fused_co_submodel(self, round_index: int) -> Path:
         """The fused co-submodel at the end of a round."""
         return self.round_dir(round_index) / "fusion" / "co_submodel.pt"

@@ -13,6 +13,7 @@ from dcccl.federated.budget import DeviceBudget
 from dcccl.federated.compression import Compression
 from dcccl.federated.fleet import FleetSpec
 from dcccl.federated.privacy import DifferentialPrivacy
+from dcccl.federated.secure_aggregation import SecureAggregation
 from dcccl.run.config_path import ConfigPath
 from dcccl.run.run_dir import RunDirectory
 
@@ -60,6 +61,9 @@ class PipelineSettings:
             co-submodel must have no batch norm (``configs/privacy.yaml``).
         compression: Send the co-submodel's updates compressed, both ways: ``{codec: int8}`` (per-tensor scale) or
             ``{codec: topk, fraction: 0.1}`` (with error feedback); the ledger counts the encoded bytes.
+        secure_aggregation: On Flower, average the device copies with SecAgg+: the cloud learns only their weighted
+            mean (e.g. ``{}`` for the defaults). The aggregation rule must allow it (FedAvg without class-aware
+            fusion); a simulated fleet refuses it.
         split: Build the submodels by splitting one base model vertically instead of taking each stage's own
             backbone: the cloud submodel is the large group, the co-submodel (and the control model, which
             is distilled afterwards) the small group, all initialised from the base model's weights.
@@ -83,6 +87,7 @@ class PipelineSettings:
     device_budget: Optional[DeviceBudget] = None
     privacy: Optional[DifferentialPrivacy] = None
     compression: Optional[Compression] = None
+    secure_aggregation: Optional[SecureAggregation] = None
     split: Optional[SplitSpec] = None
     trainer: dict[str, Any] = field(default_factory=dict)
     stage_args: dict[str, list[str]] = field(default_factory=dict)
@@ -100,6 +105,14 @@ class PipelineSettings:
                 raise MissingFileError(f"config file not found: {config}")
         if self.aggregation is None:
             self.aggregation = FedAvg()
+        if self.secure_aggregation is not None:
+            refusal = self.rule.secure_aggregation_refusal()
+            if refusal is not None:
+                raise ConfigError(f"secure_aggregation cannot be used with the aggregation rule "
+                                  f"{type(self.rule).__name__}: {refusal}; use FedAvg, or remove secure_aggregation")
+            if self.compression is not None:
+                raise ConfigError("secure_aggregation and compression do not combine (SecAgg+ masks the full "
+                                  "update): remove one of them")
 
     @property
     def rule(self) -> AggregationRule:

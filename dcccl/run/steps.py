@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from dcccl.federated.class_split import DataPartition
+from dcccl.federated.secure_aggregation import SecureAggregation
 from dcccl.run.manifest import PRESENTATION_OPTIONS
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import RestartPoint
@@ -74,6 +75,21 @@ class DeviceTask:
 
 
 @dataclass(frozen=True)
+class SecureSum:
+    """How a device call's copies reach the cloud under secure aggregation: only as their weighted mean.
+
+    Args:
+        path: Where the mean copy goes (with the devices' total sample count).
+        settings: The SecAgg+ protocol's settings.
+        weight_by_samples: Whether each device's weight is its sample count (else one).
+    """
+
+    path: Path
+    settings: SecureAggregation
+    weight_by_samples: bool = True
+
+
+@dataclass(frozen=True)
 class StageCall(Step):
     """One stage run as the plan asks for it: a LightningModule run through ``dcccl fit``/``test``'s parser.
 
@@ -96,6 +112,8 @@ class StageCall(Step):
         group: The pipeline run the call belongs to (its name).
         devices: For a device stage, the devices it trains, one after another inside one ``fit`` (a round's
             reporting devices; each on its own samples only, each copy written to its own file).
+        secure_sum: With secure aggregation: how the devices' weighted mean copy is made and where it goes; the
+            cloud receives nothing else of them (their own copies stay on the devices).
     """
 
     stage: StageName = "cloud"
@@ -110,6 +128,7 @@ class StageCall(Step):
     extra_args: tuple[str, ...] = ()
     group: str = ""
     devices: tuple[DeviceTask, ...] = ()
+    secure_sum: Optional[SecureSum] = None
 
     @property
     def last_checkpoint(self) -> Path:
@@ -137,6 +156,9 @@ class StageCall(Step):
             "seed": self.seed,
             "extra_args": list(self.extra_args),
             **({"devices": [task.describe() for task in self.devices]} if self.devices else {}),
+            **({"secure_sum": {"path": str(self.secure_sum.path), **self.secure_sum.settings.to_dict(),
+                               "weight_by_samples": self.secure_sum.weight_by_samples}}
+               if self.secure_sum is not None else {}),
         }
 
 

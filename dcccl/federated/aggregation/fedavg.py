@@ -41,6 +41,19 @@ class FedAvg(AggregationRule):
         """Class-aware fusion needs each copy's samples per class."""
         return self.class_aware_head
 
+    def secure_aggregation_refusal(self) -> Optional[str]:
+        """FedAvg needs only the devices' weighted mean, unless it fuses the classifier class by class."""
+        if self.class_aware_head:
+            return "class-aware fusion needs each copy's classifier rows with its samples per class"
+        if self.cloud_share is None and self.device_weighting == "uniform":
+            return "cloud_share null with uniform device weighting needs the number of devices behind each copy"
+        return None
+
+    @property
+    def secure_weights_by_samples(self) -> bool:
+        """By sample count, unless the devices are weighted uniformly."""
+        return self.device_weighting == "samples"
+
     def weights(self, cloud_count: int, device_counts: Sequence[int]) -> list[float]:
         """λ for the cloud's copy, ``1 - λ`` split among the devices (see :func:`fusion_weights`)."""
         return fusion_weights(cloud_count, device_counts, self.cloud_share, self.device_weighting)

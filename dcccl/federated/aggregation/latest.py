@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 from dcccl.federated.aggregation.fedavg import FedAvg
 
@@ -20,6 +20,11 @@ class LatestUpdate(FedAvg):
         cloud_share: λ, the cloud copy's share; ``null`` weights it by its sample count like a device.
         device_weighting: Split the devices' share by sample counts (``samples``) or equally (``uniform``).
     """
+
+    def secure_aggregation_refusal(self) -> Optional[str]:
+        """Offline devices' last updates are re-applied one by one: they must be in the clear."""
+        return ("latest-update averaging needs each device's last update in the clear (it re-applies the copies of "
+                "offline devices one by one)")
 
     def fused_copies(self, fleet: FleetSpec, seed: int, round_index: int) -> list[tuple[int, int]]:
         """Every device that has reported so far, with the last round it reported in."""

@@ -32,6 +32,16 @@ class AggregationRule(ABC):
         """Whether the rule needs each copy's samples per class (the devices then send them up with their copy)."""
         return False
 
+    def secure_aggregation_refusal(self) -> Optional[str]:
+        """Why the rule cannot fuse a round from the devices' weighted mean alone (secure aggregation), or ``None``
+        when it can."""
+        return f"{type(self).__name__} fuses each device copy on its own"
+
+    @property
+    def secure_weights_by_samples(self) -> bool:
+        """Whether a device's weight in the secure sum is its sample count (else one)."""
+        return True
+
     def fused_copies(self, fleet: FleetSpec, seed: int, round_index: int) -> list[tuple[int, int]]:
         """``(device, round)`` of every device copy the fusion of ``round_index`` averages.
 
