@@ -50,8 +50,8 @@ from dcccl.run.coordinator import StageRunner
 from dcccl.run.execution import PlanRun
 from dcccl.run.exports import check_lightning_checkpoint
 from dcccl.run.plan import dcccl_plan
-from dcccl.run.run_dir import RunDirectory
 from dcccl.run.ranks import is_global_zero
+from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings, RestartPoint
 from dcccl.run.steps import StageCall
 from lightning_modules import STAGE_MODULES, DeviceRoundModule, DeviceSteps, StageModule

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from dcccl.errors import ConfigError
-from dcccl.federated.compression import (Compression, apply_update, dequantize_int8, difference, quantize_int8,
-                                         state_bytes, top_k)
+from dcccl.federated.compression import (
+    Compression,
+    apply_update,
+    dequantize_int8,
+    difference,
+    quantize_int8,
+    state_bytes,
+    top_k,
+)
 from dcccl.run.device_state import load_device_state
 from dcccl.run.exports import load_export
 from dcccl.run.steps import DeviceTask

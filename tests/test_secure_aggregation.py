@@ -14,8 +14,12 @@ from dcccl.federated.aggregation import FedAvg, LatestUpdate
 from dcccl.federated.compression import Compression
 from dcccl.federated.fleet import FleetSpec
 from dcccl.federated.privacy import DifferentialPrivacy
-from dcccl.federated.secure_aggregation import (SecureAggregation, apply_mean_update, quantization_tolerance,
-                                                update_arrays)
+from dcccl.federated.secure_aggregation import (
+    SecureAggregation,
+    apply_mean_update,
+    quantization_tolerance,
+    update_arrays,
+)
 from dcccl.run.fusion import FusionStep
 from dcccl.run.plan import dcccl_plan
 from dcccl.run.steps import StageCall

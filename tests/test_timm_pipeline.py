@@ -25,7 +25,8 @@ TIMM_NAME = "mobilenetv3_small_050.lamb_in1k"
 
 
 def fill_hub_cache(cache: Path, name: str, state: dict[str, torch.Tensor]) -> None:
-    """Lay ``state`` out as the hub cache holds timm's weights for ``name`` (refs/main -> snapshot/model.safetensors)."""
+    """Lay ``state`` out as the hub cache holds timm's weights for ``name``
+    (refs/main -> snapshot/model.safetensors)."""
     repo = cache / f"models--timm--{name}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
@@ -123,7 +124,8 @@ def cloud_stage(callbacks: list[object], root: Path, digits_module: object) -> C
     return module
 
 
-@pytest.mark.parametrize("callback", [ChannelsLast(), CompileNetworks(backend="eager")], ids=["channels_last", "compile"])
+@pytest.mark.parametrize("callback", [ChannelsLast(), CompileNetworks(backend="eager")],
+                         ids=["channels_last", "compile"])
 def test_speed_callbacks_keep_the_stage_s_results(tmp_path: Path, digits: object, callback: object) -> None:
     plain = cloud_stage([], tmp_path / "plain", digits)
     fast = cloud_stage([callback], tmp_path / "fast", digits)

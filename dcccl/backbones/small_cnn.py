@@ -11,7 +11,6 @@ from dcccl.backbones.head import ClassifierHeadMixin
 from dcccl.backbones.registry import register_backbone
 from dcccl.errors import ConfigError
 
-
 Norm = Literal["batch", "group"]
 
 

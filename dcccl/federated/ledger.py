@@ -1,8 +1,9 @@
 """The device/cloud ledger: every transfer between the cloud and a device, in bytes.
 
-By construction only the control model and the co-submodel go down, and only a co-submodel copy, its
-sample count, (for class-aware fusion) its samples per class and (with DP-SGD) the epsilon it has spent go up; recording anything else raises
-:class:`LedgerViolation`, so a misconfigured stage is refused before it runs.
+By construction only the control model and the co-submodel go down, and only a co-submodel copy, its sample count,
+(for class-aware fusion) its samples per class and (with DP-SGD) the epsilon it has spent go up; recording anything
+else raises :class:`LedgerViolation`, so a misconfigured stage is refused before it runs. With compressed transfers
+each copy is counted in the bytes its encoding took.
 """
 
 from __future__ import annotations

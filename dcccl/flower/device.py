@@ -11,9 +11,9 @@ Each node is configured on its own machine (``flower-supernode --node-config``):
 Messages it answers: ``query.partition`` (which device it is), ``query.install`` (the control model, the
 co-submodel's architecture and the training settings, once per run), ``train`` (SecAgg+'s messages under secure
 aggregation: the round's co-submodel down, the masked update up) and ``train.copy`` (the round's co-submodel down; the
-copy, its sample count, when the rule asks its samples per class, and with DP-SGD the epsilon it has spent up). What
-the device keeps between rounds (its privacy accountant's history) stays in its own folder. It refuses, with an error reply, any
-message that carries a network of another role (the cloud submodel) or a record it does not expect.
+copy, its sample count, when the rule asks its samples per class, and with DP-SGD the epsilon it has spent up).
+What the device keeps between rounds (its privacy accountant's history) stays in its own folder. It refuses, with an
+error reply, any message that carries a network of another role (the cloud submodel) or a record it does not expect.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from typing import Any, Optional
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 

@@ -104,8 +104,7 @@ class CountingGrid:
         stage = str(configs.get(Key.STAGE, "")) or ("collect_masked_vectors" if Key.MASKED_PARAMETERS in configs
                                                     else "reply")
         masked = configs.get(Key.MASKED_PARAMETERS)
-        payload = payload_bytes(message.content) + (sum(len(item) for item in masked)  # type: ignore[union-attr]
-                                                    if masked is not None else 0)
+        payload = payload_bytes(message.content) + (_value_bytes(masked) if masked is not None else 0)
         total = payload_bytes(message.content) + sum(
             _value_bytes(value) + len(key) for record in message.content.config_records.values()
             for key, value in record.items()) + sum(

@@ -131,9 +131,10 @@ def ablation_table(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, A
         for side in ("cloud_test", "device_test"):
             columns[f"agreement_{side}"] = [float(m["fidelity"][side]["agreement"]) for m in per_seed.values()]
         for key, read in OPTIONAL_COLUMNS.items():
-            values = [read(m) for m in per_seed.values()]
-            if values and all(value is not None for value in values):
-                columns[key] = [float(value) for value in values]  # type: ignore[arg-type]
+            readings = [read(m) for m in per_seed.values()]
+            present = [float(value) for value in readings if value is not None]
+            if present and len(present) == len(readings):
+                columns[key] = present
         for key, values in columns.items():
             entry[key] = statistics.fmean(values)
             entry[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0

@@ -20,9 +20,9 @@ from torch import nn
 
 from dcccl.backbones.registry import check_backbone
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.federated.privacy import check_trainable, require_opacus
 from dcccl.errors import ConfigError, DCCCLError
 from dcccl.federated.budget import check_device_budget
+from dcccl.federated.privacy import check_trainable, require_opacus
 from dcccl.run.boundary import ResolvedStage, check_boundary
 from dcccl.run.exports import check_export_fits, load_network
 from dcccl.run.settings import PipelineSettings
