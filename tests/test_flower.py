@@ -229,7 +229,10 @@ def test_secure_aggregation_on_loopback_equals_plain_fedavg_within_its_quantisat
     # Each device's masked update is counted up, the co-submodel down; every SecAgg+ message is logged.
     transfers = json.loads((run_dir / "transfers.json").read_text())["transfers"]
     up = {t["device"]: t["bytes"] for t in transfers if t["what"] == "co_submodel" and t["direction"] == "up"}
-    assert sorted(up) == [0, 1, 2] and all(size >= sum(v.numel() for v in fused.values()) for size in up.values())
     messages = json.loads((run_dir / "rounds/round_001/devices/messages.json").read_text())["messages"]
+    masked = {m["device"]: m["payload_bytes"] for m in messages
+              if m["kind"] == "secagg+ collect_masked_vectors" and m["direction"] == "up"}
+    assert up == masked and sorted(up) == [0, 1, 2]
+    assert all(size >= sum(v.numel() for v in fused.values() if v.is_floating_point()) for size in up.values())
     assert {m["kind"] for m in messages} >= {"secagg+ setup", "secagg+ share_keys", "secagg+ collect_masked_vectors",
                                             "secagg+ unmask"}

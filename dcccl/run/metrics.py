@@ -39,7 +39,7 @@ def ledger_of(plan: Sequence[Step]) -> Ledger:
     for step in plan:
         if not (isinstance(step, StageCall) and step.stage == "device"):
             continue
-        records = device_records(step) if any(task.state_out is not None for task in step.devices) else {}
+        records = device_records(step)
         for task in step.devices:
             wire = records.get(task.device, {}).get("wire", {})  # compressed: the bytes the encoding took
             for path in task.downlink:
