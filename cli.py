@@ -61,7 +61,7 @@ log = logging.getLogger("dcccl")
 STAGE_HELP = """dcccl: device-cloud collaborative controlled learning. Subcommands fit/validate/test/predict run one
 stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method,
 'dcccl compare --help' compares it with the paper's baselines, 'dcccl ablate --help' compares variants of it,
-'dcccl export --help' writes the ONNX bundle."""
+'dcccl export --help' writes the ONNX bundle, 'dcccl audit --help' attacks a run's device copies."""
 
 PIPELINE_HELP = """Run DC-CCL end to end: cloud submodel -> control model -> rounds of (cloud side, devices, fusion,
 evaluation). Any --trainer.* option (e.g. --trainer.max_epochs 1, --trainer.accelerator gpu,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from dcccl.errors import ConfigError
 from dcccl.federated.membership import class_matched, loss_threshold_auc, roc_points
 from dcccl.reporting.plots import plot_membership_roc
 from dcccl.run.atomic import atomic_write_json
@@ -77,6 +78,9 @@ def audit_membership(plan: Sequence[Step], datamodule: Any, run_root: Path, guid
     for step in plan:
         if not (isinstance(step, StageCall) and step.stage == "device"):
             continue
+        if step.secure_sum is not None:
+            raise ConfigError(f"{run_root} used secure aggregation: the cloud holds only the mean of each round's "
+                              "copies, no device copy to attack")
         control = step.model_args.get("control_model") if guided else None
         guide = None
         if control is not None:
