@@ -97,3 +97,12 @@ def test_flower_refuses_a_secure_round_of_one_device(tmp_path: Path) -> None:
     call = next(s for s in dcccl_plan(one) if isinstance(s, StageCall) and s.stage == "device")
     with pytest.raises(ConfigError, match="at least two devices"):
         FlowerDevices(None, None).resolve(call)  # type: ignore[arg-type]
+
+
+def test_a_simulated_fleet_refuses_secure_aggregation(tmp_path: Path) -> None:
+    from cli import LightningStageRunner
+
+    chosen = settings(tmp_path, fleet=FLEET, secure_aggregation=SecureAggregation())
+    call = next(s for s in dcccl_plan(chosen) if isinstance(s, StageCall) and s.stage == "device")
+    with pytest.raises(ConfigError, match="secure_aggregation runs on Flower"):
+        LightningStageRunner().resolve(call)

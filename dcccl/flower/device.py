@@ -107,9 +107,10 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
     control = folder / "control_model.pt"
     start, copy = work / "start.pt", work / "co_submodel.pt"
     # What the device keeps between its rounds (its privacy accountant's history): the latest earlier round's.
-    earlier = sorted(folder.glob("round_*/device_state.pt"))
-    earlier = [path for path in earlier if path.parent.name < work.name]
-    state_in = earlier[-1] if earlier else None
+    keeps_state = recipe["model_options"].get("privacy") is not None
+    earlier = [path for path in sorted(folder.glob("round_*/device_state.pt")) if path.parent.name < work.name]
+    state_in = earlier[-1] if earlier and keeps_state else None
+    state_out = work / "device_state.pt" if keeps_state else None
     model_args: dict[str, Any] = {"control_model": str(control) if control.is_file() else None,
                                   "co_submodel": str(start), "export_path": None, **recipe["model_options"]}
     return StageCall(
@@ -119,7 +120,7 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
         model_args=model_args, trainer_args={**recipe["trainer_args"], "default_root_dir": str(work)},
         data_args=data_args, seed=int(recipe["seed"]), work_dir=work, partition="device",
         extra_args=tuple(recipe["extra_args"]),
-        devices=(DeviceTask(device, start, copy, state_in=state_in, state_out=work / "device_state.pt"),))
+        devices=(DeviceTask(device, start, copy, state_in=state_in, state_out=state_out),))
 
 
 def train_here(context: Context, round_index: int, start: NetworkExport) -> tuple[StageCall, NetworkExport,
