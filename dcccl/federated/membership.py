@@ -25,7 +25,7 @@ def loss_threshold_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tens
     order = torch.argsort(scores, stable=True)
     sorted_scores = scores[order]
     ranks = torch.empty_like(scores)
-    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).double()
     mean_rank = ends - (counts.double() - 1) / 2
     ranks[order] = mean_rank[inverse]

@@ -82,9 +82,9 @@ def audit_membership(plan: Sequence[Step], datamodule: Any, run_root: Path, guid
             raise ConfigError(f"{run_root} used secure aggregation: the cloud holds only the mean of each round's "
                               "copies, no device copy to attack")
         control = step.model_args.get("control_model") if guided else None
-        guide = None
-        if control is not None:
-            guide = guide_cache.setdefault(control, load_network(control, "control_model"))
+        if control is not None and control not in guide_cache:
+            guide_cache[control] = load_network(control, "control_model")
+        guide = guide_cache.get(control) if control is not None else None
         per_device: dict[str, float] = {}
         counts: dict[str, int] = {}
         curves, aucs = {}, {}

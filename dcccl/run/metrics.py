@@ -39,7 +39,9 @@ def ledger_of(plan: Sequence[Step]) -> Ledger:
     for step in plan:
         if not (isinstance(step, StageCall) and step.stage == "device"):
             continue
-        records = device_records(step)
+        # What a device reported besides its copy (its epsilon, its encoded bytes): read only when it reports any.
+        reports = step.secure_sum is not None or any(step.model_args.get(key) for key in ("privacy", "compression"))
+        records = device_records(step) if reports else {}
         for task in step.devices:
             wire = records.get(task.device, {}).get("wire", {})  # compressed: the bytes the encoding took
             for path in task.downlink:
