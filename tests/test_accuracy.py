@@ -52,15 +52,23 @@ def test_defaults_teach_the_device_classes_on_an_image_folder_of_ones_own(tmp_pa
                    str(run_dir), "--trainer.enable_progress_bar", "false")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # The served model learns the classes only the device holds...
-    assert metrics["served/acc_device_classes"] >= 0.5, metrics
+    # The served model learns the classes only the device holds. Measured on this set-up with the folders and the
+    # run seeded alike, seeds 0-4 (torch 2.14.1, 2 CPU cores; python -m tests.spread folder): 65.4, 71.0, 82.2,
+    # 72.9, 56.1% on the device-only classes, 69.5 +- 9.6; seed 0 gave 48.6% on another machine of the same kind,
+    # so one machine's floating point moves a seed about as far as another seed does. The threshold, 35%, lies below
+    # the mean less three standard deviations (about 41%); what it guards against, a served model that does not
+    # learn them, stays near 0% (the cloud submodel alone 0%, DC-CCL without the control model 0.0 and 4.4% on
+    # average in docs/results.md).
+    assert metrics["served/acc_device_classes"] >= 0.35, metrics
     assert metrics["cloud_only/acc_device_classes"] == 0.0
-    # ...because the control model the devices train under is a faithful copy of the cloud submodel.
+    # ...because the control model the devices train under is a faithful copy of the cloud submodel: it agrees
+    # with it on 98.0, 96.8, 96.0, 92.9, 96.4% of cloud test samples at seeds 0-4 (96.0 +- 1.9). 85% lies more
+    # than five standard deviations below; a control model that did not learn the cloud submodel agrees by chance.
     datamodule = ImageFolderDataModule(**folders)
     fidelity = control_fidelity(load_network(run_dir / "cloud/cloud_submodel.pt", "cloud_submodel"),
                                 load_network(run_dir / "distill/control_model.pt", "control_model"),
                                 DataLoader(datamodule.side_test_dataset("cloud"), batch_size=256))
-    assert fidelity["agreement"] >= 0.9, fidelity
+    assert fidelity["agreement"] >= 0.85, fidelity
     # Every training stage says what it ran and why it stopped.
     report = json.loads((run_dir / "cloud" / "budget.json").read_text())
     assert report["steps"] >= report["budget"]["min_steps"] and report["stopped"]

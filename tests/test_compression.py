@@ -160,4 +160,7 @@ def test_a_compressed_pipeline_counts_the_encoded_bytes_in_its_ledger(tmp_path: 
         assert transfer["bytes"] == record["wire"][f"{transfer['direction']}_bytes"]
         assert 0.24 * full < transfer["bytes"] < 0.3 * full
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["served/acc"] > metrics["cloud_only/acc"] + 0.1
+    # Two int8 rounds serve 22.5, 20.1, 13.4, 22.3, 15.5 points above the cloud submodel alone at seeds 0-4
+    # (18.8 +- 4.1; python -m tests.spread int8): 5 points lies more than three standard deviations below, and a
+    # transfer that broke the co-submodel would serve no better than the cloud submodel alone.
+    assert metrics["served/acc"] > metrics["cloud_only/acc"] + 0.05

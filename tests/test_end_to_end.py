@@ -17,7 +17,9 @@ def test_quickstart_pipeline_beats_cloud_submodel_and_resumes(tmp_path: Path) ->
                   "--trainer.enable_progress_bar", "false")
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    # The served model learns the classes only the device holds; the cloud submodel alone cannot.
+    # The served model learns the classes only the device holds; the cloud submodel alone cannot. Over seeds 0-2 the
+    # quickstart serves 93.5 +- 1.5% (device-only classes 86.8 +- 2.8%) against 68.6 +- 0.2% for the cloud
+    # submodel alone (docs/results.md): both thresholds lie more than five standard deviations below.
     assert metrics["cloud_only/acc_device_classes"] == 0.0
     assert metrics["served/acc_device_classes"] > 0.3
     assert metrics["served/acc"] >= metrics["cloud_only/acc"] + 0.10

@@ -126,7 +126,9 @@ def test_predict_on_the_test_digits_reproduces_the_served_model_and_its_accuracy
     accuracy = np.mean([row["prediction"] == row["path"].split("/")[0] for row in rows])
     metrics = json.loads(run.metrics.read_text())
     assert math.isclose(accuracy, metrics["served/acc"], abs_tol=1e-6)
-    assert accuracy > 0.3  # chance is 0.1
+    # This cut of the quickstart serves 45.4, 55.3, 54.6, 54.6, 59.0% at seeds 0-4 (53.8 +- 5.0; python -m
+    # tests.spread predict): 0.3 lies more than four standard deviations below, and three times chance (0.1).
+    assert accuracy > 0.3
     assert not list(finished_run.glob("*.tmp")) and not list(finished_run.glob(".predictions*"))
 
 
