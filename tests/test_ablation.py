@@ -92,3 +92,15 @@ def test_tiny_ablation_through_the_cli(tmp_path: Path) -> None:
     assert (tmp_path / "ablation" / "kl_distillation" / "seed_0" / "distill").is_dir()
     assert not (tmp_path / "ablation" / "kl_distillation" / "seed_0" / "cloud").exists()
     assert "| kl_distillation |" in (tmp_path / "ablation" / "ablation.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(Path("configs/ablations").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_variants_file_parses_into_settings(path: Path, tmp_path: Path) -> None:
+    parser = cli.ablate_parser()
+    base = "configs/privacy.yaml" if path.name == "privacy.yaml" else "configs/fleet_1000.yaml"
+    cfg = parser.parse_args(["--config", base, "--variants", str(path), "--run_dir", str(tmp_path)])
+    variants = cli.variant_settings(parser, cfg, read_variants(path, cfg.only))
+    assert len(variants) == len(read_variants(path)) >= 2
+    for name, entry in read_variants(path).items():  # a rule a variant names is the rule its settings hold
+        rule = entry["settings"].get("aggregation", {}).get("class_path")
+        assert rule is None or type(variants[name].rule).__name__ == rule, name

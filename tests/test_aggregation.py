@@ -258,7 +258,7 @@ def test_a_rule_of_ones_own_is_one_class_named_in_the_config(tmp_path) -> None: 
         torch.manual_seed(seed)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fake_export(path, sample_count=count)
-    fused = fuse_exports(fusion)
+    fused, _ = fuse_exports(fusion)
     cloud, device = (torch.load(path, weights_only=True)["state_dict"]["head.weight"]
                      for path in (fusion.cloud_copy, fusion.device_copies[0]))
     torch.testing.assert_close(fused.state_dict["head.weight"], 0.5 * cloud + 0.5 * device)

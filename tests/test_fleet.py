@@ -166,7 +166,7 @@ def _fusion(tmp_path: Path, cloud: Path, copies: tuple[Path, ...], bases: tuple 
 def test_fusion_of_a_round_where_no_device_reported_is_the_cloud_copy(tmp_path: Path) -> None:
     cloud = tmp_path / "co_submodel.pt"
     write_fake_export(cloud, sample_count=100)
-    fused = fuse_exports(_fusion(tmp_path, cloud, ()))
+    fused, _ = fuse_exports(_fusion(tmp_path, cloud, ()))
     assert fused.sample_count == 100
     for key, value in load_network(cloud, "co_submodel").state_dict().items():
         assert torch.equal(fused.state_dict[key], value)
@@ -223,7 +223,7 @@ def test_fusion_rebases_a_stale_copy(tmp_path: Path) -> None:
     for seed, path in enumerate(paths.values()):
         torch.manual_seed(seed)
         write_fake_export(path, sample_count=100)
-    fused = fuse_exports(_fusion(tmp_path, paths["cloud"], (paths["stale"],), (paths["base"],), paths["onto"]))
+    fused, _ = fuse_exports(_fusion(tmp_path, paths["cloud"], (paths["stale"],), (paths["base"],), paths["onto"]))
     state = {name: load_export(path).state_dict for name, path in paths.items()}
     key = "head.weight"
     expected = 0.5 * state["cloud"][key] + 0.5 * (state["onto"][key] + state["stale"][key] - state["base"][key])

@@ -234,8 +234,16 @@ def fusion_step(settings: PipelineSettings, run: RunDirectory, round_index: int,
     onto = device_start_of(settings, run, round_index, initial) if any(base is not None for base in bases) else None
     inputs = [run.cloud_copy(round_index), *copies, *(base for base in bases if base is not None),
               *((onto,) if onto is not None else ())]
+    outputs: tuple[Path, ...] = (run.fused_co_submodel(round_index),)
+    start = state_in = state_out = None
+    if rule.keeps_server_state:  # a server optimiser: its step starts from the round's start, with its kept state
+        start = initial if round_index == 1 else round_result(settings, run, round_index - 1)
+        state_in = run.server_state(round_index - 1) if round_index > 1 else None
+        state_out = run.server_state(round_index)
+        inputs += [start, *((state_in,) if state_in is not None else ())]
+        outputs += (state_out,)
     return FusionStep(
         label=f"round {round_index}/{settings.rounds}: fusion of the cloud copy and {len(copies)} device copies",
-        restart_point="rounds", outputs=(run.fused_co_submodel(round_index),), inputs=tuple(dict.fromkeys(inputs)),
+        restart_point="rounds", outputs=outputs, inputs=tuple(dict.fromkeys(inputs)),
         round_index=round_index, rule=rule, cloud_copy=run.cloud_copy(round_index), device_copies=copies,
-        device_bases=bases, rebase_onto=onto)
+        device_bases=bases, rebase_onto=onto, round_start=start, state_in=state_in, state_out=state_out)

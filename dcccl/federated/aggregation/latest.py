@@ -28,8 +28,13 @@ class LatestUpdate(FedAvg):
 
     def fused_copies(self, fleet: FleetSpec, seed: int, round_index: int) -> list[tuple[int, int]]:
         """Every device that has reported so far, with the last round it reported in."""
-        latest: dict[int, int] = {}
-        for r in range(1, round_index + 1):
-            for device in fleet.reporting(seed, r):
-                latest[device] = r
-        return sorted(latest.items())
+        return latest_copies(fleet, seed, round_index)
+
+
+def latest_copies(fleet: FleetSpec, seed: int, round_index: int) -> list[tuple[int, int]]:
+    """``(device, round)`` of every device that has reported up to ``round_index``, with the last round it did."""
+    latest: dict[int, int] = {}
+    for r in range(1, round_index + 1):
+        for device in fleet.reporting(seed, r):
+            latest[device] = r
+    return sorted(latest.items())

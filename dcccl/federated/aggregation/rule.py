@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from dcccl.federated.fleet import FleetSpec
 
 StateDict = Mapping[str, torch.Tensor]
+# What a rule keeps from one round's fusion to the next (a server optimiser's moments): named groups of tensors,
+# each keyed like the co-submodel's parameters.
+ServerState = dict[str, dict[str, torch.Tensor]]
 
 
 class AggregationRule(ABC):
@@ -41,6 +44,26 @@ class AggregationRule(ABC):
     def secure_weights_by_samples(self) -> bool:
         """Whether a device's weight in the secure sum is its sample count (else one)."""
         return True
+
+    @property
+    def keeps_server_state(self) -> bool:
+        """Whether the rule keeps state from one round's fusion to the next (kept in the run directory)."""
+        return False
+
+    def server_step(self, mean: StateDict, start: StateDict, parameters: Set[str], state: ServerState,
+                    round_index: int) -> tuple[dict[str, torch.Tensor], ServerState]:
+        """The co-submodel the next round starts from, and the state to keep, given the round's fused copies.
+
+        By default the weighted mean itself, keeping nothing.
+
+        Args:
+            mean: The weighted mean of the round's copies (:meth:`fuse`).
+            start: The co-submodel the round started from.
+            parameters: Names of the trainable parameters (the rest are buffers).
+            state: What the rule kept after the previous round's fusion (empty in round 1).
+            round_index: The round (counted from 1).
+        """
+        return dict(mean), {}
 
     def fused_copies(self, fleet: FleetSpec, seed: int, round_index: int) -> list[tuple[int, int]]:
         """``(device, round)`` of every device copy the fusion of ``round_index`` averages.
