@@ -10,7 +10,7 @@ import torch
 
 from datamodules.arrays import ArrayDataModule
 
-_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,7 +30,7 @@ def load_bundled_digits() -> tuple[torch.Tensor, np.ndarray]:
         table = np.loadtxt(path, delimiter=",", dtype=np.float64)
         pixels, labels = table[:, :-1], table[:, -1].astype(int)
     images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
-    return (images - _MNIST_MEAN) / _MNIST_STD, np.asarray(labels, dtype=np.int64)
+    return (images - MNIST_MEAN) / MNIST_STD, np.asarray(labels, dtype=np.int64)
 
 
 class BundledMNISTDataModule(ArrayDataModule):
@@ -55,4 +55,4 @@ class BundledMNISTDataModule(ArrayDataModule):
 
     def input_description(self) -> dict[str, Any]:
         """28x28 grey-scale digits scaled to [0, 1], then normalised with MNIST's mean and std."""
-        return {**super().input_description(), "scale": 1 / 255, "mean": [_MNIST_MEAN], "std": [_MNIST_STD]}
+        return {**super().input_description(), "scale": 1 / 255, "mean": [MNIST_MEAN], "std": [MNIST_STD]}
