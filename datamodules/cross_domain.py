@@ -45,13 +45,14 @@ class CrossDomainDataModule(ArrayDataModule):
         device_animals: The animals the device holds (of bear, bird, cat, cow, dog, elephant, giraffe, horse, sheep,
             zebra).
         animals_per_class: Silhouettes of each animal in the data set (train and test together).
-        cloud_classes: Default: the digits 0-9.
-        device_classes: Default: every animal (10, 11, ...).
+        cloud_classes: The digits 0-9 (``null``: the same).
+        device_classes: ``null``: every animal (10, 11, ...).
         kwargs: The other arguments of :class:`datamodules.arrays.ArrayDataModule`.
     """
 
     def __init__(self, device_animals: list[str] = ["cat", "dog", "horse", "sheep", "zebra"],  # noqa: B006
-                 animals_per_class: int = 150, cloud_classes: Optional[list[int]] = None,
+                 animals_per_class: int = 150,
+                 cloud_classes: Optional[list[int]] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # noqa: B006
                  device_classes: Optional[list[int]] = None, **kwargs: Any) -> None:
         unknown = [animal for animal in device_animals if animal not in ANIMALS]
         if unknown or not device_animals or len(set(device_animals)) != len(device_animals):

@@ -14,6 +14,7 @@ from datamodules import AnimalShapesDataModule, CrossDomainDataModule
 from datamodules.animal_shapes import ANIMALS, load_animal_shapes
 from datamodules.mnist import MNIST_MEAN, MNIST_STD
 from dcccl.errors import ConfigError
+from cli import load_datamodule
 from tests.test_configs import print_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -74,3 +75,6 @@ def test_every_data_config_parses_and_builds_its_data(path: Path) -> None:
     module_name, class_name = section["class_path"].rsplit(".", 1)
     data = getattr(__import__(module_name, fromlist=[class_name]), class_name)(**section.get("init_args", {}))
     assert len(data.train_dataset("cloud")) > 0 and len(data.train_dataset("device")) > 0
+    # What a pipeline builds from the file (parsed over the default data section) is the same split.
+    loaded = load_datamodule(str(path), 0)
+    assert type(loaded) is type(data) and loaded.split_spec == data.split_spec  # type: ignore[attr-defined]
