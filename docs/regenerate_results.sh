@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates every figure of docs/results.md and of the README's results: the comparison with the baselines and
 # the table of DC-CCL's variants, seeds 0, 1 and 2, on the quickstart's digits, on scikit-learn's digits and on the
-# fleet of 20 devices. About 2.5 hours on 2 CPU cores; every run is kept under runs/results/ (re-running skips what
-# is done). Run from the repository root with the project installed.
+# fleet of 20 devices (about 2.5 hours on 2 CPU cores), then beyond digits and on the fleet of 1,000 devices (about
+# 3 hours more). Every run is kept under $RESULTS/ (re-running skips what is done). Run from the repository root
+# with the project installed; RESULTS=/elsewhere keeps the runs outside the work tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SEEDS=(0 1 2)
+RESULTS=${RESULTS:-runs/results}
 declare -A DATA=([quickstart]="--config configs/quickstart.yaml"
                  [digits8]="--config configs/quickstart.yaml --data configs/data/sklearn_digits.yaml --name digits8"
                  [fleet]="--config configs/fleet.yaml")
@@ -15,11 +17,11 @@ declare -A ONLY=([quickstart]="" [digits8]="" [fleet]="--only paper_rounds paral
 # Every comparison first (the targets are judged on them), then the variants.
 for name in quickstart digits8 fleet; do
   # shellcheck disable=SC2086
-  dcccl compare ${DATA[$name]} --seeds "${SEEDS[@]}" --run_dir "runs/results/$name"
+  dcccl compare ${DATA[$name]} --seeds "${SEEDS[@]}" --run_dir "$RESULTS/$name"
 done
 for name in quickstart digits8 fleet; do
   # shellcheck disable=SC2086
-  dcccl ablate ${DATA[$name]} --variants "$VARIANTS" ${ONLY[$name]} --seeds "${SEEDS[@]}" --run_dir "runs/results/$name"
+  dcccl ablate ${DATA[$name]} --variants "$VARIANTS" ${ONLY[$name]} --seeds "${SEEDS[@]}" --run_dir "$RESULTS/$name"
 done
 # Privacy and bandwidth (needs the privacy extra): DP-SGD at epsilon 8, 4 and 1 against no DP, with the membership
 # attack's AUC; compressed transfers against the full co-submodel. About 1 hour more.
@@ -28,17 +30,36 @@ for name in quickstart digits8; do
   [ "$name" = digits8 ] && data="--data configs/data/sklearn_digits.yaml"
   # shellcheck disable=SC2086
   dcccl ablate --config configs/privacy.yaml $data --name "privacy_$name" --variants configs/ablations/privacy.yaml \
-    --audit --seeds "${SEEDS[@]}" --run_dir "runs/results/privacy_$name"
+    --audit --seeds "${SEEDS[@]}" --run_dir "$RESULTS/privacy_$name"
   # shellcheck disable=SC2086
   dcccl ablate --config configs/quickstart.yaml $data --name "compression_$name" \
-    --variants configs/ablations/compression.yaml --seeds "${SEEDS[@]}" --run_dir "runs/results/compression_$name"
+    --variants configs/ablations/compression.yaml --seeds "${SEEDS[@]}" --run_dir "$RESULTS/compression_$name"
+done
+# The set-ups beyond digits (the cross-domain one and the animal silhouettes, one device) and the fleet of 1,000
+# devices holding a sample or two, with the server optimisers.
+declare -A BEYOND=([cross_domain]=configs/data/cross_domain.yaml [animals]=configs/data/animal_shapes.yaml)
+for name in cross_domain animals; do
+  dcccl compare --config configs/quickstart.yaml --data "${BEYOND[$name]}" --name "$name" --seeds "${SEEDS[@]}" \
+    --run_dir "$RESULTS/$name"
+done
+for variants in server_optimizers server_optimizers_long; do
+  dcccl ablate --config configs/fleet_1000.yaml --variants "configs/ablations/$variants.yaml" --seeds "${SEEDS[@]}" \
+    --run_dir "$RESULTS/fleet_1000_$variants"
 done
 python -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
+for name in cross_domain animals; do
+  echo "== $name: $RESULTS/$name/comparison.md"
+  cat "$RESULTS/$name/comparison.md"
+done
+for name in fleet_1000_server_optimizers fleet_1000_server_optimizers_long; do
+  echo "== $name: $RESULTS/$name/ablation/ablation.md"
+  cat "$RESULTS/$name/ablation/ablation.md"
+done
 for name in quickstart digits8 fleet; do
-  echo "== $name: runs/results/$name/comparison.md, runs/results/$name/ablation/ablation.md"
-  cat "runs/results/$name/comparison.md" "runs/results/$name/ablation/ablation.md"
+  echo "== $name: $RESULTS/$name/comparison.md, $RESULTS/$name/ablation/ablation.md"
+  cat "$RESULTS/$name/comparison.md" "$RESULTS/$name/ablation/ablation.md"
 done
 for name in privacy_quickstart privacy_digits8 compression_quickstart compression_digits8; do
-  echo "== $name: runs/results/$name/ablation/ablation.md"
-  cat "runs/results/$name/ablation/ablation.md"
+  echo "== $name: $RESULTS/$name/ablation/ablation.md"
+  cat "$RESULTS/$name/ablation/ablation.md"
 done
