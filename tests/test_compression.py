@@ -25,6 +25,7 @@ from dcccl.run.device_state import load_device_state
 from dcccl.run.exports import load_export
 from dcccl.run.steps import DeviceTask
 from lightning_modules import DeviceRoundModule
+from tests.conftest import require_extra
 from tests.test_device_round import device_module, fleet_data, trainer
 
 
@@ -132,7 +133,7 @@ def test_a_device_round_sends_and_counts_its_encoded_update(tmp_path: Path,
 
 
 def test_flower_refuses_compressed_transfers_before_anything_is_sent() -> None:
-    pytest.importorskip("flwr")
+    require_extra("flwr")
     from dcccl.flower.cloud import FlowerDevices
     from dcccl.run.steps import StageCall
 

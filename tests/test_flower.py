@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-flwr = pytest.importorskip("flwr")
+from tests.conftest import require_extra
+
+flwr = require_extra("flwr")
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 

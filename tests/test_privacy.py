@@ -17,9 +17,10 @@ from dcccl.federated.privacy import DifferentialPrivacy, epsilon_spent, round_st
 from dcccl.run.device_state import load_device_state
 from dcccl.run.steps import DeviceTask
 from lightning_modules import DeviceRoundModule, DeviceSteps
+from tests.conftest import require_extra
 from tests.test_device_round import BUDGET, device_module, fleet_data, trainer
 
-pytest.importorskip("opacus")
+require_extra("opacus")
 from opacus.accountants import PRVAccountant, RDPAccountant  # noqa: E402
 
 GROUP_NORM = BackboneSpec("small_cnn", kwargs={"width": 2, "depth": 1, "norm": "group"})

@@ -23,6 +23,7 @@ from dcccl.federated.secure_aggregation import (
 from dcccl.run.fusion import FusionStep
 from dcccl.run.plan import dcccl_plan
 from dcccl.run.steps import StageCall
+from tests.conftest import require_extra
 from tests.test_pipeline import settings
 
 FLEET = FleetSpec(num_devices=4, sample_fraction=0.5, availability=1.0)
@@ -90,7 +91,7 @@ def test_the_mean_update_lands_on_the_start_and_leaves_counters_alone() -> None:
 
 
 def test_flower_refuses_a_secure_round_of_one_device(tmp_path: Path) -> None:
-    pytest.importorskip("flwr")
+    require_extra("flwr")
     from dcccl.flower.cloud import FlowerDevices
 
     one = settings(tmp_path, secure_aggregation=SecureAggregation())  # the quickstart's single device
