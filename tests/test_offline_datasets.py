@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
+from cli import load_datamodule
 from datamodules import AnimalShapesDataModule, CrossDomainDataModule
 from datamodules.animal_shapes import ANIMALS, load_animal_shapes
 from datamodules.mnist import MNIST_MEAN, MNIST_STD
 from dcccl.errors import ConfigError
-from cli import load_datamodule
 from tests.test_configs import print_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -201,7 +201,8 @@ def test_a_fleet_with_a_server_optimiser_through_the_cli(tmp_path: Path) -> None
     result = dcccl("pipeline", "--config", "configs/fleet.yaml", "--run_dir", str(tmp_path), "--rounds", "2",
                    "--fleet.num_devices", "4", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
                    "--trainer.limit_test_batches", "2", "--trainer.enable_progress_bar", "false",
-                   "--aggregation", '{"class_path": "FedYogi", "init_args": {"server_lr": 0.02, "latest_updates": true}}')
+                   "--aggregation",
+                   '{"class_path": "FedYogi", "init_args": {"server_lr": 0.02, "latest_updates": true}}')
     assert result.returncode == 0, result.stderr[-3000:]
     for round_index in (1, 2):
         kept = _tensors(tmp_path / f"rounds/round_{round_index:03d}/fusion/server_state.pt")
