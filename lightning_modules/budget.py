@@ -21,8 +21,8 @@ class BudgetCallback(Callback):
 
     After every validation the watched metric is compared with the best so far; the best weights are kept in the
     stage's ``checkpoints/`` folder, so a resumed stage keeps them too. At the end of every epoch the budget decides
-    whether to stop. When ``fit`` ends, the best weights are loaded back (before the stage exports) and
-    ``budget.json`` in the stage's directory says what ran and why it stopped.
+    whether to stop; its cap in steps holds after every step. When ``fit`` ends, the best weights are loaded back
+    (before the stage exports) and ``budget.json`` in the stage's directory says what ran and why it stopped.
 
     Args:
         budget: The budget.
@@ -40,9 +40,11 @@ class BudgetCallback(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """Count the training samples seen (on every process)."""
+        """Count the training samples seen (on every process); stop at the cap in steps, mid-epoch if need be."""
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
         self.samples += int(inputs.shape[0]) * trainer.world_size
+        if self.state.step_cap_reached(trainer.global_step):
+            trainer.should_stop = True
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Record the watched metric; keep the weights when they are the best so far."""

@@ -80,6 +80,15 @@ def test_the_budget_decides_how_long_a_real_stage_trains_and_exports_its_best_we
     assert report["stopped"] == "trained its floor (1 epoch, 12 steps)"
 
 
+def test_the_cap_in_steps_stops_a_stage_mid_epoch(tmp_path: Path) -> None:
+    # Epochs of 5 steps, a floor of 7 steps and a cap of 7: the stage stops after step 7, inside its second epoch
+    # (a check at epoch ends only would run 10).
+    _, fit = _fit(tmp_path, TrainingBudget(monitor=None, min_epochs=0, min_steps=7, max_steps=7))
+    report = json.loads((tmp_path / "budget.json").read_text())
+    assert fit.global_step == report["steps"] == 7 and report["samples"] == 7 * 32
+    assert report["stopped"] == "reached the cap of 7 steps"
+
+
 def test_the_trainers_own_limits_still_apply(tmp_path: Path) -> None:
     _, fit = _fit(tmp_path, TrainingBudget(monitor="val/acc", min_steps=100), max_steps=3)
     assert fit.global_step == 3

@@ -92,6 +92,14 @@ class BudgetState:
         self.waited += 1
         return False
 
+    def step_cap_reached(self, steps_done: int) -> bool:
+        """Whether ``steps_done`` reaches the cap in steps (checked after every step: the cap may fall mid-epoch)."""
+        budget = self.budget
+        if budget.max_steps is None or steps_done < budget.max_steps:
+            return False
+        self.reason = f"reached the cap of {budget.max_steps} steps"
+        return True
+
     def should_stop(self, epochs_done: int, steps_done: int) -> bool:
         """Whether to stop after ``epochs_done`` epochs and ``steps_done`` steps (and say why in :attr:`reason`)."""
         budget = self.budget
