@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Regenerates every figure of docs/results.md and of the README's results: the comparison with the baselines and
 # the table of DC-CCL's variants, seeds 0, 1 and 2, on the quickstart's digits, on scikit-learn's digits and on the
-# fleet of 20 devices (about 2.5 hours on 2 CPU cores), then beyond digits and on the fleet of 1,000 devices (about
-# 3 hours more). Every run is kept under $RESULTS/ (re-running skips what is done). Run from the repository root
+# fleet of 20 devices (about 2.5 hours on 2 CPU cores), then beyond digits and on the fleets of 100 and 1,000 devices
+# (about 4 hours more). Every run is kept under $RESULTS/ (re-running skips what is done). Run from the repository root
 # with the project installed; RESULTS=/elsewhere keeps the runs outside the work tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,25 +35,29 @@ for name in quickstart digits8; do
   dcccl ablate --config configs/quickstart.yaml $data --name "compression_$name" \
     --variants configs/ablations/compression.yaml --seeds "${SEEDS[@]}" --run_dir "$RESULTS/compression_$name"
 done
-# The set-ups beyond digits (the cross-domain one and the animal silhouettes, one device) and the fleet of 1,000
-# devices holding a sample or two, with the server optimisers.
+# The set-ups beyond digits (the cross-domain one and the animal silhouettes, one device), then the fleets of 100
+# and 1,000 devices: what their recipe is made of (fleet_recipe), and the server optimisers.
 declare -A BEYOND=([cross_domain]=configs/data/cross_domain.yaml [animals]=configs/data/animal_shapes.yaml)
 for name in cross_domain animals; do
   dcccl compare --config configs/quickstart.yaml --data "${BEYOND[$name]}" --name "$name" --seeds "${SEEDS[@]}" \
     --run_dir "$RESULTS/$name"
 done
-for variants in server_optimizers server_optimizers_long; do
-  dcccl ablate --config configs/fleet_1000.yaml --variants "configs/ablations/$variants.yaml" --seeds "${SEEDS[@]}" \
-    --run_dir "$RESULTS/fleet_1000_$variants"
+for variants in fleet_recipe server_optimizers; do
+  dcccl ablate --config configs/fleet_100.yaml --variants "configs/ablations/$variants.yaml" --seeds "${SEEDS[@]}" \
+    --run_dir "$RESULTS/fleet_100"
+  cp "$RESULTS/fleet_100/ablation/ablation.md" "$RESULTS/fleet_100_$variants.md"  # the next ablate rewrites it
 done
+dcccl ablate --config configs/fleet_1000.yaml --variants configs/ablations/server_optimizers.yaml \
+  --seeds "${SEEDS[@]}" --run_dir "$RESULTS/fleet_1000"
+cp "$RESULTS/fleet_1000/ablation/ablation.md" "$RESULTS/fleet_1000_server_optimizers.md"
 python -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
 for name in cross_domain animals; do
   echo "== $name: $RESULTS/$name/comparison.md"
   cat "$RESULTS/$name/comparison.md"
 done
-for name in fleet_1000_server_optimizers fleet_1000_server_optimizers_long; do
-  echo "== $name: $RESULTS/$name/ablation/ablation.md"
-  cat "$RESULTS/$name/ablation/ablation.md"
+for name in fleet_100_fleet_recipe fleet_100_server_optimizers fleet_1000_server_optimizers; do
+  echo "== $name: $RESULTS/$name.md"
+  cat "$RESULTS/$name.md"
 done
 for name in quickstart digits8 fleet; do
   echo "== $name: $RESULTS/$name/comparison.md, $RESULTS/$name/ablation/ablation.md"

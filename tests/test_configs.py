@@ -28,7 +28,7 @@ def print_config(args: list[str]) -> dict:
 
 
 def test_there_are_configs_to_check() -> None:
-    assert len(STAGE_CONFIGS) == 8 and PIPELINE_CONFIGS
+    assert len(STAGE_CONFIGS) == 10 and PIPELINE_CONFIGS
 
 
 @pytest.mark.parametrize("path", STAGE_CONFIGS, ids=lambda p: p.name)
@@ -61,13 +61,24 @@ def test_pipeline_config_renders_and_names_existing_stage_configs(path: Path, tm
 def test_overlays_extend_the_quickstart() -> None:
     parser = pipeline_parser()
     quickstart = parser.parse_args(["--config", str(CONFIGS / "quickstart.yaml")])
-    for overlay in ("fleet.yaml", "split_resnet.yaml"):
+    fleets = ("fleet.yaml", "fleet_100.yaml", "fleet_1000.yaml")
+    for overlay in ("split_resnet.yaml", *fleets):
         text = (CONFIGS / overlay).read_text()
-        assert "config: quickstart.yaml" in text and "stages:" not in text and "trainer:" not in text
+        assert "config: quickstart.yaml" in text and "trainer:" not in text
         cfg = parser.parse_args(["--config", str(CONFIGS / overlay)])
-        assert cfg.stages == quickstart.stages and cfg.trainer == quickstart.trainer
-    fleet = settings_from(parser, parser.parse_args(["--config", str(CONFIGS / "fleet.yaml")]))
-    assert type(fleet.aggregation).__name__ == "LatestUpdate" and fleet.fleet.num_devices == 20
+        assert cfg.trainer == quickstart.trainer and set(cfg.stages) == set(quickstart.stages)
+        # A stages section replaces the quickstart's whole: a fleet names every stage, and changes only the two
+        # local trainings of a round.
+        fleet_stages = {"device": "device_fleet.yaml", "cloud_round": "cloud_round_fleet.yaml"}
+        for name, path in cfg.stages.items():
+            expected = fleet_stages[name] if overlay in fleets and name in fleet_stages else None
+            assert Path(path).name == expected if expected else path == quickstart.stages[name], (overlay, name)
+    sizes = {}
+    for overlay in fleets:
+        fleet = settings_from(parser, parser.parse_args(["--config", str(CONFIGS / overlay)]))
+        assert type(fleet.aggregation).__name__ == "FedAdam", overlay
+        sizes[overlay] = fleet.fleet.num_devices
+    assert sizes == {"fleet.yaml": 20, "fleet_100.yaml": 100, "fleet_1000.yaml": 1000}
 
 
 def test_pipeline_stage_arguments_parse_with_the_stage_cli(tmp_path: Path) -> None:

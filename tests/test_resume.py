@@ -117,8 +117,11 @@ def test_changed_config_and_corrupted_artifact_are_refused_by_name(uninterrupted
 def test_a_round_killed_midway_resumes_with_the_devices_it_had_not_finished(tmp_path: Path) -> None:
     """Killed after some of a round's devices wrote their copies: the resumed round trains only the others and the
     run ends with the metrics of an uninterrupted one."""
+    # The quickstart's device stage (40 steps a device): the fleet's five-step devices may all finish before the
+    # kill comes.
     fleet = ["pipeline", "--config", "configs/fleet.yaml", "--rounds", "1", "--fleet.num_devices", "6",
-             "--fleet.sample_fraction", "1.0", "--fleet.availability", "1.0", *SMALL[2:]]
+             "--fleet.sample_fraction", "1.0", "--fleet.availability", "1.0", "--stages.device",
+             "configs/stages/device.yaml", *SMALL[2:]]
     reference = dcccl(*fleet, "--rounds", "1", "--run_dir", str(tmp_path / "reference"))
     assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "run"
