@@ -105,8 +105,8 @@ class BudgetState:
         budget = self.budget
         if epochs_done >= budget.max_epochs:
             self.reason = f"reached the cap of {budget.max_epochs} epochs"
-        elif budget.max_steps is not None and steps_done >= budget.max_steps:
-            self.reason = f"reached the cap of {budget.max_steps} steps"
+        elif self.step_cap_reached(steps_done):
+            pass
         elif epochs_done < budget.min_epochs or steps_done < budget.min_steps:
             return False
         elif budget.monitor is None:
