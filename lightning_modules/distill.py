@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Optional
 
 import numpy as np
@@ -17,6 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.method.freeze import freeze
+from dcccl.method.inversion import InversionSettings, invert_network
 from dcccl.method.losses import DistillationLoss, distillation_loss
 from dcccl.run.exports import load_network
 from dcccl.run.training_budget import TrainingBudget
@@ -39,6 +41,12 @@ class ControlDistillationModule(StageModule):
             0: off). Mixed images lie between the cloud's classes, nearer what a device may show ``g``.
         cutmix_alpha: CutMix's α, likewise (0: off).
         mix_prob: Share of the batches that are mixed.
+        synthesised_inputs: How many inputs to synthesise from the frozen cloud submodel by inverting it
+            (:func:`dcccl.method.inversion.invert_network`: from noise towards each of the cloud's classes in turn,
+            matching its batch-norm statistics), once before the first epoch; every training batch then also shows the
+            control model as many of them as it holds cloud samples, in a fixed cycle. Inputs ``f`` answers that are
+            not cloud samples, nearer what a device may show ``g`` (0: off).
+        inversion: How the inputs are synthesised (steps, learning rate, priors).
         cache_teacher_logits: Compute the frozen cloud submodel's logits on every training sample once, before the
             first epoch, and reuse them (mixed batches are always scored afresh). Not done when the data augments its
             training images (each epoch shows other crops); the stage says so.
@@ -61,6 +69,8 @@ class ControlDistillationModule(StageModule):
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         mix_prob: float = 0.5,
+        synthesised_inputs: int = 0,
+        inversion: Optional[InversionSettings] = None,
         cache_teacher_logits: bool = True,
         optimizer: Optional[OptimizerCallable] = None,
         export_path: Optional[str] = None,
@@ -69,6 +79,8 @@ class ControlDistillationModule(StageModule):
         super().__init__(num_classes, in_chans, optimizer, export_path, budget)
         if temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {temperature}")
+        if synthesised_inputs < 0:
+            raise ConfigError(f"synthesised_inputs must be 0 (off) or positive, got {synthesised_inputs}")
         self.backbone = backbone if backbone is not None else BackboneSpec("small_cnn", kwargs={"width": 8})
         self.loss_kind = loss
         self.temperature = temperature
@@ -76,6 +88,10 @@ class ControlDistillationModule(StageModule):
         self.control_model = self.build_network()
         self.mixup = Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=mix_prob,
                            num_classes=num_classes) if mixup_alpha > 0 or cutmix_alpha > 0 else None
+        self.synthesised_inputs = synthesised_inputs
+        self.inversion = inversion if inversion is not None else InversionSettings()
+        self.synthesised: Optional[torch.Tensor] = None
+        self.synthesised_logits: Optional[torch.Tensor] = None
         self.cache_teacher_logits = cache_teacher_logits
         self.teacher_logits: Optional[torch.Tensor] = None
         self.val_agreement = MeanMetric()
@@ -104,8 +120,11 @@ class ControlDistillationModule(StageModule):
         return bool(getattr(datamodule, "augments_training", False))
 
     def on_fit_start(self) -> None:
-        """With ``cache_teacher_logits``: the teacher's logits on every training sample, in the dataset's order
-        (in the trainer's precision, with the data's own loader settings)."""
+        """The synthesised inputs and the teacher's logits on them (with ``synthesised_inputs``); with
+        ``cache_teacher_logits``: the teacher's logits on every training sample, in the dataset's order (in the
+        trainer's precision, with the data's own loader settings)."""
+        if self.synthesised_inputs:
+            self._synthesise()
         if not self.cache_teacher_logits:
             return
         if self._augmented_data():
@@ -121,8 +140,34 @@ class ControlDistillationModule(StageModule):
                 logits.append(self.cloud_submodel(x).float())
         self.teacher_logits = torch.cat(logits)
 
+    def _synthesise(self) -> None:
+        """Invert the cloud submodel into ``synthesised_inputs`` inputs, their targets cycling over the classes the
+        cloud's training samples hold, from noise seeded by the run's seed (a resumed stage makes the same ones)."""
+        datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
+        counts = torch.tensor(datamodule.train_class_counts())
+        classes = torch.nonzero(counts > 0).flatten()
+        targets = classes[torch.arange(self.synthesised_inputs) % len(classes)]
+        input_shape = tuple(datamodule.train_dataset(datamodule.resolve_partition())[0][0].shape)
+        generator = torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", "0")) + 7919)
+        started = time.perf_counter()
+        with torch.inference_mode(False), torch.enable_grad():
+            self.synthesised = invert_network(self.cloud_submodel, targets, input_shape, self.inversion, generator)
+        with torch.no_grad():
+            self.synthesised_logits = self.cloud_submodel(self.synthesised).float()
+        hit = (self.synthesised_logits.argmax(1).cpu() == targets).float().mean().item()
+        rank_zero_info(f"[dcccl] distillation: synthesised {self.synthesised_inputs} inputs from the cloud submodel "
+                       f"in {time.perf_counter() - started:.0f} s; it assigns {hit:.0%} of them their target class")
+
+    def _synthesised_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``size`` synthesised inputs and the teacher's logits on them, cycling with the global step."""
+        assert self.synthesised is not None and self.synthesised_logits is not None
+        positions = (torch.arange(size) + self.global_step * size) % len(self.synthesised)
+        positions = positions.to(self.synthesised.device)
+        return self.synthesised[positions], self.synthesised_logits[positions]
+
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        """Distillation loss against the teacher's logits on a batch of cloud samples."""
+        """Distillation loss against the teacher's logits on a batch of cloud samples (and as many synthesised
+        inputs, with ``synthesised_inputs``)."""
         x, y = batch[0], batch[1]
         mixed = self.mixup is not None and len(x) % 2 == 0  # timm mixes a batch with its own mirror image
         if mixed:
@@ -132,6 +177,10 @@ class ControlDistillationModule(StageModule):
         else:
             with torch.no_grad():
                 teacher = self.cloud_submodel(x)
+        if self.synthesised is not None:
+            extra_x, extra_teacher = self._synthesised_batch(len(x))
+            x = torch.cat([x, extra_x.to(x.dtype)])
+            teacher = torch.cat([teacher.float(), extra_teacher])
         student = self(x)
         loss = distillation_loss(student, teacher.to(student.dtype), self.loss_kind, self.temperature)
         self.log("train/loss", loss, prog_bar=True)

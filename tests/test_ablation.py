@@ -30,7 +30,7 @@ def _stages(plan: list) -> list[str]:
 
 def test_every_shipped_variant_parses_and_trains_only_what_it_changes(tmp_path: Path) -> None:
     runs = {run.name: run for run in _ablation(tmp_path).runs(seed=1)}
-    assert list(runs)[0] == "defaults" and len(runs) == 10
+    assert list(runs)[0] == "defaults" and len(runs) == 11
     reference = runs["defaults"]
     assert _stages(reference.plan)[:2] == ["cloud", "distill"]
     assert reference.settings.run.root == tmp_path / "ablation" / "defaults" / "seed_1"
@@ -40,7 +40,7 @@ def test_every_shipped_variant_parses_and_trains_only_what_it_changes(tmp_path: 
         assert runs[name].cloud_submodel == reference.settings.run.cloud_submodel, name
         assert runs[name].control_model == reference.settings.run.control_model, name
         assert "cloud" not in _stages(runs[name].plan) and "distill" not in _stages(runs[name].plan), name
-    for name in ("kl_distillation", "mixup_distillation"):  # another g, the reference's f
+    for name in ("kl_distillation", "mixup_distillation", "synthesised_distillation"):  # another g, f kept
         assert runs[name].cloud_submodel == reference.settings.run.cloud_submodel
         assert _stages(runs[name].plan)[0] == "distill"
         assert runs[name].control_model == runs[name].settings.run.control_model

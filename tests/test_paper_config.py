@@ -1,5 +1,7 @@
-"""The paper's configuration (configs/paper/): its YAML prints, and it runs end to end on the CPU with a tiny input
-size, two generated images per class of its 1,196 classes, random weights and one step per stage."""
+"""The paper's configuration (configs/paper/): its YAML prints with the paper's backbones, and it runs end to end on
+the CPU with a tiny input size, two generated images per class of its 1,196 classes, random weights, one step per
+stage and the smallest backbones of the same families (EfficientNetV2-B0 for EfficientNetV2-L, MobileNetV3-Small
+for MobileNetV3-Large: the full-size ones took five minutes of the test suite to write and read their weights)."""
 
 from __future__ import annotations
 
@@ -10,15 +12,18 @@ import pytest
 import yaml
 from PIL import Image
 
+from dcccl.run.exports import load_export
 from dcccl.run.run_dir import RunDirectory
 from tests.commands import dcccl
 from tests.image_folders import write_paper_folders
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "configs" / "paper" / "paper.yaml"
-# Random weights (nothing to download on a test machine), one step per stage.
-RANDOM_WEIGHTS = {stage: [f"--model.init_args.{key}.pretrained=false"]
-                  for stage, key in (("cloud", "backbone"), ("distill", "backbone"), ("cloud_round", "co_backbone"))}
+# Random weights (nothing to download on a test machine), small backbones of the paper's families, one step per stage.
+SMALL_BACKBONES = {stage: [f"--model.init_args.{key}.pretrained=false", f"--model.init_args.{key}.name={name}"]
+                   for stage, key, name in (("cloud", "backbone", "tf_efficientnetv2_b0"),
+                                            ("distill", "backbone", "mobilenetv3_small_050"),
+                                            ("cloud_round", "co_backbone", "mobilenetv3_small_050"))}
 ONE_STEP = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "1",
             "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false")
 
@@ -48,7 +53,7 @@ def test_the_paper_config_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = dcccl("pipeline", "--config", str(PAPER), "--data", str(tiny_data_config(tmp_path)), "--rounds", "1",
                    "--run_dir", str(run_dir), "--trainer.accelerator", "cpu", *ONE_STEP,
-                   "--stage_args", json.dumps(RANDOM_WEIGHTS), timeout=900)
+                   "--stage_args", json.dumps(SMALL_BACKBONES), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     run = RunDirectory(run_dir)
     metrics = json.loads(run.round_metrics(1).read_text())
@@ -58,3 +63,5 @@ def test_the_paper_config_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
         config = yaml.safe_load((run_dir / stage / "config.yaml").read_text())
         assert config["trainer"]["precision"] == "bf16-mixed", stage
     assert "not cached" in result.stderr and "augments its training images" in result.stderr
+    cloud_submodel = load_export(run_dir / "cloud/cloud_submodel.pt")
+    assert cloud_submodel.backbone.name == "tf_efficientnetv2_b0" and cloud_submodel.backbone.normalize
