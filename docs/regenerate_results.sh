@@ -41,6 +41,11 @@ declare -A BEYOND=([cross_domain]=configs/data/cross_domain.yaml [animals]=confi
 for name in cross_domain animals; do
   dcccl compare --config configs/quickstart.yaml --data "${BEYOND[$name]}" --name "$name" --seeds "${SEEDS[@]}" \
     --run_dir "$RESULTS/$name"
+  # What the control model is distilled on: the cloud's samples only, Mixup/CutMix-mixed ones, inputs synthesised
+  # from the cloud submodel.
+  dcccl ablate --config configs/quickstart.yaml --data "${BEYOND[$name]}" --name "$name" \
+    --variants configs/ablations/variants.yaml --only mixup_distillation synthesised_distillation \
+    --seeds "${SEEDS[@]}" --run_dir "$RESULTS/${name}_distillation_inputs"
 done
 for variants in fleet_recipe server_optimizers; do
   dcccl ablate --config configs/fleet_100.yaml --variants "configs/ablations/$variants.yaml" --seeds "${SEEDS[@]}" \
@@ -54,6 +59,10 @@ python -c "import torch, lightning, timm; print('torch', torch.__version__, 'lig
 for name in cross_domain animals; do
   echo "== $name: $RESULTS/$name/comparison.md"
   cat "$RESULTS/$name/comparison.md"
+done
+for name in cross_domain_distillation_inputs animals_distillation_inputs; do
+  echo "== $name: $RESULTS/$name/ablation/ablation.md"
+  cat "$RESULTS/$name/ablation/ablation.md"
 done
 for name in fleet_100_fleet_recipe fleet_100_server_optimizers fleet_1000_server_optimizers; do
   echo "== $name: $RESULTS/$name.md"
