@@ -52,16 +52,18 @@ def test_the_paper_config_prints_with_its_backbones() -> None:
 def test_the_paper_config_runs_end_to_end_on_the_cpu(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = dcccl("pipeline", "--config", str(PAPER), "--data", str(tiny_data_config(tmp_path)), "--rounds", "1",
-                   "--run_dir", str(run_dir), "--trainer.accelerator", "cpu", *ONE_STEP,
+                   "--run_dir", str(run_dir), "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+                   *ONE_STEP,
                    "--stage_args", json.dumps(SMALL_BACKBONES), timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     run = RunDirectory(run_dir)
     metrics = json.loads(run.round_metrics(1).read_text())
     assert len(metrics["served/confusion_matrix"]) == 1196  # 1,000 cloud classes and 196 device classes
     assert Image.open(run_dir / "confusion_matrix.png").size[0] < 2000  # drawn at a readable size
-    for stage in ("cloud", "distill", "rounds/round_001/head"):  # the pipeline's precision reached every stage
+    # The pipeline's precision reached every stage (32-true here: this CPU emulates bf16, at a minute per step).
+    for stage in ("cloud", "distill", "rounds/round_001/head"):
         config = yaml.safe_load((run_dir / stage / "config.yaml").read_text())
-        assert config["trainer"]["precision"] == "bf16-mixed", stage
+        assert config["trainer"]["precision"] == "32-true", stage
     assert "not cached" in result.stderr and "augments its training images" in result.stderr
     cloud_submodel = load_export(run_dir / "cloud/cloud_submodel.pt")
     assert cloud_submodel.backbone.name == "tf_efficientnetv2_b0" and cloud_submodel.backbone.normalize
