@@ -25,6 +25,11 @@ from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.base import StageModule
 
 
+def _run_seed() -> int:
+    """The run's seed as ``seed_everything`` left it in the environment (0 when unseeded)."""
+    return int(os.environ.get("PL_GLOBAL_SEED", "0"))
+
+
 class ControlDistillationModule(StageModule):
     """Trains the control model to reproduce the frozen cloud submodel's logits on cloud samples.
 
@@ -148,7 +153,7 @@ class ControlDistillationModule(StageModule):
         classes = torch.nonzero(counts > 0).flatten()
         targets = classes[torch.arange(self.synthesised_inputs) % len(classes)]
         input_shape = tuple(datamodule.train_dataset(datamodule.resolve_partition())[0][0].shape)
-        generator = torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", "0")) + 7919)
+        generator = torch.Generator().manual_seed(_run_seed() + 7919)
         started = time.perf_counter()
         with torch.inference_mode(False), torch.enable_grad():
             self.synthesised = invert_network(self.cloud_submodel, targets, input_shape, self.inversion, generator)
@@ -190,7 +195,7 @@ class ControlDistillationModule(StageModule):
         """``x`` mixed by timm's ``Mixup``, its random draws seeded by the run's seed and the step (numpy's global
         state is set aside), so that a resumed stage mixes as an uninterrupted one did."""
         saved = np.random.get_state()
-        np.random.seed((int(os.environ.get("PL_GLOBAL_SEED", "0")) * 1_000_003 + self.global_step) % 2**32)
+        np.random.seed((_run_seed() * 1_000_003 + self.global_step) % 2**32)
         try:
             mixed, _ = self.mixup(x, y)  # type: ignore[misc]
         finally:
