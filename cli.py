@@ -46,6 +46,7 @@ from dcccl.run.atomic import DISK_FULL_ERRNOS, DiskFullError, atomic_write_text
 from dcccl.run.audit import MEMBERSHIP, audit_membership
 from dcccl.run.boundary import ResolvedStage
 from dcccl.run.config_path import ConfigPath
+from dcccl.run.config_snapshot import origin_of, snapshot
 from dcccl.run.coordinator import StageRunner
 from dcccl.run.execution import PlanRun
 from dcccl.run.exports import check_lightning_checkpoint
@@ -176,6 +177,8 @@ def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
     args += [f"--model.init_args.{key}={_cli_value(value)}" for key, value in call.model_args.items()]
     args += [f"--seed_everything={call.seed}", f"--data.init_args.seed={call.seed}"]
     args += [f"--data.init_args.{key}={_cli_value(value)}" for key, value in call.data_args.items()]
+    if call.partition is not None:  # the DataModule serves it only to a module instance that trains on it
+        args.append(f"--data.init_args.partition={call.partition}")
     return args + list(call.extra_args)
 
 
@@ -206,7 +209,7 @@ class LightningStageRunner:
             else:
                 config = self._parser.parse_args(args)
         except ArgumentError as err:
-            files = ", ".join(str(path) for path in call.config_files)
+            files = ", ".join(str(origin_of(path)) for path in call.config_files)
             raise ConfigError(f"the {call.stage} stage's config does not parse ({files}): "
                               f"{one_line(str(err))}") from err
         model, data = _plain(config.model), _plain(config.data)
@@ -295,7 +298,9 @@ def load_datamodule(data_config: Optional[str], seed: int,
 
 def datamodule_of(settings: PipelineSettings) -> DCCCLDataModule:
     """The DataModule of a run's settings, with the fleet's partition."""
-    return load_datamodule(settings.data, settings.seed_everything, settings.fleet.data_arguments())
+    data = snapshot(settings.data) if settings.data is not None else None  # the bytes the stages read
+    return load_datamodule(str(data) if data is not None else None, settings.seed_everything,
+                           settings.fleet.data_arguments())
 
 
 def _is_rank_zero() -> bool:

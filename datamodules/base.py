@@ -308,10 +308,13 @@ class DCCCLDataModule(LightningDataModule):
 
     def resolve_partition(self) -> DataPartition:
         """The partition to train on: pinned, or declared by the stage module attached to the trainer."""
-        declared = getattr(getattr(self.trainer, "lightning_module", None), "data_partition", None)
+        module = getattr(self.trainer, "lightning_module", None)
+        declared = getattr(module, "data_partition", None)  # the instance's: a subclass may change it anywhere
         if self.partition is not None and declared is not None and self.partition != declared:
             raise DataError(
-                f"the data is pinned to the {self.partition} partition but the stage trains on {declared} samples"
+                f"the data is pinned to the {self.partition} partition but the stage module "
+                f"({type(module).__name__}) trains on {declared} samples: a stage module must train on the samples "
+                "its stage is given; do not change its data_partition"
             )
         partition = self.partition or declared
         if partition is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -123,6 +124,23 @@ class GlobalClassImageFolder(ImageFolder):
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         """The global classes, whatever this folder holds."""
         return sorted(self._global_class_to_idx, key=self._global_class_to_idx.__getitem__), self._global_class_to_idx
+
+
+def shared_images(cloud: Iterable[str], device: Iterable[str]) -> list[tuple[str, str]]:
+    """Pairs of a cloud image and a device image that are the same file (the same path once links are resolved) or
+    hold the same bytes (a copy)."""
+    def digests(paths: Iterable[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for path in paths:
+            real = os.path.realpath(path)
+            found.setdefault(real, path)
+            with open(real, "rb") as file:
+                found.setdefault("sha256:" + hashlib.sha256(file.read()).hexdigest(), path)
+        return found
+
+    cloud_keys, device_keys = digests(cloud), digests(device)
+    pairs = {(cloud_keys[key], device_keys[key]) for key in cloud_keys.keys() & device_keys.keys()}
+    return sorted(pairs)
 
 
 class ImageFolderDataModule(DCCCLDataModule):
@@ -290,6 +308,12 @@ class ImageFolderDataModule(DCCCLDataModule):
                 raise DataError(f"the {side} folder {self.dirs[side]} holds no images: put the {side}'s images in "
                                  f"{self.dirs[side]}/<class name>/, one sub-folder per class")
             folder.check_images()
+        shared = shared_images((path for path, _ in folders["cloud"].samples),
+                               (path for path, _ in folders["device"].samples))
+        if shared:
+            raise DataError(f"the cloud and device folders share {len(shared)} image(s) (the same file, a link to it "
+                            f"or a copy: e.g. {shared[0][0]} and {shared[0][1]}): the cloud must never hold a sample a "
+                            "device holds; give cloud_dir and device_dir images of their own")
         held = {side: tuple(sorted(set(folders[side].targets))) for side in ("cloud", "device")}
         # The same files in the same order, through the training augmentation (validation keeps the plain ones).
         augmented = {side: folders[side].with_transform(self.transform(training=True))

@@ -10,6 +10,7 @@ from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
+from dcccl.federated.attacks import Attack
 from dcccl.federated.compression import Compression
 from dcccl.federated.privacy import DifferentialPrivacy, check_trainable, require_opacus
 from dcccl.run.exports import load_network
@@ -48,6 +49,8 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
             device the run's ``privacy`` setting, and only device rounds apply it.
         compression: Send the co-submodel compressed each way (the pipeline hands every device the run's
             ``compression`` setting; device rounds apply it).
+        attack: The run's ``attack`` setting: which devices of a simulated fleet lie, and how (device rounds apply
+            it).
     """
 
     data_partition = "device"
@@ -68,6 +71,7 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         report_class_counts: bool = False,
         privacy: Optional[DifferentialPrivacy] = None,
         compression: Optional[Compression] = None,
+        attack: Optional[Attack] = None,
     ) -> None:
         guide = load_network(control_model, "control_model", num_classes) if control_model is not None else None
         super().__init__(num_classes, in_chans, guide, co_submodel, co_backbone, optimizer, export_path, budget,
@@ -79,6 +83,7 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
         self.log_prior: Optional[torch.Tensor] = None
         self.privacy = privacy
         self.compression = compression
+        self.attack = attack
         if privacy is not None:
             require_opacus()
             check_trainable(self.co_submodel, "the device stage")
@@ -86,9 +91,9 @@ class DeviceCoTrainingModule(GuidedCoTrainingModule):
     def setup(self, stage: str) -> None:
         """Prepare for the device the DataModule serves (:meth:`begin_device`)."""
         if stage == "fit":
-            if self.privacy is not None or self.compression is not None:
-                raise ConfigError("privacy and compression apply to device rounds (dcccl pipeline); a device stage "
-                                  "run alone sends nothing: remove model.init_args.privacy/compression")
+            if self.privacy is not None or self.compression is not None or self.attack is not None:
+                raise ConfigError("privacy, compression and attack apply to device rounds (dcccl pipeline); a device "
+                                  "stage run alone sends nothing: remove model.init_args.privacy/compression/attack")
             self.begin_device(self.train_class_counts())
 
     def begin_device(self, class_counts: list[int]) -> None:

@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
 from dcccl.errors import ConfigError
+from dcccl.federated.attacks import corrupt_weights, flip_labels, inflate_counts
 from dcccl.federated.privacy import PrivateTraining, round_step_cap
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.device_progress import finished_records, is_finished, record_finished
@@ -228,6 +229,8 @@ class DeviceRoundModule(LightningModule):
             kept["held"] = start
         module.co_submodel.load_state_dict(start)
         class_counts = [int(count) for count in datamodule.device_class_counts(device)]
+        attack = module.attack if module.attack is not None and \
+            device in module.attack.attacked(datamodule.num_devices, datamodule.seed) else None
         module.begin_device(class_counts)
         module.train()
         optimizer = module.configure_optimizers()
@@ -266,6 +269,8 @@ class DeviceRoundModule(LightningModule):
                         if batch_index >= batches_per_epoch:
                             break
                         x, y = precision.convert_input(x.to(self.device)), y.to(self.device)
+                        if attack is not None and attack.kind == "label_flip":
+                            y = flip_labels(y, module.num_classes)
                         with precision.train_step_context():
                             loss = module.training_loss(module(x), y)
                         # Poisson sampling may draw an empty batch: DP-SGD still steps (noise only) on it.
@@ -295,9 +300,15 @@ class DeviceRoundModule(LightningModule):
                 module.co_submodel = private.close()
         reason = (state.reason if state is not None else "") or \
             "was stopped by the trainer's own limits (max_epochs, max_steps, ...)"
-        sample_count = sum(class_counts)
+        sample_count, reported_counts = sum(class_counts), class_counts if module.report_class_counts else None
         export = NetworkExport.of(module.co_submodel, "co_submodel", module.co_backbone, module.num_classes,
-                                  module.in_chans, sample_count, class_counts if module.report_class_counts else None)
+                                  module.in_chans, sample_count, reported_counts)
+        if attack is not None:  # what a lying device sends instead
+            parameters = {name for name, _ in module.co_submodel.named_parameters()}
+            noise = torch.Generator().manual_seed(device_seed(datamodule.seed, self.round_index, device))
+            sample_count, reported_counts = inflate_counts(attack, sample_count, reported_counts)
+            export = replace(export, state_dict=corrupt_weights(attack, export.state_dict, start, parameters, noise),
+                             sample_count=sample_count, class_counts=reported_counts)
         details: dict[str, Any] = {"epochs": epochs, "steps": steps, "samples": samples,
                                    "last_loss": float(loss.detach()), "stopped": reason, "rank": self.global_rank}
         if private is not None:
@@ -305,7 +316,7 @@ class DeviceRoundModule(LightningModule):
             kept["privacy_history"] = report.pop("history")
             details["privacy"] = report
         if compression is not None:  # the copy the cloud decodes, and the bytes each way
-            trained = {key: value.detach().cpu() for key, value in module.co_submodel.state_dict().items()}
+            trained = export.state_dict
             decoded, kept["residual_up"], up_bytes = compression.send_up(trained, start, kept.get("residual_up"))
             export = replace(export, state_dict=decoded)
             details["wire"] = {"down_bytes": down_bytes, "up_bytes": up_bytes}

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cli import LightningStageRunner
+from dcccl.errors import DCCCLError
 from dcccl.run.boundary import BoundaryViolation
 from dcccl.run.execution import PlanRun
 from dcccl.run.plan import dcccl_plan
@@ -95,3 +96,48 @@ def test_a_subclass_of_the_expected_module_is_fine(tmp_path: Path, runner: Light
     monkeypatch.syspath_prepend(str(CONFIGS.parent / "docs" / "examples"))
     check(tmp_path, runner, stages={**settings(tmp_path).stages,
                                     "cloud": CONFIGS.parent / "docs/examples/cloud_label_smoothing.yaml"})
+
+
+@pytest.mark.slow
+def test_a_cloud_stage_that_claims_pooled_samples_on_its_instance_gets_none(tmp_path: Path) -> None:
+    """The boundary reads the module's class; the DataModule serves the instance that asks, pinned to its stage's
+    partition: a subclass that changes ``data_partition`` in ``__init__`` is refused before it trains."""
+    from tests.commands import dcccl
+
+    result = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(tmp_path), "--rounds", "1",
+                   "--stage_args", json.dumps({"cloud": ["--model.class_path=tests.pooled_cloud.PooledCloud"]}))
+    assert result.returncode == 2, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("dcccl pipeline: error: the data is pinned to the cloud partition but the stage module "
+                           "(PooledCloud) trains on pooled samples: a stage module must train on the samples its "
+                           "stage is given; do not change its data_partition"), last
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "cloud/cloud_submodel.pt").exists()
+
+
+def test_the_stage_config_that_was_checked_is_the_one_that_runs(tmp_path: Path, runner: LightningStageRunner) -> None:
+    """A stage config changed after the plan read it (before its stage runs) changes nothing: checks, stages and
+    fingerprints read the copy taken when the plan was made; messages name the original file."""
+    import shutil
+
+    from dcccl.run.config_snapshot import origin_of
+    from dcccl.run.steps import StageCall
+
+    device_config = tmp_path / "device.yaml"
+    shutil.copy(CONFIGS / "stages/device.yaml", device_config)
+    run_settings = settings(tmp_path, rounds=1, data=CONFIGS / "data/mnist.yaml",
+                            stages={**settings(tmp_path).stages, "device": device_config})
+    plan = dcccl_plan(run_settings)
+    device_config.write_text("model:\n  class_path: lightning_modules.CentralizedModule\n")
+    PlanRun(run_settings, plan, runner).check(DATA)  # the boundary sees the device module the plan read
+    call = next(step for step in plan if isinstance(step, StageCall) and step.stage == "device")
+    assert runner.resolve(call).module_class.__name__ == "DeviceCoTrainingModule"
+    assert origin_of(call.config_files[-1]) == device_config and call.config_files[-1] != device_config
+    assert "CentralizedModule" not in call.describe()["config_files"][-1]
+    # A plan made after the change reads the changed file, and is refused, naming the file as the user named it.
+    changed_config = device_config.with_name("device2.yaml")
+    changed_config.write_text(device_config.read_text())
+    changed = settings(tmp_path, rounds=1, data=CONFIGS / "data/mnist.yaml",
+                       stages={**settings(tmp_path).stages, "device": changed_config})
+    with pytest.raises(DCCCLError, match=f"the device stage's config does not parse .*{changed_config}"):
+        PlanRun(changed, dcccl_plan(changed), runner).check(DATA)

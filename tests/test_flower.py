@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import require_extra
@@ -70,6 +71,39 @@ def _free_ports(count: int) -> list[int]:
     for sock in sockets:
         sock.close()
     return ports
+
+
+def test_the_cloud_checks_each_reply_before_it_is_fused(export_factory) -> None:  # type: ignore[no-untyped-def]
+    from flwr.app import ArrayRecord, MetricRecord
+
+    from dcccl.flower.cloud import received_copy
+    from dcccl.run.exports import NetworkExport
+
+    start = load_export(export_factory("co_submodel", sample_count=None))
+    trained = load_export(export_factory("co_submodel", name="trained", seed=1))
+
+    def reply(weights: dict | None = None, **counts: object) -> RecordDict:
+        records: dict = {"counts": MetricRecord({"sample-count": 12, **counts})}  # type: ignore[dict-item]
+        if weights is not None:
+            records["co_submodel.weights"] = ArrayRecord(weights)  # type: ignore[arg-type]
+        return RecordDict(records)
+
+    good = {key: value.clone() for key, value in trained.state_dict.items()}
+    copy, problems = received_copy(reply(good, **{"class-counts": [0] * 7 + [4, 4, 4]}), start)
+    assert problems == [] and copy.sample_count == 12 and copy.class_counts == [0] * 7 + [4, 4, 4]
+    key = next(k for k, v in good.items() if v.dim() > 1)
+    nan = {**good, key: torch.full_like(good[key], float("nan"))}
+    assert received_copy(reply(nan), start)[1] == [f"{key} holds {good[key].numel()} NaN or infinite values"]
+    assert received_copy(reply({**good, key: torch.zeros(2, 2)}), start)[1][0].startswith(f"{key} has shape (2, 2)")
+    assert received_copy(reply(good, **{"sample-count": -3}), start)[1] == [
+        "it reports -3 samples, and a trained copy needs at least one"]
+    assert received_copy(reply(good, **{"sample-count": 2.5}), start)[1] == [
+        "its sample count is 2.5, not a whole number"]
+    assert received_copy(reply(good, **{"class-counts": [1] * 10}), start)[1] == [
+        "its samples per class add up to 10, not to the 12 it reports"]
+    assert received_copy(reply(None), start)[1] == ["it carries no co_submodel.weights"]
+    # What came is what is kept: the fusion refuses it again from the file, for the same reasons.
+    assert isinstance(copy, NetworkExport) and copy.role == "co_submodel"
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:

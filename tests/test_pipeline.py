@@ -10,6 +10,7 @@ from typing import Any, Optional
 import pytest
 
 from dcccl.errors import ConfigError
+from dcccl.run.config_snapshot import origin_of
 from dcccl.run.coordinator import StageFailedError
 from dcccl.run.execution import PlanRun
 from dcccl.run.fusion import FusionStep
@@ -162,7 +163,7 @@ def test_trainer_options_and_stage_args_reach_the_stages(tmp_path: Path) -> None
     execute(settings(tmp_path, rounds=1, trainer={"max_epochs": 1}, stage_args={"device": ["--model.init_args.x=1"]},
                      data=CONFIGS / "data/mnist.yaml"), runner)
     assert all(c.trainer_args["max_epochs"] == 1 for c in runner.calls)
-    assert all(c.config_files[0] == CONFIGS / "data/mnist.yaml" for c in runner.calls)
+    assert all(origin_of(c.config_files[0]) == CONFIGS / "data/mnist.yaml" for c in runner.calls)
     assert [c.extra_args for c in runner.calls if c.stage == "device"] == [("--model.init_args.x=1",)]
     assert all(c.extra_args == () for c in runner.calls if c.stage != "device")
 

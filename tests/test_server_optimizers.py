@@ -124,12 +124,13 @@ def test_the_plan_hands_each_fusion_the_round_start_and_the_state_of_the_round_b
     run = tmp_path / "run"
     assert first.round_start == run / "rounds/initial_co_submodel.pt" and first.state_in is None
     assert first.outputs == (run / "rounds/round_001/fusion/co_submodel.pt",
+                             run / "rounds/round_001/fusion/replies.json",
                              run / "rounds/round_001/fusion/server_state.pt")
     assert second.round_start == run / "rounds/round_001/fusion/co_submodel.pt"
     assert second.state_in == run / "rounds/round_001/fusion/server_state.pt"
     assert {second.round_start, second.state_in} <= set(second.inputs)
     stateless = [step for step in dcccl_plan(settings(tmp_path, rounds=2)) if isinstance(step, FusionStep)]
-    assert all(len(step.outputs) == 1 and step.state_out is None for step in stateless)
+    assert all(len(step.outputs) == 2 and step.state_out is None for step in stateless)
 
 
 class SeededRunner(RecordingRunner):

@@ -66,9 +66,9 @@ def test_a_network_that_normalises_its_own_input_exports_with_its_normalisation(
 
 @pytest.fixture
 def folders(tmp_path: Path) -> dict[str, str]:
-    write_class_images(tmp_path / "cloud", ["a", "b"], 4, 40)
-    write_class_images(tmp_path / "device", ["c"], 4, 40)
-    write_class_images(tmp_path / "test", ["a", "b", "c"], 2, 40)
+    write_class_images(tmp_path / "cloud", ["a", "b"], 4, 40, seed=1)
+    write_class_images(tmp_path / "device", ["c"], 4, 40, seed=2)
+    write_class_images(tmp_path / "test", ["a", "b", "c"], 2, 40, seed=3)
     return {f"{side}_dir": str(tmp_path / side) for side in ("cloud", "device", "test")}
 
 

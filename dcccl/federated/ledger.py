@@ -33,7 +33,8 @@ class LedgerViolation(DCCCLError):
 @dataclass(frozen=True)
 class Transfer:
     """One transfer: in which round, to or from which device, what, how many bytes, from which file (and for a
-    reported figure such as the epsilon, its value)."""
+    reported figure such as the epsilon, its value; for a copy the cloud refused to fuse, why; for a device a simulated
+    attack made lie, the attack's kind)."""
 
     round: int
     device: int
@@ -42,6 +43,8 @@ class Transfer:
     bytes: int
     file: str
     value: Optional[float] = None
+    refused: Optional[str] = None
+    attacked: Optional[str] = None
 
 
 class Ledger:
@@ -75,6 +78,14 @@ class Ledger:
         took on the wire (compressed transfers), instead of the export's size."""
         role, size = self.check(device, direction, path)
         transfer = Transfer(round_index, device, direction, role, size if sent_bytes is None else sent_bytes, str(path))
+        self.transfers.append(transfer)
+        return transfer
+
+    def record_refused(self, round_index: int, device: int, path: str | Path, reason: str) -> Transfer:
+        """Record a copy a device sent up that the cloud refused to fuse (counted in the file's bytes: it may not
+        even be an export)."""
+        transfer = Transfer(round_index, device, "up", "co_submodel", Path(path).stat().st_size, str(path),
+                            refused=reason)
         self.transfers.append(transfer)
         return transfer
 

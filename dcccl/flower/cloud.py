@@ -27,6 +27,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from dcccl.errors import ConfigError
 from dcccl.federated.ledger import Ledger
+from dcccl.federated.replies import reply_problems
 from dcccl.federated.secure_aggregation import apply_mean_update
 from dcccl.flower.records import describe_network, payload_bytes, weights_record
 from dcccl.flower.secure import secure_mean
@@ -112,8 +113,12 @@ class FlowerDevices:
         """As the local runner resolves it (the boundary is checked on the cloud, before anything is sent).
 
         Raises:
-            ConfigError: For compressed transfers, which a simulated fleet runs but Flower's messages do not carry yet.
+            ConfigError: For compressed transfers, which a simulated fleet runs but Flower's messages do not carry yet,
+                and for an attack, which only a simulated fleet stages.
         """
+        if call.stage == "device" and call.model_args.get("attack") is not None:
+            raise ConfigError("attack makes devices of a simulated fleet (dcccl pipeline) lie; Flower's devices are "
+                              "real: remove attack from the pipeline config to run on Flower")
         if call.stage == "device" and call.model_args.get("compression") is not None:
             raise ConfigError("compression runs on a simulated fleet (dcccl pipeline) only: Flower's messages carry "
                               "the full co-submodel; remove compression from the pipeline config to run on Flower")
@@ -239,20 +244,19 @@ class FlowerDevices:
             if self.node_of[task.device] not in replies:
                 continue
             reply = replies[self.node_of[task.device]].content
-            counts = reply.metric_records["counts"]
-            class_counts = counts.get("class-counts")
-            start = starts[task.start]
-            copy = NetworkExport("co_submodel", start.backbone, start.num_classes, start.in_chans,
-                                 dict(reply.array_records["co_submodel.weights"].to_torch_state_dict()),
-                                 int(counts["sample-count"]),  # type: ignore[arg-type]
-                                 None if class_counts is None else [int(c) for c in class_counts])  # type: ignore[union-attr]
+            copy, problems = received_copy(reply, starts[task.start])
+            if problems:  # kept as it came, for the record; the round's fusion refuses it for the same reasons
+                log.warning("[dcccl] round %d: device %d's reply will not be fused: %s", call.round_index, task.device,
+                            "; ".join(problems))
             save_export(copy, task.export)
-            trained: dict[str, Any] = {key: int(counts.get(key, 0))  # type: ignore[arg-type]
+            counts: Any = reply.metric_records.get("counts", {})
+            trained: dict[str, Any] = {key: _whole(counts.get(key, 0)) or 0
                                        for key in ("epochs", "steps", "samples")}
-            if "epsilon" in counts:  # DP-SGD: what the device has spent over the run so far
+            if isinstance(counts.get("epsilon"), float):  # DP-SGD: what the device has spent over the run so far
                 trained["privacy"] = {"epsilon": float(counts["epsilon"])}  # type: ignore[arg-type]
             record_finished(call.work_dir, task.device, task.export,
-                            {**trained, "sample_count": copy.sample_count, "stopped": "trained on its node"})
+                            {**trained, "sample_count": copy.sample_count, "stopped": "trained on its node",
+                             **({"refused": "; ".join(problems)} if problems else {})})
             wire.append(WireRecord(call.round_index, task.device, "train", "up", payload_bytes(reply),
                                    message_bytes(reply)))
         if failures:
@@ -302,6 +306,32 @@ class FlowerDevices:
                 **trained, "sample_count": int(fitres.metrics.get("sample-count", 0)),  # type: ignore[arg-type]
                 "stopped": "trained on its node; its copy reached the cloud only in the SecAgg+ mean",
                 "wire": {"down_bytes": down_bytes.get(device, 0), "up_bytes": up_bytes.get(device, 0)}})
+
+
+def _whole(value: Any) -> Optional[int]:
+    """``value`` if it is a whole number (a reply's figure), else ``None``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def received_copy(reply: RecordDict, start: NetworkExport) -> tuple[NetworkExport, list[str]]:
+    """A device's reply to being sent ``start``, as an export holding what it carried (nothing is assumed of it),
+    and every reason to refuse it (:func:`~dcccl.federated.replies.reply_problems`; the device's share is checked
+    at fusion, where the cloud knows it)."""
+    problems: list[str] = []
+    weights: dict[str, Any] = {}
+    if "co_submodel.weights" in reply.array_records:
+        try:
+            weights = dict(reply.array_records["co_submodel.weights"].to_torch_state_dict())
+        except Exception as err:  # Flower raises several types for arrays it cannot turn into tensors
+            problems.append(f"its weights cannot be read as tensors ({type(err).__name__}: {err})")
+    else:
+        problems.append("it carries no co_submodel.weights")
+    counts: Any = reply.metric_records.get("counts", {})
+    per_class = counts.get("class-counts")
+    class_counts = [c if isinstance(c, int) else -1 for c in per_class] if isinstance(per_class, list) else None
+    copy = NetworkExport("co_submodel", start.backbone, start.num_classes, start.in_chans, weights,
+                         counts.get("sample-count"), class_counts)  # checked below, kept as it came
+    return copy, problems or reply_problems(copy, start)
 
 
 app = ServerApp()

@@ -25,13 +25,16 @@ from typing import Any, Optional
 from dcccl.errors import DCCCLError
 from dcccl.federated.budget import DeviceBudget, check_device_budget
 from dcccl.federated.ledger import Ledger
-from dcccl.run.exports import load_network
+from dcccl.run.config_snapshot import origin_of
+from dcccl.run.downlink import CloudTensors, cloud_side_source
+from dcccl.run.exports import load_export, load_network
 from dcccl.run.steps import StageCall
 
 log = logging.getLogger("dcccl")
 
-# Data arguments that may differ between stage calls: none (a device stage serves each of its devices' own share).
-PER_CALL_DATA: tuple[str, ...] = ()
+# Data arguments that may differ between stage calls: the partition the runner pins for each (checked against the
+# call's own in check_stage); a device stage serves each of its devices' own share.
+PER_CALL_DATA: tuple[str, ...] = ("partition",)
 
 
 class BoundaryViolation(DCCCLError):
@@ -59,7 +62,8 @@ class ResolvedStage:
 
 
 def _where(call: StageCall) -> str:
-    return f"stage {call.label!r} ({call.stage}; check stage_args.{call.stage} and {call.config_files[-1]})"
+    config = origin_of(call.config_files[-1])
+    return f"stage {call.label!r} ({call.stage}; check stage_args.{call.stage} and {config})"
 
 
 def _strings(value: Any) -> Iterator[str]:
@@ -122,8 +126,45 @@ def _shared_data(data: dict[str, Any]) -> dict[str, Any]:
     return {"class_path": data.get("class_path"), "init_args": init_args}
 
 
+# Stages whose networks are never sent down: they may start from any weights file.
+CLOUD_ONLY_STAGES: tuple[str, ...] = ("cloud", "evaluate", "centralized")
+
+
+def check_downlink_sources(call: StageCall, resolved: ResolvedStage, run_root: Path) -> None:
+    """Refuse a stage whose networks are sent down if a backbone of it starts from a cloud-side weights file
+    (:func:`~dcccl.run.downlink.cloud_side_source`).
+
+    Raises:
+        BoundaryViolation: Naming the stage, the file and why it is cloud-side.
+    """
+    if call.stage in CLOUD_ONLY_STAGES:
+        return
+    for spec in backbone_specs(resolved.model_args):
+        checkpoint = spec.get("checkpoint_path")
+        reason = cloud_side_source(str(checkpoint), run_root) if checkpoint else None
+        if reason is not None:
+            raise BoundaryViolation(
+                f"the {_where(call)} builds a network that is sent to the devices from a cloud-side weights file: "
+                f"{reason}; start it from scratch or from a weights file of its own (a split base's co-submodel "
+                "is fine)")
+
+
+def backbone_specs(value: Any) -> Iterator[dict[str, Any]]:
+    """Every backbone spec (a mapping with ``name``, ``checkpoint_path`` and ``kwargs``) nested in ``value``,
+    including base models nested in a spec's ``kwargs`` (the ``split`` backbone)."""
+    if isinstance(value, dict):
+        if {"name", "checkpoint_path", "kwargs"} <= set(value):
+            yield value
+        for item in value.values():
+            yield from backbone_specs(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from backbone_specs(item)
+
+
 def check_boundary(resolved: Sequence[tuple[StageCall, ResolvedStage]], run_root: Path) -> None:
-    """Check every stage call (:func:`check_stage`) and that all of them share one data section.
+    """Check every stage call (:func:`check_stage`, :func:`check_downlink_sources`) and that all of them share one
+    data section.
 
     Raises:
         BoundaryViolation: For the first call that breaks the boundary.
@@ -131,6 +172,7 @@ def check_boundary(resolved: Sequence[tuple[StageCall, ResolvedStage]], run_root
     reference: Optional[tuple[StageCall, dict[str, Any]]] = None
     for call, stage in resolved:
         check_stage(call, stage, run_root)
+        check_downlink_sources(call, stage, run_root)
         data = _shared_data(stage.data)
         if reference is None:
             reference = (call, data)
@@ -146,32 +188,54 @@ def check_boundary(resolved: Sequence[tuple[StageCall, ResolvedStage]], run_root
 
 class DeviceGate:
     """Checked right before each device stage runs: it receives only a control model and a co-submodel (by the
-    roles recorded in the files), and the first time, that the two fit the device budget.
+    roles recorded in the files), none of their tensors is one of the cloud submodel's (by content), and the first
+    time, that the two fit the device budget.
 
     Args:
         budget: The device budget (``None``: no limits).
         sample_shape: Shape of one input sample (for the budget's FLOPs and memory figures).
         num_classes: Number of classes.
+        cloud_submodel: The run's cloud submodel export (``None``: the run has none).
     """
 
     def __init__(self, budget: Optional[DeviceBudget] = None, sample_shape: Optional[tuple[int, ...]] = None,
-                 num_classes: Optional[int] = None) -> None:
+                 num_classes: Optional[int] = None, cloud_submodel: Optional[Path] = None) -> None:
         self.budget = budget
         self.sample_shape = sample_shape
         self.num_classes = num_classes
+        self.cloud_submodel = cloud_submodel
         self._ledger = Ledger()
         self._measured = False
+        self._cloud: Optional[CloudTensors] = None
+        self._checked: set[Path] = set()
 
     def __call__(self, call: StageCall) -> None:
-        """Refuse the call (``LedgerViolation``, ``DeviceBudgetExceeded``) if what it receives does not pass."""
+        """Refuse the call (``LedgerViolation``, ``BoundaryViolation``, ``DeviceBudgetExceeded``) if what it receives
+        does not pass."""
         if call.stage != "device":
             return
         for path in call.inputs:  # named after a device that receives it (the first, for what all receive)
             receivers = [task.device for task in call.devices if path == task.start or path in task.downlink]
             self._ledger.check(receivers[0] if receivers else 0, "down", path)
+            self._check_not_cloud(Path(path))
         if self.budget is not None and not self._measured:
             self._check_budget(call)
             self._measured = True
+
+    def _check_not_cloud(self, path: Path) -> None:
+        """Refuse ``path`` if any of its tensors is one of the cloud submodel's (each file is read once)."""
+        if self.cloud_submodel is None or path in self._checked or not Path(self.cloud_submodel).is_file():
+            return
+        if self._cloud is None:
+            self._cloud = CloudTensors(load_export(self.cloud_submodel).state_dict)
+        shared = self._cloud.shared_with(load_export(path).state_dict)
+        if shared:
+            shown = ", ".join(f"{name} = {cloud}" for name, cloud in shared[:3])
+            raise BoundaryViolation(
+                f"refusing to send {path} down to the devices: {len(shared)} of its tensors are the cloud submodel's "
+                f"({shown}{', ...' if len(shared) > 3 else ''}): nothing sent down may be made of the cloud "
+                "submodel's weights; check the checkpoint_path of the distill and cloud_round backbones")
+        self._checked.add(path)
 
     def _check_budget(self, call: StageCall) -> None:
         if self.sample_shape is None or self.num_classes is None:

@@ -18,6 +18,7 @@ from typing import Literal, Optional, Protocol
 from dcccl.errors import DCCCLError
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.boundary import ResolvedStage
+from dcccl.run.config_snapshot import origin_of
 from dcccl.run.manifest import ConfigChangedError, IntegrityError, Manifest, fingerprint, inputs_fingerprint
 from dcccl.run.ranks import barrier, is_global_zero
 from dcccl.run.run_dir import RunDirectory
@@ -194,7 +195,7 @@ class Coordinator:
         fresh = decision.why != "missing"
         resume = self._prepare_stage_dir(step, decision.config_sha256, fresh)
         resumed = f" (resuming from {step.last_checkpoint})" if resume else ""
-        log.info("%s: running %s %s%s", progress, step.command, step.config_files[-1], resumed)
+        log.info("%s: running %s %s%s", progress, step.command, origin_of(step.config_files[-1]), resumed)
         self.runner(step, resume)
 
     def _record(self, step: Step, config: str) -> None:

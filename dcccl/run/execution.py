@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, Optional
 
 from dcccl.errors import DCCCLError
 from dcccl.run.boundary import DeviceGate
 from dcccl.run.coordinator import Coordinator, StageRunner
+from dcccl.run.fusion import FusionStep
 from dcccl.run.metrics import collect_metrics, metrics_are_current, read_metrics
 from dcccl.run.plan import Plan
 from dcccl.run.preflight import DataDescription, check_before_running
 from dcccl.run.settings import PipelineSettings, RestartPoint
+from dcccl.run.steps import StageCall
 
 log = logging.getLogger("dcccl")
 
@@ -22,6 +26,16 @@ MetricsOf = Callable[[PipelineSettings, Plan], dict[str, Any]]
 
 def _pipeline_metrics(settings: PipelineSettings, plan: Plan) -> dict[str, Any]:
     return collect_metrics(settings, plan, settings.run)
+
+
+def cloud_submodel_of(plan: Plan) -> Optional[Path]:
+    """The cloud submodel a plan trains, or the one its control model is distilled from (``None``: neither)."""
+    for step in plan:
+        if isinstance(step, StageCall) and step.stage == "cloud":
+            return step.outputs[0]
+        if isinstance(step, StageCall) and step.stage == "distill" and step.model_args.get("cloud_submodel"):
+            return Path(step.model_args["cloud_submodel"])
+    return None
 
 
 class PlanRun:
@@ -66,10 +80,13 @@ class PlanRun:
             log.info("[dcccl %s] all %d steps are done already; nothing to run (%s)", self.settings.name,
                      len(self.plan), self.settings.run.metrics)
             return read_metrics(self.settings.run)
+        plan = self.plan
         if data is not None:
             self.coordinator.before_stage = DeviceGate(self.settings.device_budget, data.sample_shape,
-                                                       data.num_classes)
+                                                       data.num_classes, cloud_submodel_of(plan))
+            shares = tuple(len(part) for part in data.device_parts)  # what each device holds: its copy's limit
+            plan = [replace(step, device_shares=shares) if isinstance(step, FusionStep) else step for step in plan]
         if self.refusals:
             raise self.refusals[0]
-        self.coordinator.execute(self.plan)
+        self.coordinator.execute(plan)
         return self._metrics(self.settings, self.plan)

@@ -4,7 +4,7 @@ into the co-submodel the next round starts from. A plain function over exports: 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -15,8 +15,9 @@ from torch import nn
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation import AggregationRule
 from dcccl.federated.aggregation.rule import ServerState
-from dcccl.run.atomic import atomic_torch_save
-from dcccl.run.exports import NetworkExport, load_export, save_export
+from dcccl.federated.replies import ReplyVerdict, reply_problems
+from dcccl.run.atomic import atomic_torch_save, atomic_write_json
+from dcccl.run.exports import ExportError, NetworkExport, load_export, save_export
 from dcccl.run.ranks import is_global_zero
 from dcccl.run.steps import LocalStep
 
@@ -43,6 +44,13 @@ class FusionStep(LocalStep):
             it is the server optimiser's pseudo-gradient).
         state_in: What the rule kept after the previous round's fusion (``None``: nothing, round 1).
         state_out: Where the rule keeps its state after this round's fusion (also one of the ``outputs``).
+        device_ids: Per device copy, the device that sent it (``-1``: the secure sum of the round's devices).
+        device_rounds: Per device copy, the round it was trained in.
+        device_starts: Per device copy, the co-submodel the cloud sent it to train (what it must be a copy of).
+        reply_verdicts: Where the cloud's verdict on each device copy is written (also one of the ``outputs``).
+        share_of: Per device copy, the devices whose samples it may count (one, or a secure sum's members).
+        device_shares: Every device's number of training samples, when the cloud knows them (a simulated fleet);
+            set by the execution from the data (empty: the counts are checked for plausibility only).
     """
 
     rule: Optional[AggregationRule] = None
@@ -53,6 +61,12 @@ class FusionStep(LocalStep):
     round_start: Optional[Path] = None
     state_in: Optional[Path] = None
     state_out: Optional[Path] = None
+    device_ids: tuple[int, ...] = ()
+    device_rounds: tuple[int, ...] = ()
+    device_starts: tuple[Path, ...] = ()
+    reply_verdicts: Optional[Path] = None
+    share_of: tuple[tuple[int, ...], ...] = ()
+    device_shares: tuple[int, ...] = ()
 
     def describe(self) -> dict[str, Any]:
         """The rule's settings and which copies it fuses."""
@@ -68,18 +82,61 @@ class FusionStep(LocalStep):
         }
 
     def run(self) -> None:
-        """Read the copies one at a time, fuse them and write the fused export (on global rank zero)."""
+        """Check every device copy, fuse the accepted ones with the cloud's (one copy in memory at a time) and write
+        the verdicts, the rule's state and the fused export (on global rank zero)."""
         if not is_global_zero():
             return
-        export, state = fuse_exports(self)
+        verdicts = self.check_replies()
+        export, state = fuse_exports(self, [verdict.accepted for verdict in verdicts])
+        if self.reply_verdicts is not None:
+            atomic_write_json(self.reply_verdicts, {"replies": [verdict.to_dict() for verdict in verdicts]})
         if self.state_out is not None:
             save_server_state(state, self.round_index, self.state_out)
         save_export(export, self.outputs[0])
 
-    def _device_states(self, onto: Optional[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Optional[dict]]]:
-        for path, base in zip(self.device_copies, self.device_bases):
-            yield (load_export(path, "co_submodel").state_dict,
-                   None if base is None else load_export(base, "co_submodel").state_dict)
+    def share_limit(self, position: int) -> Optional[int]:
+        """The most samples device copy number ``position`` may count (``None``: the shares are unknown)."""
+        if not self.device_shares:
+            return None
+        members = self.share_of[position] if self.share_of else (self.device_ids[position],)
+        return sum(self.device_shares[device] for device in members)
+
+    def check_replies(self) -> list[ReplyVerdict]:
+        """The cloud's verdict on each device copy (:func:`~dcccl.federated.replies.reply_problems`); a refused
+        copy is left out of the fusion, its reason logged. The verdict depends on the files alone, so a resumed
+        run decides as the interrupted one did."""
+        verdicts = []
+        sent: dict[Path, NetworkExport] = {}
+        for position, path in enumerate(self.device_copies):
+            device = self.device_ids[position] if self.device_ids else position
+            round_index = self.device_rounds[position] if self.device_rounds else self.round_index
+            if self.device_starts:
+                start = self.device_starts[position]
+                if start not in sent:
+                    sent[start] = load_export(start, "co_submodel")
+                try:
+                    reply = load_export(path)
+                except ExportError as err:
+                    problems = [f"it is not a readable export ({err})"]
+                else:
+                    problems = reply_problems(reply, sent[start], self.share_limit(position))
+                    if self.rule is not None and self.rule.needs_class_counts and reply.class_counts is None:
+                        problems.append("it reports no samples per class, which the aggregation rule needs")
+            else:
+                problems = []
+            who = "the secure sum" if device < 0 else f"device {device}'s copy"
+            if problems:
+                log.warning("[dcccl] round %d: refused %s of round %d: %s", self.round_index, who, round_index,
+                            "; ".join(problems))
+            verdicts.append(ReplyVerdict(device, round_index, not problems, "; ".join(problems)))
+        return verdicts
+
+    def _device_states(self, accepted: Sequence[bool], onto: Optional[dict[str, Any]]
+                       ) -> Iterator[tuple[dict[str, Any], Optional[dict]]]:
+        for path, base, keep in zip(self.device_copies, self.device_bases, accepted):
+            if keep:
+                yield (load_export(path, "co_submodel").state_dict,
+                       None if base is None else load_export(base, "co_submodel").state_dict)
 
 
 def _trained_copy(path: Path, num_classes: Optional[int]) -> NetworkExport:
@@ -132,24 +189,28 @@ def save_server_state(state: ServerState, round_index: int, path: Path) -> None:
     atomic_torch_save({"round": round_index, "state": state}, path)
 
 
-def fuse_exports(step: FusionStep) -> tuple[NetworkExport, ServerState]:
-    """The fused co-submodel of ``step`` (weights from the rule, the sample count of all copies together) and what
-    the rule keeps for the next round.
+def fuse_exports(step: FusionStep, accepted: Optional[Sequence[bool]] = None) -> tuple[NetworkExport, ServerState]:
+    """The fused co-submodel of ``step`` (weights from the rule, the sample count of all fused copies together)
+    and what the rule keeps for the next round.
 
     Two passes over the device copies (their sample counts, then their weights), one copy in memory at a time.
+
+    Args:
+        step: The fusion.
+        accepted: Per device copy, whether it is fused (default: every copy; see :meth:`FusionStep.check_replies`).
     """
     rule = step.rule
     if rule is None:
         raise ValueError("a fusion step needs an aggregation rule")
+    keep = list(accepted) if accepted is not None else [True] * len(step.device_copies)
     cloud = _trained_copy(step.cloud_copy, None)
-    reported = [_reported(_trained_copy(path, cloud.num_classes)) for path in step.device_copies]
+    reported = [_reported(_trained_copy(path, cloud.num_classes))
+                for path, kept in zip(step.device_copies, keep) if kept]
     counts = [sample_count for sample_count, _ in reported]
     class_counts = [cloud.class_counts, *(per_class for _, per_class in reported)]
-    if rule.needs_class_counts and any(entry is None for entry in class_counts):
-        missing = [str(path) for path, entry in zip((step.cloud_copy, *step.device_copies), class_counts)
-                   if entry is None]
-        raise ConfigError(f"the aggregation rule fuses class by class but {', '.join(missing)} records no samples "
-                          "per class: run the round again with this rule (--from_stage rounds)")
+    if rule.needs_class_counts and cloud.class_counts is None:
+        raise ConfigError(f"the aggregation rule fuses class by class but {step.cloud_copy} records no samples per "
+                          "class: run the round again with this rule (--from_stage rounds)")
     onto = load_export(step.rebase_onto, "co_submodel").state_dict if step.rebase_onto is not None else None
     network = cloud.build()
     parameters = {name for name, _ in network.named_parameters()}
@@ -157,7 +218,7 @@ def fuse_exports(step: FusionStep) -> tuple[NetworkExport, ServerState]:
     weights = rule.weights(cloud.sample_count or 0, counts)
     log.info("[dcccl] fusion weights: cloud %.3f, devices %s", weights[0],
              ", ".join(f"{w:.3f}" for w in weights[1:]) or "none reported")
-    fused = rule.fuse(cloud.state_dict, cloud.sample_count or 0, counts, step._device_states(onto), onto,
+    fused = rule.fuse(cloud.state_dict, cloud.sample_count or 0, counts, step._device_states(keep, onto), onto,
                       parameters, keys, class_counts if rule.needs_class_counts else None)  # type: ignore[arg-type]
     state: ServerState = {}
     if rule.keeps_server_state:

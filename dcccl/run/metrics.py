@@ -6,13 +6,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dcccl.federated.attacks import Attack
 from dcccl.federated.ledger import Ledger
 from dcccl.reporting.plots import plot_accuracy_per_round, plot_confusion_matrix
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.device_progress import finished_records
+from dcccl.run.fusion import FusionStep
 from dcccl.run.manifest import Manifest, fingerprint
 from dcccl.run.ranks import is_global_zero
 from dcccl.run.run_dir import RunDirectory
@@ -33,27 +36,50 @@ def device_records(call: StageCall) -> dict[int, dict[str, Any]]:
     return {int(record["device"]): record for record in records}
 
 
+def refused_replies(plan: Sequence[Step]) -> dict[tuple[int, int], str]:
+    """``(round, device) -> reason`` for every device copy a fusion of the plan refused (device ``-1``: a round's
+    secure sum)."""
+    refused = {}
+    for step in plan:
+        if isinstance(step, FusionStep) and step.reply_verdicts is not None and step.reply_verdicts.is_file():
+            for verdict in json.loads(step.reply_verdicts.read_text())["replies"]:
+                if not verdict["accepted"]:
+                    refused[(int(verdict["round"]), int(verdict["device"]))] = str(verdict["reason"])
+    return refused
+
+
 def ledger_of(plan: Sequence[Step]) -> Ledger:
     """Every transfer the plan's device stages make: what goes down before each, what comes up after it."""
     ledger = Ledger()
+    refused = refused_replies(plan)
     for step in plan:
         if not (isinstance(step, StageCall) and step.stage == "device"):
             continue
         # What a device reported besides its copy (its epsilon, its encoded bytes): read only when it reports any.
         reports = step.secure_sum is not None or any(step.model_args.get(key) for key in ("privacy", "compression"))
         records = device_records(step) if reports else {}
+        attack = Attack(**step.model_args["attack"]) if step.model_args.get("attack") is not None else None
+        attacked = set(attack.attacked(int(step.data_args.get("num_devices", 1)), step.seed)) if attack else set()
+        first = len(ledger.transfers)
         for task in step.devices:
             wire = records.get(task.device, {}).get("wire", {})  # compressed: the bytes the encoding took
             for path in task.downlink:
                 ledger.record_file(step.round_index, task.device, "down", path,
                                    wire.get("down_bytes") if path == task.start else None)
             for path in task.uplink:
+                reason = refused.get((step.round_index, task.device), refused.get((step.round_index, -1)))
+                if reason is not None:
+                    ledger.record_refused(step.round_index, task.device, path, reason)
+                    continue
                 ledger.record_file(step.round_index, task.device, "up", path, wire.get("up_bytes"))
                 ledger.record_sample_count(step.round_index, task.device)
                 if step.model_args.get("report_class_counts"):
                     ledger.record_class_counts(step.round_index, task.device, path)
             if "privacy" in records.get(task.device, {}):
                 ledger.record_epsilon(step.round_index, task.device, records[task.device]["privacy"]["epsilon"])
+        if attack is not None and attacked:
+            ledger.transfers[first:] = [replace(t, attacked=attack.kind) if t.device in attacked else t
+                                        for t in ledger.transfers[first:]]
     return ledger
 
 
@@ -142,6 +168,9 @@ def collect_metrics(settings: PipelineSettings, plan: Sequence[Step], run: RunDi
     history = round_history(plan)
     ledger = ledger_of(plan)
     metrics = summarize(history, ledger)
+    refused = [t for t in ledger.transfers if t.refused is not None]
+    if refused:
+        metrics["replies/refused"] = len(refused)
     if settings.privacy is not None:
         metrics["privacy/delta"] = settings.privacy.delta
     write_run_outputs(settings, plan, run, metrics, history[-1].get(CONFUSION_KEY), ledger)

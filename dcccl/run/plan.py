@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from dcccl.reporting.tracking import with_save_dirs
+from dcccl.run.config_snapshot import snapshot
 from dcccl.run.fusion import FusionStep
 from dcccl.run.run_dir import RunDirectory
 from dcccl.run.settings import PipelineSettings, RestartPoint
@@ -56,9 +57,9 @@ class PlanBuilder:
         stage trains ``devices`` and keeps its logs in ``work_dir`` (default: the folder of the first output).
         """
         settings = self.settings
-        config_files = [Path(settings.stages[config_stage or stage])]
+        config_files = [snapshot(settings.stages[config_stage or stage])]  # what is checked is what runs
         if settings.data is not None:
-            config_files.insert(0, Path(settings.data))
+            config_files.insert(0, snapshot(settings.data))
         work_dir = work_dir if work_dir is not None else outputs[0].parent
         trainer_args = {**settings.trainer, "default_root_dir": str(work_dir)}
         if trainer_args.get("logger") not in (None, True, False):
@@ -108,6 +109,8 @@ class PlanBuilder:
             model_args["privacy"] = privacy.to_dict()
         if self.settings.compression is not None:
             model_args["compression"] = self.settings.compression.to_dict()
+        if self.settings.attack is not None:
+            model_args["attack"] = self.settings.attack.to_dict()
         inputs = tuple(p for p in (control_model, *starts) if p is not None)
         secure = self.settings.secure_aggregation
         outputs = (self.run.secure_sum(round_index),) if secure is not None else tuple(task.export for task in tasks)
@@ -227,14 +230,19 @@ def fusion_step(settings: PipelineSettings, run: RunDirectory, round_index: int,
     fused = rule.fused_copies(settings.fleet, settings.seed_everything, round_index)
 
     copies = tuple(run.device_copy(r, device) for device, r in fused)
+    share_of: tuple[tuple[int, ...], ...] = ()
     if settings.secure_aggregation is not None and fused:  # the devices' weighted mean, as one copy
         copies = (run.secure_sum(round_index),)
+        share_of = (tuple(device for device, _ in fused),)
         fused = [(-1, round_index)]
     bases = tuple(None if r == round_index else device_start_of(settings, run, r, initial) for _, r in fused)
-    onto = device_start_of(settings, run, round_index, initial) if any(base is not None for base in bases) else None
-    inputs = [run.cloud_copy(round_index), *copies, *(base for base in bases if base is not None),
-              *((onto,) if onto is not None else ())]
+    sent = tuple(device_start_of(settings, run, r, initial) for _, r in fused)  # what each copy started from
+    stale = any(base is not None for base in bases)
+    onto = device_start_of(settings, run, round_index, initial) if stale or rule.needs_device_start else None
+    inputs = [run.cloud_copy(round_index), *copies, *sent, *((onto,) if onto is not None else ())]
     outputs: tuple[Path, ...] = (run.fused_co_submodel(round_index),)
+    if copies:
+        outputs += (run.reply_verdicts(round_index),)
     start = state_in = state_out = None
     if rule.keeps_server_state:  # a server optimiser: its step starts from the round's start, with its kept state
         start = initial if round_index == 1 else round_result(settings, run, round_index - 1)
@@ -246,4 +254,6 @@ def fusion_step(settings: PipelineSettings, run: RunDirectory, round_index: int,
         label=f"round {round_index}/{settings.rounds}: fusion of the cloud copy and {len(copies)} device copies",
         restart_point="rounds", outputs=outputs, inputs=tuple(dict.fromkeys(inputs)),
         round_index=round_index, rule=rule, cloud_copy=run.cloud_copy(round_index), device_copies=copies,
-        device_bases=bases, rebase_onto=onto, round_start=start, state_in=state_in, state_out=state_out)
+        device_bases=bases, rebase_onto=onto, round_start=start, state_in=state_in, state_out=state_out,
+        device_ids=tuple(device for device, _ in fused), device_rounds=tuple(r for _, r in fused),
+        device_starts=sent, reply_verdicts=run.reply_verdicts(round_index) if copies else None, share_of=share_of)

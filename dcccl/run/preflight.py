@@ -9,7 +9,7 @@ device budget and the head API that head fine-tuning needs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -23,7 +23,7 @@ from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError, DCCCLError
 from dcccl.federated.budget import check_device_budget
 from dcccl.federated.privacy import check_trainable, require_opacus
-from dcccl.run.boundary import ResolvedStage, check_boundary
+from dcccl.run.boundary import ResolvedStage, backbone_specs, check_boundary
 from dcccl.run.exports import check_export_fits, load_network
 from dcccl.run.settings import PipelineSettings
 from dcccl.run.steps import StageCall
@@ -49,19 +49,6 @@ class DataDescription:
     sample_shape: tuple[int, ...]
     device_labels: np.ndarray
     device_parts: list[np.ndarray]
-
-
-def backbone_specs(value: Any) -> Iterator[dict[str, Any]]:
-    """Every backbone spec (a mapping with ``name``, ``checkpoint_path`` and ``kwargs``) nested in ``value``,
-    including base models nested in a spec's ``kwargs`` (the ``split`` backbone)."""
-    if isinstance(value, dict):
-        if {"name", "checkpoint_path", "kwargs"} <= set(value):
-            yield value
-        for item in value.values():
-            yield from backbone_specs(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from backbone_specs(item)
 
 
 def resolve_stages(plan: Sequence[Any], runner: StageRunner) -> list[tuple[StageCall, ResolvedStage]]:

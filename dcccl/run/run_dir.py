@@ -18,6 +18,7 @@ Layout::
       rounds/round_001/device_000/co_submodel.pt      device 0's copy of h after the round
       rounds/round_001/fusion/co_submodel.pt          fused h, the start of the next round
       rounds/round_001/fusion/server_state.pt         a server optimiser's state after the round (FedAvgM, FedAdam)
+      rounds/round_001/fusion/replies.json            the cloud's verdict on each device copy it was to fuse
       rounds/round_001/head/co_submodel.pt            fused h with its classifier fine-tuned (finetune_head)
       rounds/round_001/evaluate/metrics.json          served model after the round
       rounds/round_001/fleet.json                     sampled, online and reporting devices, fused copies
@@ -132,6 +133,10 @@ class RunDirectory:
     def fused_co_submodel(self, round_index: int) -> Path:
         """The fused co-submodel at the end of a round."""
         return self.round_dir(round_index) / "fusion" / "co_submodel.pt"
+
+    def reply_verdicts(self, round_index: int) -> Path:
+        """The cloud's verdict on each device copy a round's fusion was to fuse (accepted, or refused and why)."""
+        return self.round_dir(round_index) / "fusion" / "replies.json"
 
     def server_state(self, round_index: int) -> Path:
         """What a server optimiser keeps after a round's fusion (its momentum or moments), for the next round's."""

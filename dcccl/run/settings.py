@@ -9,6 +9,7 @@ from typing import Any, Literal, Optional
 from dcccl.backbones.split import SplitSpec
 from dcccl.errors import ConfigError, MissingFileError
 from dcccl.federated.aggregation import AggregationRule, FedAvg
+from dcccl.federated.attacks import Attack
 from dcccl.federated.budget import DeviceBudget
 from dcccl.federated.compression import Compression
 from dcccl.federated.fleet import FleetSpec
@@ -64,6 +65,9 @@ class PipelineSettings:
         secure_aggregation: On Flower, average the device copies with SecAgg+: the cloud learns only their weighted
             mean (e.g. ``{}`` for the defaults). The aggregation rule must allow it (FedAvg without class-aware
             fusion); a simulated fleet refuses it.
+        attack: Make some devices of a simulated fleet lie, to measure an aggregation rule under attack: e.g.
+            ``{devices: 2, kind: sign_flip}`` (:class:`~dcccl.federated.attacks.Attack`); the attacked devices are
+            marked in ``transfers.json``. Flower's devices are real and refuse it.
         split: Build the submodels by splitting one base model vertically instead of taking each stage's own
             backbone: the cloud submodel is the large group, the co-submodel (and the control model, which
             is distilled afterwards) the small group, all initialised from the base model's weights.
@@ -88,6 +92,7 @@ class PipelineSettings:
     privacy: Optional[DifferentialPrivacy] = None
     compression: Optional[Compression] = None
     secure_aggregation: Optional[SecureAggregation] = None
+    attack: Optional[Attack] = None
     split: Optional[SplitSpec] = None
     trainer: dict[str, Any] = field(default_factory=dict)
     stage_args: dict[str, list[str]] = field(default_factory=dict)
@@ -105,6 +110,8 @@ class PipelineSettings:
                 raise MissingFileError(f"config file not found: {config}")
         if self.aggregation is None:
             self.aggregation = FedAvg()
+        if self.attack is not None:
+            self.attack.attacked(self.fleet.num_devices, self.seed_everything)  # refuses devices the fleet lacks
         if self.secure_aggregation is not None:
             refusal = self.rule.secure_aggregation_refusal()
             if refusal is not None:

@@ -46,6 +46,12 @@ class AggregationRule(ABC):
         return True
 
     @property
+    def needs_device_start(self) -> bool:
+        """Whether :meth:`fuse` needs this round's device start as ``onto`` even when no copy is stale (a rule that
+        looks at each copy's update)."""
+        return False
+
+    @property
     def keeps_server_state(self) -> bool:
         """Whether the rule keeps state from one round's fusion to the next (kept in the run directory)."""
         return False
