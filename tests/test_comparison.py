@@ -12,6 +12,7 @@ import pytest
 from dcccl.methods import METHODS, registered
 from dcccl.methods.comparison import Comparison
 from dcccl.reporting.comparison import build_comparison, markdown_table, write_outputs
+from dcccl.run.config_snapshot import origin_of
 from dcccl.run.execution import PlanRun
 from dcccl.run.steps import StageCall
 from tests.commands import dcccl
@@ -73,7 +74,8 @@ def test_every_baseline_is_wired_from_dcccl_s_own_settings_and_artifacts(tmp_pat
     fedavg = by_method["small_fedavg"]
     assert {c.stage for c in fedavg} == {"cloud_round", "device", "evaluate"}
     cloud_clients = [c for c in fedavg if c.stage == "cloud_round"]
-    assert all(c.config_files[-1] == STAGES["fedavg_client"] and c.model_args["guide"] is None for c in cloud_clients)
+    assert all(origin_of(c.config_files[-1]) == STAGES["fedavg_client"] and c.model_args["guide"] is None
+               for c in cloud_clients)
     assert cloud_clients[0].model_args["co_submodel"] == initial
     assert all(c.model_args["cloud_submodel"] is None for c in fedavg if c.stage == "evaluate")
     fedavg_settings = METHODS["small_fedavg"].settings(settings(tmp_path))
