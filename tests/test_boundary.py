@@ -141,3 +141,16 @@ def test_the_stage_config_that_was_checked_is_the_one_that_runs(tmp_path: Path, 
                        stages={**settings(tmp_path).stages, "device": changed_config})
     with pytest.raises(DCCCLError, match=f"the device stage's config does not parse .*{changed_config}"):
         PlanRun(changed, dcccl_plan(changed), runner).check(DATA)
+
+
+@pytest.mark.parametrize("where", ["a dict key", "a folder"])
+def test_a_device_stage_names_no_file_in_a_dict_key_nor_a_folder(tmp_path: Path, runner: LightningStageRunner,
+                                                                 where: str) -> None:
+    cloud_folder = str(tmp_path / "run" / "cloud")
+    other_folder = tmp_path / "elsewhere"
+    other_folder.mkdir()
+    argument = (f"--model.init_args.extras={json.dumps({cloud_folder + '/cloud_submodel.pt': 'x'})}"
+                if where == "a dict key" else f"--model.init_args.folder={other_folder}")
+    with pytest.raises(BoundaryViolation, match="the co-submodel, but its config also names"):
+        check(tmp_path, runner, stage_args={"device": ["--model.class_path=tests.device_with_extras.DeviceWithExtras",
+                                                       argument]})

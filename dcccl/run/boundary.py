@@ -67,10 +67,12 @@ def _where(call: StageCall) -> str:
 
 
 def _strings(value: Any) -> Iterator[str]:
+    """Every string in ``value``, dict keys included."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for item in value.values():
+        for key, item in value.items():
+            yield from _strings(key)
             yield from _strings(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
@@ -78,9 +80,12 @@ def _strings(value: Any) -> Iterator[str]:
 
 
 def _names_a_file(value: str, run_root: Path) -> bool:
+    """Whether ``value`` names a file or a folder a device stage could read (a path, not a plain word)."""
     path = Path(value)
     inside_run = os.path.abspath(path).startswith(os.path.abspath(run_root) + os.sep)
-    return inside_run or path.is_file() or (path.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".bin"))
+    folder = path.is_dir() and (path.is_absolute() or os.sep in value or value in (".", ".."))
+    return inside_run or folder or path.is_file() or (
+        path.suffix in (".pt", ".pth", ".ckpt", ".safetensors", ".bin"))
 
 
 def check_stage(call: StageCall, resolved: ResolvedStage, run_root: Path) -> None:
