@@ -55,6 +55,17 @@ done
 dcccl ablate --config configs/fleet_1000.yaml --variants configs/ablations/server_optimizers.yaml \
   --seeds "${SEEDS[@]}" --run_dir "$RESULTS/fleet_1000"
 cp "$RESULTS/fleet_1000/ablation/ablation.md" "$RESULTS/fleet_1000_server_optimizers.md"
+# Aggregation rules under attack on the 20-device fleet: no attack, then each kind with 1, 2 and 4 devices lying.
+ATTACKS=("none:0")
+for kind in sign_flip scale noise nan inflate_count label_flip; do
+  for devices in 1 2 4; do ATTACKS+=("$kind:$devices"); done
+done
+for attack in "${ATTACKS[@]}"; do
+  kind=${attack%%:*}; devices=${attack##*:}
+  extra=(); [ "$kind" != none ] && extra=(--attack "{devices: $devices, kind: $kind}")
+  dcccl ablate --config configs/fleet.yaml --variants configs/ablations/robust_rules.yaml --seeds "${SEEDS[@]}" \
+    "${extra[@]}" --run_dir "$RESULTS/attack_${kind}_${devices}"
+done
 python -c "import torch, lightning, timm; print('torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
 for name in cross_domain animals; do
   echo "== $name: $RESULTS/$name/comparison.md"
@@ -71,6 +82,11 @@ done
 for name in quickstart digits8 fleet; do
   echo "== $name: $RESULTS/$name/comparison.md, $RESULTS/$name/ablation/ablation.md"
   cat "$RESULTS/$name/comparison.md" "$RESULTS/$name/ablation/ablation.md"
+done
+for attack in "${ATTACKS[@]}"; do
+  name="attack_${attack%%:*}_${attack##*:}"
+  echo "== $name: $RESULTS/$name/ablation/ablation.md"
+  cat "$RESULTS/$name/ablation/ablation.md"
 done
 for name in privacy_quickstart privacy_digits8 compression_quickstart compression_digits8; do
   echo "== $name: $RESULTS/$name/ablation/ablation.md"
