@@ -57,13 +57,6 @@ def krum_scores(flat: torch.Tensor, byzantine: int) -> torch.Tensor:
     return ordered.sum(dim=1)
 
 
-def clip_to_norm(update: Mapping[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
-    """``update`` scaled down so that its norm over every entry is at most ``max_norm`` (as it is when it is)."""
-    norm = update_norm(update)
-    scale = min(1.0, max_norm / norm) if norm > 0 else 1.0
-    return {key: value * scale for key, value in update.items()}
-
-
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:
     """The Euclidean norm of an update over all its entries."""
     return float(sum(float((value.double() ** 2).sum()) for value in update.values()) ** 0.5)
