@@ -24,6 +24,7 @@ flwr = require_extra("flwr")
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 
+from dcccl.errors import ConfigError  # noqa: E402
 from dcccl.flower.device import app as device_app  # noqa: E402
 from dcccl.flower.records import RefusedMessage, describe_network, weights_record  # noqa: E402
 from dcccl.run.exports import load_export  # noqa: E402
@@ -104,6 +105,23 @@ def test_the_cloud_checks_each_reply_before_it_is_fused(export_factory) -> None:
     assert received_copy(reply(None), start)[1] == ["it carries no co_submodel.weights"]
     # What came is what is kept: the fusion refuses it again from the file, for the same reasons.
     assert isinstance(copy, NetworkExport) and copy.role == "co_submodel"
+
+
+def test_a_node_claiming_another_node_s_device_is_left_out_when_devices_are_bound() -> None:
+    from dcccl.flower.cloud import claim_problem, parse_device_nodes
+
+    bound = parse_device_nodes("0=111, 1=222,2=333")
+    assert bound == {0: 111, 1: 222, 2: 333}
+    assert claim_problem(222, 1, {}, bound) == ""
+    assert claim_problem(999, 1, {}, bound) == "it claims device 1, which is bound to node 222"
+    assert claim_problem(999, 7, {}, bound) == "it claims device 7, which device-nodes binds to no node"
+    assert claim_problem(999, -1, {}, bound) == ""  # a node of its own data plays no device of the fleet
+    assert claim_problem(222, "1", {}, bound) == "its partition-id is not a device index ('1')"
+    assert claim_problem(222, True, {}, None) == "its partition-id is not a device index (True)"
+    assert claim_problem(222, 1, {1: 111}, None) == ""  # unbound: the caller refuses the second claimant itself
+    for text, says in (("0=1,x=2", "whole numbers"), ("0=1,0=2", "twice"), ("0=1,1=1", "twice")):
+        with pytest.raises(ConfigError, match=says):
+            parse_device_nodes(text)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:

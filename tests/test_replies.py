@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcccl.errors import ConfigError
 from dcccl.federated.aggregation import FedAvg
 from dcccl.federated.replies import count_problems, reply_problems, weight_problems
 from dcccl.run.exports import NetworkExport, load_export, save_export
@@ -117,3 +118,15 @@ def test_an_unreadable_reply_is_refused_not_a_crash(tmp_path: Path) -> None:
     verdicts = step.check_replies()
     assert [v.accepted for v in verdicts] == [True, False]
     assert verdicts[1].reason.startswith("it is not a readable export")
+
+
+def test_a_device_s_limit_is_its_share_capped_by_the_fleet_s_max_device_samples() -> None:
+    from dcccl.federated.fleet import FleetSpec
+
+    assert FleetSpec(num_devices=3).share_limits([5, 40, 7]) == (5, 40, 7)  # a simulated fleet: the partition
+    assert FleetSpec(num_devices=3, max_device_samples=10).share_limits([5, 40, 7]) == (5, 10, 7)
+    # A cloud that does not hold the devices' data (a real fleet): the config's limit, or none at all.
+    assert FleetSpec(num_devices=2, max_device_samples=10).share_limits([]) == (10, 10)
+    assert FleetSpec(num_devices=2).share_limits([]) == ()
+    with pytest.raises(ConfigError, match="max_device_samples must be at least 1"):
+        FleetSpec(num_devices=2, max_device_samples=0)

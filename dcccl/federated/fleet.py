@@ -33,6 +33,10 @@ class FleetSpec:
         availability: Probability that a sampled device is online and reports back.
         availability_schedule: JSON file ``{"<round>": [online device ids], ...}``, replacing ``availability``
             for the rounds it lists.
+        max_device_samples: The most samples one device's reply may count. A simulated fleet knows each device's
+            share from the partition and takes the smaller of the two; a real fleet (Flower) whose cloud does not
+            hold the devices' data needs this limit, or a device may claim any count and take the devices' whole
+            weight in the fusion.
     """
 
     num_devices: int = 1
@@ -42,8 +46,11 @@ class FleetSpec:
     sample_fraction: float = 1.0
     availability: float = 1.0
     availability_schedule: Optional[ConfigPath] = None
+    max_device_samples: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.max_device_samples is not None and self.max_device_samples < 1:
+            raise ConfigError(f"fleet max_device_samples must be at least 1, got {self.max_device_samples}")
         if self.num_devices < 1:
             raise ConfigError(f"fleet num_devices must be at least 1, got {self.num_devices}")
         if not 0.0 < self.sample_fraction <= 1.0:
@@ -64,6 +71,17 @@ class FleetSpec:
         if bad:
             raise ConfigError(f"availability schedule {self.availability_schedule} names unknown devices {bad}")
         return schedule
+
+    def share_limits(self, device_parts: list[int]) -> tuple[int, ...]:
+        """The most samples each device's reply may count: its share of the partition (``device_parts``, empty
+        where the cloud does not hold the devices' data), capped by ``max_device_samples``; empty where neither
+        is known."""
+        if len(device_parts) == self.num_devices:
+            cap = self.max_device_samples
+            return tuple(part if cap is None else min(part, cap) for part in device_parts)
+        if self.max_device_samples is not None:
+            return (self.max_device_samples,) * self.num_devices
+        return ()
 
     def sampled(self, seed: int, round_index: int) -> list[int]:
         """The devices the cloud asks to train in a round (seeded by seed and round)."""

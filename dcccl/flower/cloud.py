@@ -96,11 +96,15 @@ class FlowerDevices:
         local: Runs the cloud's own stages (the pipeline's stage runner).
         reply_timeout: Seconds a round waits for its devices' replies.
         node_wait: Seconds to wait for the devices a round needs to join.
+        device_nodes: Which node id plays each device (``device-nodes`` in the run config). With SuperNode
+            authentication a node id belongs to one registered key, so a node that claims another's partition-id is
+            left out; without it, a node's partition-id is taken at its word.
     """
 
     def __init__(self, grid: Grid, local: StageRunner, reply_timeout: float = 600.0, node_wait: float = 120.0,
-                 context: Optional[Context] = None) -> None:
+                 context: Optional[Context] = None, device_nodes: Optional[dict[int, int]] = None) -> None:
         self.grid = grid
+        self.device_nodes = device_nodes
         self.context = context
         self.local = local
         self.reply_timeout = reply_timeout
@@ -189,11 +193,17 @@ class FlowerDevices:
                 queries = {node: Message(RecordDict(), dst_node_id=node, message_type="query.partition")
                            for node in new}
                 for node, reply in self._exchange(queries, "asking the nodes which device they are").items():
-                    device = int(reply.content.metric_records["node"]["partition-id"])  # type: ignore[arg-type]
-                    if device in self.node_of and self.node_of[device] != node:
-                        raise DeviceFailed(f"two nodes ({self.node_of[device]} and {node}) say they are device "
-                                           f"{device}: give each SuperNode its own partition-id")
-                    self.node_of[device] = node
+                    claimed = reply.content.metric_records.get("node", {}).get("partition-id")
+                    problem = claim_problem(node, claimed, self.node_of, self.device_nodes)
+                    if problem:
+                        log.warning("[dcccl] node %d is not asked to train: %s", node, problem)
+                        continue
+                    if self.device_nodes is None and claimed in self.node_of:
+                        raise DeviceFailed(f"two nodes ({self.node_of[claimed]} and {node}) say they are device "  # type: ignore[index]
+                                           f"{claimed}: give each SuperNode its own partition-id, and bind them "
+                                           "(device-nodes in the run config, with SuperNode authentication)")
+                    if isinstance(claimed, int) and claimed >= 0:
+                        self.node_of[claimed] = node
                 needed -= set(self.node_of)
                 continue
             if time.monotonic() > deadline:
@@ -308,6 +318,45 @@ class FlowerDevices:
                 "wire": {"down_bytes": down_bytes.get(device, 0), "up_bytes": up_bytes.get(device, 0)}})
 
 
+def parse_device_nodes(text: str) -> dict[int, int]:
+    """``device-nodes`` of the run config, ``"<device>=<node id>,..."``, as a map from device to node id.
+
+    Raises:
+        ConfigError: For anything but comma-separated pairs of whole numbers, a device twice or a node twice.
+    """
+    bound: dict[int, int] = {}
+    for pair in filter(None, (part.strip() for part in text.split(","))):
+        device, _, node = pair.partition("=")
+        if not (device.strip().isdigit() and node.strip().isdigit()):
+            raise ConfigError(f"device-nodes must read '<device>=<node id>,...' (whole numbers), got {pair!r}: "
+                              "take the node ids that flwr supernode register printed")
+        if int(device) in bound or int(node) in bound.values():
+            raise ConfigError(f"device-nodes names device {device.strip()} or node {node.strip()} twice: bind each "
+                              "device to one node")
+        bound[int(device)] = int(node)
+    return bound
+
+
+def claim_problem(node: int, claimed: Any, known: dict[int, int], bound: Optional[dict[int, int]]) -> str:
+    """Why the cloud will not take ``node`` for the device it claims to be (empty: it takes it).
+
+    Args:
+        node: The node's id, which the SuperLink vouches for.
+        claimed: The partition-id the node's reply gave (-1: a node of its own data, which plays no device).
+        known: The nodes already taken, by device.
+        bound: ``device-nodes``, when the run config binds devices to nodes.
+    """
+    if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed < -1:
+        return f"its partition-id is not a device index ({claimed!r})"
+    if bound is None or claimed == -1:
+        return ""
+    if bound.get(claimed) != node:
+        owner = bound.get(claimed)
+        return (f"it claims device {claimed}, which is bound to node {owner}" if owner is not None
+                else f"it claims device {claimed}, which device-nodes binds to no node")
+    return ""
+
+
 def _whole(value: Any) -> Optional[int]:
     """``value`` if it is a whole number (a reply's figure), else ``None``."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
@@ -351,6 +400,7 @@ def main(grid: Grid, context: Context) -> None:
         argv += ["--run_dir", str(config["run-dir"])]
     configure_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
+    bound = parse_device_nodes(str(config["device-nodes"])) if config.get("device-nodes") else None
     pipeline_main(argv, device_runner=lambda local: FlowerDevices(
         grid, local, float(config.get("reply-timeout", 600.0)), float(config.get("node-wait", 120.0)),  # type: ignore[arg-type]
-        context))
+        context, bound))

@@ -84,7 +84,7 @@ class PlanRun:
         if data is not None:
             self.coordinator.before_stage = DeviceGate(self.settings.device_budget, data.sample_shape,
                                                        data.num_classes, cloud_submodel_of(plan))
-            shares = tuple(len(part) for part in data.device_parts)  # what each device holds: its copy's limit
+            shares = self.settings.fleet.share_limits([len(part) for part in data.device_parts])
             plan = [replace(step, device_shares=shares) if isinstance(step, FusionStep) else step for step in plan]
         if self.refusals:
             raise self.refusals[0]
