@@ -15,6 +15,7 @@ from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import DCCCLError
 from dcccl.federated.class_split import DataPartition
 from dcccl.run.exports import NetworkExport, Role, save_export
+from dcccl.run.lineage import lineage_of
 from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.budget import BudgetCallback
 
@@ -102,6 +103,12 @@ class StageModule(LightningModule):
             raise RuntimeError("this stage needs a dcccl DataModule to count its training samples per class")
         return [int(count) for count in datamodule.train_class_counts()]
 
+    def weights_from(self, network: nn.Module) -> list[str]:
+        """The exports ``network``'s weights were loaded from when the stage began (its lineage,
+        :mod:`dcccl.run.lineage`); empty: it was built from its backbone (its ``checkpoint_path``, or from scratch).
+        A stage that starts a network from an export names the export here."""
+        return []
+
     def write_export(self, network: nn.Module, role: Role, backbone: BackboneSpec, path: Optional[str] = None,
                      sample_count: Optional[int] = None, class_counts: Optional[list[int]] = None) -> None:
         """Write ``network`` as a self-describing export to ``path`` (default ``export_path``).
@@ -112,8 +119,9 @@ class StageModule(LightningModule):
         if target is None:
             return
         if self.trainer.is_global_zero:
+            starts = self.weights_from(network) or ([backbone.checkpoint_path] if backbone.checkpoint_path else [])
             export = NetworkExport.of(network, role, backbone, self.num_classes, self.in_chans, sample_count,
-                                      class_counts)
+                                      class_counts, self.data_partition, lineage_of(starts, backbone.pretrained))
             save_export(export, target)
         self.trainer.strategy.barrier("dcccl-export")
 

@@ -42,6 +42,7 @@ from dcccl.run.atomic import atomic_write_json
 from dcccl.run.device_progress import finished_records, is_finished, record_finished
 from dcccl.run.device_state import load_device_state, save_device_state
 from dcccl.run.exports import NetworkExport, load_export, save_export
+from dcccl.run.lineage import lineage_of
 from dcccl.run.ranks import barrier
 from dcccl.run.sampling import device_seed
 from dcccl.run.steps import DeviceTask
@@ -302,7 +303,7 @@ class DeviceRoundModule(LightningModule):
             "was stopped by the trainer's own limits (max_epochs, max_steps, ...)"
         sample_count, reported_counts = sum(class_counts), class_counts if module.report_class_counts else None
         export = NetworkExport.of(module.co_submodel, "co_submodel", module.co_backbone, module.num_classes,
-                                  module.in_chans, sample_count, reported_counts)
+                                  module.in_chans, sample_count, reported_counts, "device", lineage_of([task.start]))
         if attack is not None:  # what a lying device sends instead
             parameters = {name for name, _ in module.co_submodel.named_parameters()}
             noise = torch.Generator().manual_seed(device_seed(datamodule.seed, self.round_index, device))

@@ -58,6 +58,7 @@ class GuidedCoTrainingModule(SupervisedStageModule):
         self.label_smoothing = label_smoothing
         self.margin = margin
         self.guide = freeze(guide) if guide is not None else None
+        self.co_submodel_start = co_submodel
         if co_submodel is not None:
             start = load_export(co_submodel, "co_submodel")
             if start.num_classes != num_classes:
@@ -68,6 +69,10 @@ class GuidedCoTrainingModule(SupervisedStageModule):
             default = BackboneSpec("small_cnn", kwargs={"width": 8})
             self.co_backbone = co_backbone if co_backbone is not None else default
             self.co_submodel = self.build_network()
+
+    def weights_from(self, network: nn.Module) -> list[str]:
+        """The co-submodel export this stage started from, if any."""
+        return [self.co_submodel_start] if network is self.co_submodel and self.co_submodel_start else []
 
     def training_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the guided logits (label-smoothed when configured), or with ``margin`` the multi-class

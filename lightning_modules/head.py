@@ -48,6 +48,7 @@ class HeadFinetuneModule(SupervisedStageModule):
         if fused.num_classes != num_classes:
             raise ConfigError(f"{co_submodel} predicts {fused.num_classes} classes but the data has {num_classes}")
         self.co_backbone = fused.backbone
+        self.co_submodel_start = co_submodel
         self.sample_count = fused.sample_count
         self.co_submodel = freeze(fused.build())
         get_classifier = getattr(self.co_submodel, "get_classifier", None)
@@ -69,6 +70,10 @@ class HeadFinetuneModule(SupervisedStageModule):
             if parameter.shape[0] == self.num_classes:
                 mask = trained.reshape(-1, *([1] * (parameter.dim() - 1))).to(parameter.dtype)
                 parameter.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device))
+
+    def weights_from(self, network: nn.Module) -> list[str]:
+        """The fused co-submodel whose head this stage fine-tunes."""
+        return [self.co_submodel_start] if network is self.co_submodel else []
 
     def frozen_networks(self) -> list[nn.Module]:
         """The cloud submodel and the co-submodel's body (the head is a linear layer: eval mode changes nothing)."""

@@ -89,3 +89,44 @@ def test_a_config_line_cannot_start_the_control_model_from_the_cloud_submodel(tm
     last = result.stderr.strip().splitlines()[-1]
     assert "sent to the devices" in last and "cloud-side folder" in last and "Traceback" not in result.stderr, last
     assert not run_dir.exists()
+
+
+def test_a_network_whose_lineage_reaches_the_cloud_submodel_is_never_sent_down(tmp_path: Path) -> None:
+    """Trained on after starting from the cloud submodel (so no tensor is the same), renamed, moved out of the run,
+    saved under the control model's role: its recorded lineage still names the cloud submodel."""
+    from dcccl.run.lineage import cloud_only_ancestors, lineage_of
+    from dcccl.run.manifest import sha256_of
+
+    torch.manual_seed(0)
+    cloud_network = TINY.build(10, 1)
+    cloud = save_export(NetworkExport.of(cloud_network, "cloud_submodel", TINY, 10, 1), tmp_path / "cloud.pt")
+    with torch.no_grad():
+        for parameter in cloud_network.parameters():
+            parameter.add_(0.01)  # "trained" a little: every tensor differs
+    child = NetworkExport.of(cloud_network, "control_model", TINY, 10, 1, trained_on="cloud",
+                             lineage=lineage_of([cloud]))
+    assert child.lineage == {"from": [{"kind": "export", "role": "cloud_submodel", "sha256": sha256_of(cloud)}],
+                             "cloud_only": [sha256_of(cloud)]}
+    first = save_export(child, tmp_path / "elsewhere" / "control_model.pt")
+    # Its grandchild inherits the ancestor, whatever it is called.
+    grandchild = save_export(NetworkExport.of(TINY.build(10, 1), "co_submodel", TINY, 10, 1,
+                                              lineage=lineage_of([first])), tmp_path / "start.pt")
+    assert cloud_only_ancestors(load_export(grandchild).lineage) == [sha256_of(cloud)]
+    run = tmp_path / "run"
+    assert "descends from a cloud-only export" in str(cloud_side_source(str(first), run))
+    assert "descends from a cloud-only export" in str(cloud_side_source(str(grandchild), run))
+    torch.manual_seed(2)
+    honest = save_export(NetworkExport.of(TINY.build(10, 1), "control_model", TINY, 10, 1,
+                                          lineage=lineage_of([])), tmp_path / "honest.pt")
+    assert cloud_side_source(str(honest), run) is None
+    with pytest.raises(BoundaryViolation, match=r"control_model.pt down to the devices: its weights descend from a "
+                                                r"cloud-only export"):
+        DeviceGate(cloud_submodel=cloud)(_device_call(tmp_path, first, honest))
+    with pytest.raises(BoundaryViolation, match="start.pt down to the devices: its weights descend"):
+        DeviceGate()(_device_call(tmp_path, honest, grandchild))  # also without the cloud submodel at hand
+    # A network trained on pooled samples (the centralized baseline) is cloud-only too.
+    pooled = save_export(NetworkExport.of(TINY.build(10, 1), "co_submodel", TINY, 10, 1, trained_on="pooled"),
+                         tmp_path / "pooled.pt")
+    assert lineage_of([pooled])["cloud_only"] == [sha256_of(pooled)]
+    assert lineage_of([honest])["cloud_only"] == [] and lineage_of([], pretrained=True)["from"] == [
+        {"kind": "pretrained"}]

@@ -137,3 +137,26 @@ def test_a_round_killed_midway_resumes_with_the_devices_it_had_not_finished(tmp_
     assert resumed.stderr.count(" trained (") == 6 - finished  # one line per device trained
     assert json.loads((run_dir / "metrics.json").read_text()) == json.loads(
         (tmp_path / "reference/metrics.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_manifest_keeps_where_each_network_s_weights_came_from(uninterrupted: Path) -> None:
+    """Lineage: the control model starts from scratch, each device copy from the co-submodel it was sent, each fusion
+    from the copies it averaged; nothing that went down descends from a cloud-only export."""
+    from dcccl.run.manifest import Manifest
+
+    manifest = Manifest(uninterrupted / "manifest.json")
+    lineage = {key: entry.lineage for key, entry in manifest.entries.items() if entry.lineage is not None}
+    sha = {key: entry.sha256 for key, entry in manifest.entries.items()}
+    assert lineage["cloud/cloud_submodel.pt"] == {"from": [{"kind": "scratch"}], "cloud_only": []}
+    control = next(key for key in lineage if key.endswith("control_model.pt"))
+    assert lineage[control] == {"from": [{"kind": "scratch"}], "cloud_only": []}
+    fused = sorted(key for key in lineage if "/fusion/" in key)
+    assert fused and all(not value["cloud_only"] for value in lineage.values())
+    for key in fused:
+        averaged = {entry["sha256"] for entry in lineage[key]["from"]}
+        round_dir = key.split("/fusion/")[0]
+        copies = {sha[k] for k in sha if k.startswith(round_dir) and "/device_" in k and k.endswith(".pt")}
+        assert copies and copies < averaged and len(averaged) == len(copies) + 1  # and the cloud round's copy
+    device_copy = next(key for key in lineage if "/device_" in key)
+    assert [entry["role"] for entry in lineage[device_copy]["from"]] == ["co_submodel"]

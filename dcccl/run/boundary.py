@@ -28,6 +28,7 @@ from dcccl.federated.ledger import Ledger
 from dcccl.run.config_snapshot import origin_of
 from dcccl.run.downlink import CloudTensors, cloud_side_source
 from dcccl.run.exports import load_export, load_network
+from dcccl.run.lineage import cloud_only_ancestors
 from dcccl.run.steps import StageCall
 
 log = logging.getLogger("dcccl")
@@ -228,18 +229,27 @@ class DeviceGate:
             self._measured = True
 
     def _check_not_cloud(self, path: Path) -> None:
-        """Refuse ``path`` if any of its tensors is one of the cloud submodel's (each file is read once)."""
-        if self.cloud_submodel is None or path in self._checked or not Path(self.cloud_submodel).is_file():
+        """Refuse ``path`` if its lineage reaches a cloud-only export, or any of its tensors is one of the cloud
+        submodel's (each file is read once)."""
+        if path in self._checked:
             return
-        if self._cloud is None:
-            self._cloud = CloudTensors(load_export(self.cloud_submodel).state_dict)
-        shared = self._cloud.shared_with(load_export(path).state_dict)
-        if shared:
-            shown = ", ".join(f"{name} = {cloud}" for name, cloud in shared[:3])
+        export = load_export(path)
+        ancestors = cloud_only_ancestors(export.lineage)
+        if ancestors:
             raise BoundaryViolation(
-                f"refusing to send {path} down to the devices: {len(shared)} of its tensors are the cloud submodel's "
-                f"({shown}{', ...' if len(shared) > 3 else ''}): nothing sent down may be made of the cloud "
-                "submodel's weights; check the checkpoint_path of the distill and cloud_round backbones")
+                f"refusing to send {path} down to the devices: its weights descend from a cloud-only export "
+                f"(SHA-256 {ancestors[0][:12]}..., a cloud submodel or a network trained on pooled samples): nothing "
+                "sent down may start from one; check the checkpoint_path of the distill and cloud_round backbones")
+        if self.cloud_submodel is not None and Path(self.cloud_submodel).is_file():
+            if self._cloud is None:
+                self._cloud = CloudTensors(load_export(self.cloud_submodel).state_dict)
+            shared = self._cloud.shared_with(export.state_dict)
+            if shared:
+                shown = ", ".join(f"{name} = {cloud}" for name, cloud in shared[:3])
+                raise BoundaryViolation(
+                    f"refusing to send {path} down to the devices: {len(shared)} of its tensors are the cloud "
+                    f"submodel's ({shown}{', ...' if len(shared) > 3 else ''}): nothing sent down may be made of the "
+                    "cloud submodel's weights; check the checkpoint_path of the distill and cloud_round backbones")
         self._checked.add(path)
 
     def _check_budget(self, call: StageCall) -> None:

@@ -19,6 +19,7 @@ from dcccl.errors import DCCCLError
 from dcccl.run.atomic import atomic_write_json
 from dcccl.run.boundary import ResolvedStage
 from dcccl.run.config_snapshot import origin_of
+from dcccl.run.lineage import recorded_lineages
 from dcccl.run.manifest import ConfigChangedError, IntegrityError, Manifest, fingerprint, inputs_fingerprint
 from dcccl.run.ranks import barrier, is_global_zero
 from dcccl.run.run_dir import RunDirectory
@@ -199,7 +200,8 @@ class Coordinator:
         self.runner(step, resume)
 
     def _record(self, step: Step, config: str) -> None:
-        self.manifest.record(step.outputs, step.label, config, inputs_fingerprint(step.inputs))
+        self.manifest.record(step.outputs, step.label, config, inputs_fingerprint(step.inputs),
+                             recorded_lineages(step.outputs))
 
     @staticmethod
     def _report(step: Step, progress: str) -> None:

@@ -4,8 +4,10 @@ Two rules, checked on what the artifacts are:
 
 - before anything runs, no network that is sent down (the control model, the co-submodel) may start from a
   cloud-side weights file: the cloud submodel's export, anything else a cloud stage or the centralized baseline
-  wrote in the run directory, or any dcccl export that records the cloud submodel's role;
-- before each device stage, no tensor of what it receives may be one of the cloud submodel's.
+  wrote in the run directory, any dcccl export that records the cloud submodel's role, or any export whose
+  lineage (:mod:`dcccl.run.lineage`) reaches a cloud-only export;
+- before each device stage, nothing it receives may have a cloud-only export in its lineage, and no tensor of it
+  may be one of the cloud submodel's.
 
 A tensor of a downlink (the control model, a co-submodel) identical to one of the cloud submodel's trained tensors,
 same shape and same values, means the cloud submodel's weights would leave the cloud: the control model may have
@@ -24,6 +26,7 @@ from typing import Optional
 import torch
 
 from dcccl.run.exports import EXPORT_FORMAT
+from dcccl.run.lineage import described
 
 # Folders of a run directory that hold what the cloud trained on its own or on pooled samples.
 CLOUD_SIDE_FOLDERS: tuple[str, ...] = ("cloud", "baselines/centralized")
@@ -91,4 +94,7 @@ def cloud_side_source(checkpoint_path: str, run_root: Path) -> Optional[str]:
             return f"{checkpoint_path} is in the run's cloud-side folder {run_root / folder}"
     if path.is_file() and _export_role(path) == "cloud_submodel":
         return f"{checkpoint_path} is a cloud submodel's export"
+    if path.is_file() and described(path)["cloud_only"]:
+        return (f"{checkpoint_path} descends from a cloud-only export (a cloud submodel or a network trained on pooled "
+                "samples, in its recorded lineage)")
     return None

@@ -41,6 +41,8 @@ class NetworkExport:
         state_dict: The weights and buffers.
         sample_count: For a co-submodel copy, the number of training samples behind it.
         class_counts: Those samples per class, when the copy reports them (class-aware fusion).
+        trained_on: The samples the stage that wrote it trained on (``cloud``, ``device`` or ``pooled``).
+        lineage: Where its weights came from (:mod:`dcccl.run.lineage`); ``None`` where it was not recorded.
     """
 
     role: Role
@@ -50,14 +52,17 @@ class NetworkExport:
     state_dict: dict[str, torch.Tensor]
     sample_count: Optional[int] = None
     class_counts: Optional[list[int]] = None
+    trained_on: Optional[str] = None
+    lineage: Optional[dict[str, Any]] = None
 
     @classmethod
     def of(cls, network: nn.Module, role: Role, backbone: BackboneSpec, num_classes: int, in_chans: int,
-           sample_count: Optional[int] = None, class_counts: Optional[list[int]] = None) -> NetworkExport:
+           sample_count: Optional[int] = None, class_counts: Optional[list[int]] = None,
+           trained_on: Optional[str] = None, lineage: Optional[dict[str, Any]] = None) -> NetworkExport:
         """Snapshot ``network`` (weights copied to CPU) as an export."""
         state = {key: value.detach().to("cpu", copy=True) for key, value in network.state_dict().items()}
         recorded = replace(backbone, name=rebuildable_name(backbone.name))
-        return cls(role, recorded, num_classes, in_chans, state, sample_count, class_counts)
+        return cls(role, recorded, num_classes, in_chans, state, sample_count, class_counts, trained_on, lineage)
 
     def build(self) -> nn.Module:
         """Rebuild the network and load the exported weights."""
@@ -75,6 +80,8 @@ class NetworkExport:
             "in_chans": self.in_chans,
             "sample_count": self.sample_count,
             "class_counts": self.class_counts,
+            "trained_on": self.trained_on,
+            "lineage": self.lineage,
             "state_dict": self.state_dict,
         }
 
@@ -114,6 +121,8 @@ def load_export(path: str | Path, role: Optional[Role] = None) -> NetworkExport:
         state_dict=payload["state_dict"],
         sample_count=payload.get("sample_count"),
         class_counts=payload.get("class_counts"),
+        trained_on=payload.get("trained_on"),
+        lineage=payload.get("lineage"),
     )
 
 

@@ -18,6 +18,7 @@ from dcccl.federated.aggregation.rule import ServerState
 from dcccl.federated.replies import ReplyVerdict, reply_problems
 from dcccl.run.atomic import atomic_torch_save, atomic_write_json
 from dcccl.run.exports import ExportError, NetworkExport, load_export, save_export
+from dcccl.run.lineage import lineage_of
 from dcccl.run.ranks import is_global_zero
 from dcccl.run.steps import LocalStep
 
@@ -229,5 +230,6 @@ def fuse_exports(step: FusionStep, accepted: Optional[Sequence[bool]] = None) ->
         fused, state = rule.server_step(fused, start, parameters, kept, step.round_index)
     total = (cloud.sample_count or 0) + sum(counts)
     summed = [sum(column) for column in zip(*class_counts)] if all(c is not None for c in class_counts) else None
+    averaged = [step.cloud_copy, *(path for path, kept in zip(step.device_copies, keep) if kept)]
     return NetworkExport(cloud.role, cloud.backbone, cloud.num_classes, cloud.in_chans, fused, total,
-                         summed), state  # type: ignore[arg-type]
+                         summed, None, lineage_of(averaged)), state  # type: ignore[arg-type]

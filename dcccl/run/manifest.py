@@ -87,12 +87,14 @@ class ManifestEntry:
         stage: The step (its label) that wrote it.
         config_sha256: :func:`fingerprint` of that step's description.
         inputs_sha256: :func:`inputs_fingerprint` of the files it read (empty in manifests of older runs).
+        lineage: For a network export, where its weights came from (:mod:`dcccl.run.lineage`).
     """
 
     sha256: str
     stage: str
     config_sha256: str
     inputs_sha256: str = ""
+    lineage: Optional[dict[str, Any]] = None
 
 
 class Manifest:
@@ -125,11 +127,14 @@ class Manifest:
         """What the manifest holds about an artifact, if anything."""
         return self.entries.get(self.key(path))
 
-    def record(self, paths: tuple[Path, ...], stage: str, config_sha256: str, inputs_sha256: str = "") -> None:
-        """Record artifacts just written by ``stage`` and save the manifest (atomically)."""
+    def record(self, paths: tuple[Path, ...], stage: str, config_sha256: str, inputs_sha256: str = "",
+               lineages: Optional[dict[Path, dict[str, Any]]] = None) -> None:
+        """Record artifacts just written by ``stage`` (with the lineage of those that are network exports) and save
+        the manifest (atomically)."""
         for path in paths:
             key = self.key(path)
-            self.entries[key] = ManifestEntry(sha256_of(path), stage, config_sha256, inputs_sha256)
+            self.entries[key] = ManifestEntry(sha256_of(path), stage, config_sha256, inputs_sha256,
+                                              (lineages or {}).get(path))
         self.save()
 
     def save(self) -> None:
