@@ -34,9 +34,9 @@ class FleetSpec:
         availability_schedule: JSON file ``{"<round>": [online device ids], ...}``, replacing ``availability``
             for the rounds it lists.
         max_device_samples: The most samples one device's reply may count. A simulated fleet knows each device's
-            share from the partition and takes the smaller of the two; a real fleet (Flower) whose cloud does not
-            hold the devices' data needs this limit, or a device may claim any count and take the devices' whole
-            weight in the fusion.
+            share from the partition and takes the smaller of the two; on Flower, where a device may train on data
+            of its own, this limit is the only one: without it a device may claim any count and take the devices'
+            whole weight in the fusion.
     """
 
     num_devices: int = 1

@@ -101,6 +101,10 @@ class FlowerDevices:
             left out; without it, a node's partition-id is taken at its word.
     """
 
+    # A node may train on a data config of its own: the cloud's partition says nothing of its share, so a reply's
+    # count is checked against fleet.max_device_samples only.
+    devices_train_on_the_partition = False
+
     def __init__(self, grid: Grid, local: StageRunner, reply_timeout: float = 600.0, node_wait: float = 120.0,
                  context: Optional[Context] = None, device_nodes: Optional[dict[int, int]] = None) -> None:
         self.grid = grid

@@ -84,7 +84,9 @@ class PlanRun:
         if data is not None:
             self.coordinator.before_stage = DeviceGate(self.settings.device_budget, data.sample_shape,
                                                        data.num_classes, cloud_submodel_of(plan))
-            shares = self.settings.fleet.share_limits([len(part) for part in data.device_parts])
+            # A runner whose devices may train on data of their own (Flower) says so: only the config's cap holds.
+            known = getattr(self.runner, "devices_train_on_the_partition", True)
+            shares = self.settings.fleet.share_limits([len(part) for part in data.device_parts] if known else [])
             plan = [replace(step, device_shares=shares) if isinstance(step, FusionStep) else step for step in plan]
         if self.refusals:
             raise self.refusals[0]
