@@ -130,3 +130,28 @@ def test_a_network_whose_lineage_reaches_the_cloud_submodel_is_never_sent_down(t
     assert lineage_of([pooled])["cloud_only"] == [sha256_of(pooled)]
     assert lineage_of([honest])["cloud_only"] == [] and lineage_of([], pretrained=True)["from"] == [
         {"kind": "pretrained"}]
+
+
+def test_cloud_round_s_co_backbone_may_not_start_from_the_cloud_submodel_s_file(tmp_path: Path,
+                                                                               export_factory) -> None:  # type: ignore[no-untyped-def]
+    """Bypass 1b: the co-submodel of round 1 built from the cloud submodel's file (as the control model in 1)."""
+    from dcccl.run.boundary import ResolvedStage, check_downlink_sources
+    from lightning_modules.cloud_round import CloudCoTrainingModule
+
+    run = tmp_path / "run"
+    (run / "cloud").mkdir(parents=True)
+    cloud = shutil.copy(export_factory("cloud_submodel"), run / "cloud" / "cloud_submodel.pt")
+    config = tmp_path / "cloud_round.yaml"
+    config.write_text("model: {}\n")
+    call = StageCall(label="round 1/1: cloud round", restart_point="rounds", outputs=(run / "co.pt",), inputs=(),
+                     round_index=1, stage="cloud_round", config_files=(config,))
+    for spec in ({"name": "small_cnn", "checkpoint_path": str(cloud)},
+                 {"name": "small_cnn", "checkpoint_path": str(export_factory("cloud_submodel", name="moved"))}):
+        resolved = ResolvedStage(CloudCoTrainingModule, CloudCoTrainingModule, "cloud", {"co_backbone": spec}, {})
+        with pytest.raises(BoundaryViolation, match="builds a network that is sent to the devices from a cloud-side"):
+            check_downlink_sources(call, resolved, run)
+    own = tmp_path / "own.pt"
+    torch.save({"w": torch.zeros(2)}, own)
+    check_downlink_sources(call, ResolvedStage(CloudCoTrainingModule, CloudCoTrainingModule, "cloud",
+                                               {"co_backbone": {"name": "small_cnn", "checkpoint_path": str(own)}},
+                                               {}), run)

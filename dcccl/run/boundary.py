@@ -156,10 +156,10 @@ def check_downlink_sources(call: StageCall, resolved: ResolvedStage, run_root: P
 
 
 def backbone_specs(value: Any) -> Iterator[dict[str, Any]]:
-    """Every backbone spec (a mapping with ``name``, ``checkpoint_path`` and ``kwargs``) nested in ``value``,
-    including base models nested in a spec's ``kwargs`` (the ``split`` backbone)."""
+    """Every backbone spec (a mapping with ``name`` and ``checkpoint_path``) nested in ``value``, including base
+    models nested in a spec's ``kwargs`` (the ``split`` backbone)."""
     if isinstance(value, dict):
-        if {"name", "checkpoint_path", "kwargs"} <= set(value):
+        if {"name", "checkpoint_path"} <= set(value):
             yield value
         for item in value.values():
             yield from backbone_specs(item)
