@@ -112,13 +112,13 @@ def test_a_node_claiming_another_node_s_device_is_left_out_when_devices_are_boun
 
     bound = parse_device_nodes("0=111, 1=222,2=333")
     assert bound == {0: 111, 1: 222, 2: 333}
-    assert claim_problem(222, 1, {}, bound) == ""
-    assert claim_problem(999, 1, {}, bound) == "it claims device 1, which is bound to node 222"
-    assert claim_problem(999, 7, {}, bound) == "it claims device 7, which device-nodes binds to no node"
-    assert claim_problem(999, -1, {}, bound) == ""  # a node of its own data plays no device of the fleet
-    assert claim_problem(222, "1", {}, bound) == "its partition-id is not a device index ('1')"
-    assert claim_problem(222, True, {}, None) == "its partition-id is not a device index (True)"
-    assert claim_problem(222, 1, {1: 111}, None) == ""  # unbound: the caller refuses the second claimant itself
+    assert claim_problem(222, 1, bound) == ""
+    assert claim_problem(999, 1, bound) == "it claims device 1, which is bound to node 222"
+    assert claim_problem(999, 7, bound) == "it claims device 7, which device-nodes binds to no node"
+    assert claim_problem(999, -1, bound) == ""  # a node of its own data plays no device of the fleet
+    assert claim_problem(222, "1", bound) == "its partition-id is not a device index ('1')"
+    assert claim_problem(222, True, None) == "its partition-id is not a device index (True)"
+    assert claim_problem(222, 1, None) == ""  # unbound: the caller refuses a second claimant
     for text, says in (("0=1,x=2", "whole numbers"), ("0=1,0=2", "twice"), ("0=1,1=1", "twice")):
         with pytest.raises(ConfigError, match=says):
             parse_device_nodes(text)

@@ -198,7 +198,7 @@ class FlowerDevices:
                            for node in new}
                 for node, reply in self._exchange(queries, "asking the nodes which device they are").items():
                     claimed = reply.content.metric_records.get("node", {}).get("partition-id")
-                    problem = claim_problem(node, claimed, self.node_of, self.device_nodes)
+                    problem = claim_problem(node, claimed, self.device_nodes)
                     if problem:
                         log.warning("[dcccl] node %d is not asked to train: %s", node, problem)
                         continue
@@ -341,13 +341,12 @@ def parse_device_nodes(text: str) -> dict[int, int]:
     return bound
 
 
-def claim_problem(node: int, claimed: Any, known: dict[int, int], bound: Optional[dict[int, int]]) -> str:
+def claim_problem(node: int, claimed: Any, bound: Optional[dict[int, int]]) -> str:
     """Why the cloud will not take ``node`` for the device it claims to be (empty: it takes it).
 
     Args:
         node: The node's id, which the SuperLink vouches for.
         claimed: The partition-id the node's reply gave (-1: a node of its own data, which plays no device).
-        known: The nodes already taken, by device.
         bound: ``device-nodes``, when the run config binds devices to nodes.
     """
     if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed < -1:

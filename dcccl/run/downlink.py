@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 
-from dcccl.run.exports import EXPORT_FORMAT
 from dcccl.run.lineage import described
 
 # Folders of a run directory that hold what the cloud trained on its own or on pooled samples.
@@ -68,17 +67,6 @@ class CloudTensors:
         return shared
 
 
-def _export_role(path: Path) -> Optional[str]:
-    """The role a dcccl export at ``path`` records (``None``: not a dcccl export, or unreadable)."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # not an export (a timm or Lightning file): its tensors are checked before sending
-        return None
-    if isinstance(payload, dict) and payload.get("format") == EXPORT_FORMAT:
-        return str(payload.get("role"))
-    return None
-
-
 def cloud_side_source(checkpoint_path: str, run_root: Path) -> Optional[str]:
     """Why a downlink network may not start from the weights file ``checkpoint_path`` (``None``: it may).
 
@@ -92,9 +80,10 @@ def cloud_side_source(checkpoint_path: str, run_root: Path) -> Optional[str]:
         side = os.path.realpath(run_root / folder)
         if real == side or real.startswith(side + os.sep):
             return f"{checkpoint_path} is in the run's cloud-side folder {run_root / folder}"
-    if path.is_file() and _export_role(path) == "cloud_submodel":
+    known = described(path) if path.is_file() else None  # one read: its role and its lineage
+    if known is not None and known["entry"].get("role") == "cloud_submodel":
         return f"{checkpoint_path} is a cloud submodel's export"
-    if path.is_file() and described(path)["cloud_only"]:
+    if known is not None and known["cloud_only"]:
         return (f"{checkpoint_path} descends from a cloud-only export (a cloud submodel or a network trained on pooled "
                 "samples, in its recorded lineage)")
     return None
