@@ -37,8 +37,8 @@ def _setup(workdir: Path, num_devices: int) -> tuple[Any, Path, Path]:
     import torch
 
     from datamodules.mnist import BundledMNISTDataModule
+    from dcccl.artifacts.exports import NetworkExport, save_export
     from dcccl.backbones.spec import BackboneSpec
-    from dcccl.run.exports import NetworkExport, save_export
 
     data = BundledMNISTDataModule(batch_size=64, seed=0, num_devices=num_devices, device_partitioner="dirichlet",
                                   dirichlet_alpha=0.5)
@@ -54,8 +54,8 @@ def _setup(workdir: Path, num_devices: int) -> tuple[Any, Path, Path]:
 
 
 def _template(control: Path, start: Path, min_steps: int) -> Any:
-    from dcccl.run.training_budget import TrainingBudget
     from lightning_modules import DeviceCoTrainingModule
+    from lightning_modules.training_budget import TrainingBudget
 
     return DeviceCoTrainingModule(10, 1, control_model=str(control), co_submodel=str(start), margin=1.0,
                                   budget=TrainingBudget(monitor=None, min_epochs=2, min_steps=min_steps),
@@ -66,7 +66,7 @@ def run_dcccl(workdir: Path, num_devices: int, min_steps: int) -> float:
     """The device round through Lightning; returns seconds."""
     from lightning.pytorch import Trainer
 
-    from dcccl.run.steps import DeviceTask
+    from dcccl.pipeline.steps import DeviceTask
     from lightning_modules import DeviceRoundModule
 
     data, control, start = _setup(workdir, num_devices)
@@ -82,7 +82,7 @@ def run_plain(workdir: Path, num_devices: int, min_steps: int) -> float:
     """The same steps in a plain loop; returns seconds."""
     import torch
 
-    from dcccl.run.exports import load_export
+    from dcccl.artifacts.exports import load_export
 
     data, control, start = _setup(workdir, num_devices)
     began = time.perf_counter()
@@ -113,7 +113,7 @@ def largest_difference(dcccl_dir: Path, plain_dir: Path, num_devices: int) -> fl
     """The largest weight difference between the two sides' copies of every device."""
     import torch
 
-    from dcccl.run.exports import load_export
+    from dcccl.artifacts.exports import load_export
 
     worst = 0.0
     for device in range(num_devices):

@@ -57,8 +57,8 @@ def _data(folders: dict[str, str], image_size: int, batch_size: int) -> Any:
 def _module(stage: str, workdir: Path) -> Any:
     import torch
 
+    from dcccl.artifacts.exports import NetworkExport, save_export
     from dcccl.backbones.spec import BackboneSpec
-    from dcccl.run.exports import NetworkExport, save_export
     from lightning_modules import CloudSubmodelModule, DeviceCoTrainingModule
 
     torch.manual_seed(0)

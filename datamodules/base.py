@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset
 from torchvision import transforms
 
+from datamodules.sampling import EpochSeededSampler
 from dcccl.errors import DataError, MissingFileError
 from dcccl.federated.class_split import (
     ClassSplit,
@@ -26,8 +27,7 @@ from dcccl.federated.class_split import (
     unlearnable_classes,
 )
 from dcccl.federated.partitioners import DevicePartitioner, partition_devices
-from dcccl.run.preflight import DataDescription
-from dcccl.run.sampling import EpochSeededSampler
+from dcccl.pipeline.preflight import DataDescription
 
 # Offset of the held-out validation's random stream from the data's seed.
 VALIDATION_SEED_OFFSET = 7_919

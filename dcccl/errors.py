@@ -9,6 +9,9 @@ so code that catches those keeps working.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+from pathlib import Path
 from typing import Optional
 
 
@@ -28,6 +31,26 @@ class MissingFileError(DCCCLError, FileNotFoundError):
     """A file or folder that the input names does not exist."""
 
 
+# Out of space: the disk is full, the user's quota is used up, or the file would exceed the size limit.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+class DiskFullError(DCCCLError, OSError):
+    """A file could not be written for lack of space; names the file.
+
+    Args:
+        code: The ``errno`` of the failed write (one of :data:`DISK_FULL_ERRNOS`).
+        path: The file being written.
+    """
+
+    def __init__(self, code: int, path: str | Path) -> None:
+        super().__init__(code, os.strerror(code), str(path))
+
+    def __str__(self) -> str:
+        return (f"disk full / file too large while writing {self.filename} ({self.strerror}): free space (or raise "
+                "the file size limit) and run the same command again; finished stages are kept")
+
+
 # Lines of jsonargparse's messages that say nothing to a user (a class that fails is reported as a Union mismatch).
 _PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value type:",
                  "Given value:", "- Expected a <class 'NoneType'>")
@@ -45,8 +68,6 @@ def user_error_message(err: BaseException) -> Optional[str]:
     Bad input is a parse error, a :class:`DCCCLError` or a full disk, wherever it is in the chain of explicit causes
     (the parser re-raises what a class's ``__init__`` raises as its own error, ``from`` the original).
     """
-    from dcccl.run.atomic import DISK_FULL_ERRNOS, DiskFullError
-
     if isinstance(err, argparse.ArgumentError):
         return one_line(str(err))
     cause: Optional[BaseException] = err

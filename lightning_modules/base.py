@@ -11,13 +11,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from dcccl.artifacts.exports import NetworkExport, Role, save_export
+from dcccl.artifacts.lineage import lineage_of
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import DCCCLError
 from dcccl.federated.class_split import DataPartition
-from dcccl.run.exports import NetworkExport, Role, save_export
-from dcccl.run.lineage import lineage_of
-from dcccl.run.training_budget import TrainingBudget
-from lightning_modules.budget import BudgetCallback
+from lightning_modules.budget_callback import BudgetCallback
+from lightning_modules.training_budget import TrainingBudget
 
 
 class NonFiniteLossError(DCCCLError, ArithmeticError):
@@ -105,8 +105,8 @@ class StageModule(LightningModule):
 
     def weights_from(self, network: nn.Module) -> list[str]:
         """The exports ``network``'s weights were loaded from when the stage began (its lineage,
-        :mod:`dcccl.run.lineage`); empty: it was built from its backbone (its ``checkpoint_path``, or from scratch).
-        A stage that starts a network from an export names the export here."""
+        :mod:`dcccl.artifacts.lineage`); empty: it was built from its backbone (its ``checkpoint_path``, or from
+        scratch). A stage that starts a network from an export names the export here."""
         return []
 
     def write_export(self, network: nn.Module, role: Role, backbone: BackboneSpec, path: Optional[str] = None,

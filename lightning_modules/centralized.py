@@ -8,12 +8,12 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from dcccl.artifacts.exports import load_export
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
-from dcccl.method.served import SummedLogits
-from dcccl.run.exports import load_export
-from dcccl.run.training_budget import TrainingBudget
+from dcccl.model.served import SummedLogits
 from lightning_modules.base import SupervisedStageModule
+from lightning_modules.training_budget import TrainingBudget
 
 
 class CentralizedModule(SupervisedStageModule):

@@ -9,8 +9,8 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.base import SupervisedStageModule
+from lightning_modules.training_budget import TrainingBudget
 
 
 class CloudSubmodelModule(SupervisedStageModule):

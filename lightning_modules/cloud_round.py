@@ -7,11 +7,11 @@ from typing import Optional
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from dcccl.artifacts.exports import load_export
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
-from dcccl.run.exports import load_export
-from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.guided import GuidedCoTrainingModule
+from lightning_modules.training_budget import TrainingBudget
 
 
 def _load_guide(path: Optional[str], num_classes: int) -> Optional[nn.Module]:

@@ -8,14 +8,14 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from dcccl.artifacts.exports import load_network
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.federated.attacks import Attack
 from dcccl.federated.compression import Compression
 from dcccl.federated.privacy import DifferentialPrivacy, check_trainable, require_opacus
-from dcccl.run.exports import load_network
-from dcccl.run.training_budget import TrainingBudget
 from lightning_modules.guided import GuidedCoTrainingModule
+from lightning_modules.training_budget import TrainingBudget
 
 
 class DeviceCoTrainingModule(GuidedCoTrainingModule):

@@ -35,20 +35,21 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import nn
 
+from datamodules.sampling import device_seed
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.device_progress import finished_records, is_finished, record_finished
+from dcccl.artifacts.device_state import load_device_state, save_device_state
+from dcccl.artifacts.exports import NetworkExport, load_export, save_export
+from dcccl.artifacts.lineage import lineage_of
+from dcccl.artifacts.run_dir import BUDGET_REPORT
 from dcccl.errors import ConfigError
 from dcccl.federated.attacks import corrupt_weights, flip_labels, inflate_counts
 from dcccl.federated.privacy import PrivateTraining, round_step_cap
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.device_progress import finished_records, is_finished, record_finished
-from dcccl.run.device_state import load_device_state, save_device_state
-from dcccl.run.exports import NetworkExport, load_export, save_export
-from dcccl.run.lineage import lineage_of
-from dcccl.run.ranks import barrier
-from dcccl.run.sampling import device_seed
-from dcccl.run.steps import DeviceTask
-from dcccl.run.training_budget import REPORT, BudgetState
+from dcccl.pipeline.steps import DeviceTask
+from dcccl.ranks import barrier
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.device import DeviceCoTrainingModule
+from lightning_modules.training_budget import BudgetState
 
 log = logging.getLogger("dcccl")
 
@@ -368,7 +369,7 @@ class DeviceRoundModule(LightningModule):
         if self.trainer.is_global_zero:
             records = finished_records(self.work_dir, list(self.tasks))
             budget = self.device_module.budget
-            atomic_write_json(self.work_dir / REPORT, {
+            atomic_write_json(self.work_dir / BUDGET_REPORT, {
                 "stage": type(self.device_module).__name__, "samples": sum(record["samples"] for record in records),
                 "steps": sum(record["steps"] for record in records), "devices": records,
                 "budget": None if budget is None else vars(budget)})

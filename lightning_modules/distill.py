@@ -15,14 +15,14 @@ from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from dcccl.artifacts.exports import load_network
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
-from dcccl.method.freeze import freeze
-from dcccl.method.inversion import InversionSettings, invert_network
-from dcccl.method.losses import DistillationLoss, distillation_loss
-from dcccl.run.exports import load_network
-from dcccl.run.training_budget import TrainingBudget
+from dcccl.model.freeze import freeze
+from dcccl.model.inversion import InversionSettings, invert_network
+from dcccl.model.losses import DistillationLoss, distillation_loss
 from lightning_modules.base import StageModule
+from lightning_modules.training_budget import TrainingBudget
 
 
 def _run_seed() -> int:
@@ -47,7 +47,7 @@ class ControlDistillationModule(StageModule):
         cutmix_alpha: CutMix's α, likewise (0: off).
         mix_prob: Share of the batches that are mixed.
         synthesised_inputs: How many inputs to synthesise from the frozen cloud submodel by inverting it
-            (:func:`dcccl.method.inversion.invert_network`: from noise towards each of the cloud's classes in turn,
+            (:func:`dcccl.model.inversion.invert_network`: from noise towards each of the cloud's classes in turn,
             matching its batch-norm statistics), once before the first epoch; every training batch then also shows the
             control model as many of them as it holds cloud samples, in a fixed cycle. Inputs ``f`` answers that are
             not cloud samples, nearer what a device may show ``g`` (0: off).

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from dcccl.method.freeze import freeze
-from dcccl.method.served import SummedLogits
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.exports import load_network
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.exports import load_network
+from dcccl.model.freeze import freeze
+from dcccl.model.served import SummedLogits
 from lightning_modules.base import StageModule
 
 MODELS = ("served", "cloud_only")

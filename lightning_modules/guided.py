@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from dcccl.artifacts.exports import load_export
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
-from dcccl.method.freeze import freeze
-from dcccl.method.losses import margin_loss
-from dcccl.run.exports import load_export
-from dcccl.run.training_budget import TrainingBudget
+from dcccl.model.freeze import freeze
+from dcccl.model.losses import margin_loss
 from lightning_modules.base import SupervisedStageModule
+from lightning_modules.training_budget import TrainingBudget
 
 
 class GuidedCoTrainingModule(SupervisedStageModule):

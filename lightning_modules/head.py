@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from dcccl.artifacts.exports import load_export, load_network
 from dcccl.errors import ConfigError
-from dcccl.method.freeze import freeze
-from dcccl.run.exports import load_export, load_network
-from dcccl.run.training_budget import TrainingBudget
+from dcccl.model.freeze import freeze
 from lightning_modules.base import SupervisedStageModule
+from lightning_modules.training_budget import TrainingBudget
 
 
 class HeadFinetuneModule(SupervisedStageModule):

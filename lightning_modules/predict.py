@@ -8,11 +8,11 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from dcccl.artifacts.exports import Role, load_export
 from dcccl.deploy.predictions import Prediction, default_predictions_path, served_model_exports, write_predictions_csv
 from dcccl.errors import ConfigError
-from dcccl.method.freeze import freeze
-from dcccl.method.served import SummedLogits
-from dcccl.run.exports import Role, load_export
+from dcccl.model.freeze import freeze
+from dcccl.model.served import SummedLogits
 from lightning_modules.base import StageModule
 
 

@@ -14,10 +14,10 @@ import torch
 from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
+from dcccl.artifacts.exports import NetworkExport, Role, save_export
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.run.boundary import ResolvedStage
-from dcccl.run.exports import NetworkExport, Role, save_export
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.boundary import ResolvedStage
+from dcccl.pipeline.steps import StageCall
 from lightning_modules import STAGE_MODULES
 
 

@@ -65,8 +65,8 @@ def folder_agreement(run_dir: Path, folders: dict[str, str]) -> float:
     from torch.utils.data import DataLoader
 
     from datamodules import ImageFolderDataModule
+    from dcccl.artifacts.exports import load_network
     from dcccl.federated.costs import control_fidelity
-    from dcccl.run.exports import load_network
 
     test = ImageFolderDataModule(**folders).side_test_dataset("cloud")  # type: ignore[arg-type]
     fidelity = control_fidelity(load_network(run_dir / "cloud/cloud_submodel.pt", "cloud_submodel"),

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from dcccl.commands import ablate
 from dcccl.errors import ConfigError
 from dcccl.methods.ablation import Ablation, ablation_markdown, ablation_table, read_variants
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.steps import StageCall
 from tests.commands import dcccl
 
 VARIANTS = Path("configs/ablations/variants.yaml")
 
 
 def _ablation(tmp_path: Path, *extra: str) -> Ablation:
-    parser = cli.ablate_parser()
+    parser = ablate.ablate_parser()
     cfg = parser.parse_args(["--config", "configs/quickstart.yaml", "--variants", str(VARIANTS),
                              "--run_dir", str(tmp_path), *extra])
-    variants = cli.variant_settings(parser, cfg, read_variants(VARIANTS, cfg.only))
+    variants = ablate.variant_settings(parser, cfg, read_variants(VARIANTS, cfg.only))
     return Ablation(variants, [0, 1], tmp_path / "ablation")
 
 
@@ -96,10 +96,10 @@ def test_tiny_ablation_through_the_cli(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("path", sorted(Path("configs/ablations").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_variants_file_parses_into_settings(path: Path, tmp_path: Path) -> None:
-    parser = cli.ablate_parser()
+    parser = ablate.ablate_parser()
     base = "configs/privacy.yaml" if path.name == "privacy.yaml" else "configs/fleet_1000.yaml"
     cfg = parser.parse_args(["--config", base, "--variants", str(path), "--run_dir", str(tmp_path)])
-    variants = cli.variant_settings(parser, cfg, read_variants(path, cfg.only))
+    variants = ablate.variant_settings(parser, cfg, read_variants(path, cfg.only))
     assert len(variants) == len(read_variants(path)) >= 2
     for name, entry in read_variants(path).items():  # a rule a variant names is the rule its settings hold
         rule = entry["settings"].get("aggregation", {}).get("class_path")

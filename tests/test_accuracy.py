@@ -40,8 +40,8 @@ def test_defaults_teach_the_device_classes_on_an_image_folder_of_ones_own(tmp_pa
     from torch.utils.data import DataLoader
 
     from datamodules import ImageFolderDataModule
+    from dcccl.artifacts.exports import load_network
     from dcccl.federated.costs import control_fidelity
-    from dcccl.run.exports import load_network
 
     folders = write_digit_folders(tmp_path / "digits")
     data_config = tmp_path / "data.yaml"

@@ -240,9 +240,9 @@ def test_a_rule_of_ones_own_is_one_class_named_in_the_config(tmp_path) -> None: 
     """A new aggregation rule is one file: named by class path, it is what the fusion step averages with."""
     from pathlib import Path
 
-    from cli import pipeline_parser, settings_from
-    from dcccl.run.fusion import FusionStep, fuse_exports
-    from dcccl.run.plan import dcccl_plan
+    from dcccl.commands.pipeline import pipeline_parser, settings_from
+    from dcccl.pipeline.fusion import FusionStep, fuse_exports
+    from dcccl.pipeline.plan import dcccl_plan
     from tests.conftest import write_fake_export
     from tests.custom_rule import EqualShares
 
@@ -289,7 +289,7 @@ def test_class_aware_rows_come_from_the_copies_that_hold_the_class() -> None:
 
 
 def test_margin_loss_stops_pushing_once_a_sample_is_right_by_the_margin() -> None:
-    from dcccl.method.losses import margin_loss
+    from dcccl.model.losses import margin_loss
 
     logits = torch.tensor([[3.0, 1.0, 0.0], [0.5, 1.0, 0.0]], requires_grad=True)
     target = torch.tensor([0, 0])

@@ -60,7 +60,7 @@ def test_which_devices_lie() -> None:
 @pytest.mark.slow
 def test_a_fleet_refuses_the_reply_of_a_lying_device_and_fuses_the_others(tmp_path: Path) -> None:
     """Device 1 reports ten times the samples it holds: the cloud knows its share from the data partition."""
-    from dcccl.run.exports import load_export
+    from dcccl.artifacts.exports import load_export
     from tests.commands import dcccl
 
     result = dcccl("pipeline", "--config", "configs/fleet.yaml", "--rounds", "1", "--fleet.num_devices", "4",

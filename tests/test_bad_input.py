@@ -129,10 +129,10 @@ def stage_config(path: Path, stage: str, **model_args: object) -> str:
 def earlier_run(run_dir: Path) -> Path:
     """A finished one-round run of the quickstart's config: genuine tiny exports (10 classes, 1 channel) written by a
     fake stage runner, metrics, ledger, plots and a pipeline.yaml."""
-    from cli import pipeline_parser, settings_from
-    from dcccl.run.execution import PlanRun
-    from dcccl.run.plan import dcccl_plan
-    from dcccl.run.steps import StageCall
+    from dcccl.commands.pipeline import pipeline_parser, settings_from
+    from dcccl.pipeline.execution import PlanRun
+    from dcccl.pipeline.plan import dcccl_plan
+    from dcccl.pipeline.steps import StageCall
     from tests.conftest import RecordingRunner
 
     class _Runner(RecordingRunner):
@@ -159,8 +159,8 @@ class Case:
 
 def _cases(tmp: Path, template: Path) -> dict[str, Case]:
     """Every case that fails before training, with the inputs it needs (written under ``tmp``)."""
+    from dcccl.artifacts.exports import NetworkExport, Role, save_export
     from dcccl.backbones.spec import BackboneSpec
-    from dcccl.run.exports import NetworkExport, Role, save_export
 
     folders = image_folders(tmp / "good", GOOD_LAYOUT)
     missing = {**folders, "cloud_dir": str(tmp / "no_such_folder")}

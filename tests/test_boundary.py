@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cli import LightningStageRunner
+from dcccl.commands.stage_runner import LightningStageRunner
 from dcccl.errors import DCCCLError
-from dcccl.run.boundary import BoundaryViolation
-from dcccl.run.execution import PlanRun
-from dcccl.run.plan import dcccl_plan
-from dcccl.run.preflight import DataDescription
+from dcccl.pipeline.boundary import BoundaryViolation
+from dcccl.pipeline.execution import PlanRun
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.preflight import DataDescription
 from tests.test_pipeline import CONFIGS, settings
 
 DATA = DataDescription(10, 1, (1, 28, 28), np.zeros(4, dtype=np.int64), [np.arange(4)])
@@ -120,8 +120,8 @@ def test_the_stage_config_that_was_checked_is_the_one_that_runs(tmp_path: Path, 
     fingerprints read the copy taken when the plan was made; messages name the original file."""
     import shutil
 
-    from dcccl.run.config_snapshot import origin_of
-    from dcccl.run.steps import StageCall
+    from dcccl.pipeline.config_snapshot import origin_of
+    from dcccl.pipeline.steps import StageCall
 
     device_config = tmp_path / "device.yaml"
     shutil.copy(CONFIGS / "stages/device.yaml", device_config)

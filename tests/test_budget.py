@@ -12,10 +12,10 @@ import torch
 from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
+from dcccl.artifacts.exports import load_export
 from dcccl.errors import ConfigError
-from dcccl.run.exports import load_export
-from dcccl.run.training_budget import BudgetState, TrainingBudget
 from lightning_modules import CloudSubmodelModule
+from lightning_modules.training_budget import BudgetState, TrainingBudget
 from tests.conftest import TINY
 
 
@@ -97,7 +97,7 @@ def test_the_trainers_own_limits_still_apply(tmp_path: Path) -> None:
 
 def test_the_budgets_state_goes_into_checkpoints(tmp_path: Path,
                                                 trainer_factory: Callable[..., Trainer]) -> None:
-    from lightning_modules.budget import BudgetCallback
+    from lightning_modules.budget_callback import BudgetCallback
 
     callback = BudgetCallback(TrainingBudget(monitor="val/acc"), "cloud")
     callback.state.validated(0.5, 0, 5)

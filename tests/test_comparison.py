@@ -11,10 +11,10 @@ import pytest
 
 from dcccl.methods import METHODS, registered
 from dcccl.methods.comparison import Comparison
-from dcccl.reporting.comparison import build_comparison, markdown_table, write_outputs
-from dcccl.run.config_snapshot import origin_of
-from dcccl.run.execution import PlanRun
-from dcccl.run.steps import StageCall
+from dcccl.methods.comparison_report import build_comparison, markdown_table, write_outputs
+from dcccl.pipeline.config_snapshot import origin_of
+from dcccl.pipeline.execution import PlanRun
+from dcccl.pipeline.steps import StageCall
 from tests.commands import dcccl
 from tests.conftest import RecordingRunner
 from tests.test_pipeline import STAGES, settings
@@ -146,7 +146,7 @@ def test_second_comparison_skips_everything_and_seeds_get_their_own_directories(
 def test_a_rebuilt_initial_co_submodel_reruns_the_methods_that_read_it(tmp_path: Path) -> None:
     import torch
 
-    from dcccl.run.plan import dcccl_plan
+    from dcccl.pipeline.plan import dcccl_plan
 
     execute(Comparison(settings(tmp_path, rounds=1)), FakeRunner())
     # DC-CCL's rounds run again (--from_stage rounds) and write a co-submodel with other weights.

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcccl.artifacts.device_state import load_device_state
+from dcccl.artifacts.exports import load_export
 from dcccl.errors import ConfigError
 from dcccl.federated.compression import (
     Compression,
@@ -21,9 +23,7 @@ from dcccl.federated.compression import (
     state_bytes,
     top_k,
 )
-from dcccl.run.device_state import load_device_state
-from dcccl.run.exports import load_export
-from dcccl.run.steps import DeviceTask
+from dcccl.pipeline.steps import DeviceTask
 from lightning_modules import DeviceRoundModule
 from tests.conftest import require_extra
 from tests.test_device_round import device_module, fleet_data, trainer
@@ -135,7 +135,7 @@ def test_a_device_round_sends_and_counts_its_encoded_update(tmp_path: Path,
 def test_flower_refuses_compressed_transfers_before_anything_is_sent() -> None:
     require_extra("flwr")
     from dcccl.flower.cloud import FlowerDevices
-    from dcccl.run.steps import StageCall
+    from dcccl.pipeline.steps import StageCall
 
     call = StageCall(label="round 1: devices", restart_point="rounds", outputs=(), inputs=(), round_index=1,
                      stage="device", model_args={"compression": Compression().to_dict()})

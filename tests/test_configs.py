@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli import cli_main, pipeline_parser, settings_from, stage_arguments
-from dcccl.run.plan import dcccl_plan
-from dcccl.run.steps import StageCall
+from dcccl.commands.pipeline import pipeline_parser, settings_from
+from dcccl.commands.stage_cli import cli_main
+from dcccl.commands.stage_runner import stage_arguments
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.steps import StageCall
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STAGE_CONFIGS = sorted((CONFIGS / "stages").glob("*.yaml"))
@@ -118,7 +120,7 @@ def test_stage_arguments_render_values_for_the_cli(tmp_path: Path) -> None:
 
 
 def test_compare_takes_seeds_and_methods_as_lists() -> None:
-    from cli import compare_parser
+    from dcccl.commands.compare import compare_parser
 
     cfg = compare_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--seeds", "0", "1", "2",
                                        "--methods", "dcccl", "centralized"])

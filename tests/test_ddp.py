@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from dcccl.run.run_dir import RunDirectory
+from dcccl.artifacts.run_dir import RunDirectory
 from tests.commands import command_env
 from tests.commands import dcccl as run_dcccl
 
@@ -146,7 +146,7 @@ def test_ddp_spreads_a_round_s_devices_over_the_ranks_and_fuses_what_one_process
 
     import torch
 
-    from dcccl.run.exports import load_export
+    from dcccl.artifacts.exports import load_export
 
     single_dir, ddp_dir = tmp_path / "single", tmp_path / "ddp"
     single = dcccl(*FLEET, "--run_dir", str(single_dir))

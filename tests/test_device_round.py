@@ -12,12 +12,12 @@ import torch
 from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
+from datamodules.sampling import device_seed
+from dcccl.artifacts.exports import load_export
 from dcccl.errors import ConfigError
-from dcccl.run.exports import load_export
-from dcccl.run.sampling import device_seed
-from dcccl.run.steps import DeviceTask
-from dcccl.run.training_budget import TrainingBudget
+from dcccl.pipeline.steps import DeviceTask
 from lightning_modules import DeviceCoTrainingModule, DeviceRoundModule, DeviceSteps
+from lightning_modules.training_budget import TrainingBudget
 
 FLEET = {"num_devices": 5, "device_partitioner": "dirichlet", "dirichlet_alpha": 0.5, "seed": 3}
 BUDGET = TrainingBudget(monitor=None, min_epochs=2, min_steps=12)

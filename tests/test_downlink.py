@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dcccl.run.boundary import BoundaryViolation, DeviceGate
-from dcccl.run.downlink import CloudTensors, cloud_side_source, is_constant, tensor_key
-from dcccl.run.exports import NetworkExport, load_export, save_export
-from dcccl.run.steps import DeviceTask, StageCall
+from dcccl.artifacts.exports import NetworkExport, load_export, save_export
+from dcccl.pipeline.boundary import BoundaryViolation, DeviceGate
+from dcccl.pipeline.downlink import CloudTensors, cloud_side_source, is_constant, tensor_key
+from dcccl.pipeline.steps import DeviceTask, StageCall
 from tests.conftest import TINY
 
 
@@ -94,8 +94,8 @@ def test_a_config_line_cannot_start_the_control_model_from_the_cloud_submodel(tm
 def test_a_network_whose_lineage_reaches_the_cloud_submodel_is_never_sent_down(tmp_path: Path) -> None:
     """Trained on after starting from the cloud submodel (so no tensor is the same), renamed, moved out of the run,
     saved under the control model's role: its recorded lineage still names the cloud submodel."""
-    from dcccl.run.lineage import cloud_only_ancestors, lineage_of
-    from dcccl.run.manifest import sha256_of
+    from dcccl.artifacts.lineage import cloud_only_ancestors, lineage_of
+    from dcccl.artifacts.manifest import sha256_of
 
     torch.manual_seed(0)
     cloud_network = TINY.build(10, 1)
@@ -135,7 +135,7 @@ def test_a_network_whose_lineage_reaches_the_cloud_submodel_is_never_sent_down(t
 def test_cloud_round_s_co_backbone_may_not_start_from_the_cloud_submodel_s_file(tmp_path: Path,
                                                                                export_factory) -> None:  # type: ignore[no-untyped-def]
     """Bypass 1b: the co-submodel of round 1 built from the cloud submodel's file (as the control model in 1)."""
-    from dcccl.run.boundary import ResolvedStage, check_downlink_sources
+    from dcccl.pipeline.boundary import ResolvedStage, check_downlink_sources
     from lightning_modules.cloud_round import CloudCoTrainingModule
 
     run = tmp_path / "run"

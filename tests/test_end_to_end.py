@@ -56,7 +56,7 @@ def test_bad_pipeline_input_is_one_clear_line(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_split_resnet_config_runs_through_the_pipeline(tmp_path: Path) -> None:
-    from dcccl.run.exports import load_export
+    from dcccl.artifacts.exports import load_export
 
     result = dcccl("pipeline", "--config", "configs/split_resnet.yaml", "--run_dir", str(tmp_path), "--rounds", "1",
                    "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.limit_test_batches", "2",
@@ -75,7 +75,7 @@ def test_split_resnet_config_runs_through_the_pipeline(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_plain_sequential_backbones_without_head_api_run_end_to_end(tmp_path: Path) -> None:
     """Cloud submodel, control model and co-submodel from ``module:function`` builders returning ``nn.Sequential``."""
-    from dcccl.run.exports import load_network
+    from dcccl.artifacts.exports import load_network
 
     spec = json.dumps({"name": "tests.plain_backbones:sequential_cnn", "kwargs": {"width": 8}})
     result = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(tmp_path), "--rounds", "2",

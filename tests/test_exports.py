@@ -1,4 +1,4 @@
-"""Tests of dcccl.run.exports (self-describing network exports) and dcccl.run.atomic (atomic writes)."""
+"""Tests of dcccl.artifacts.exports (self-describing network exports) and dcccl.artifacts.atomic (atomic writes)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcccl.artifacts.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
+from dcccl.artifacts.exports import (
+    EXPORT_FORMAT,
+    ROLES,
+    ExportError,
+    NetworkExport,
+    load_export,
+    load_network,
+    save_export,
+)
 from dcccl.backbones import BackboneSpec, SmallCNN
-from dcccl.run.atomic import atomic_torch_save, atomic_write_bytes, atomic_write_json, atomic_write_text
-from dcccl.run.exports import EXPORT_FORMAT, ROLES, ExportError, NetworkExport, load_export, load_network, save_export
 
 SPEC = BackboneSpec(name="small_cnn", kwargs={"width": 4, "depth": 2})
 

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
+from dcccl.artifacts.exports import load_export, load_network
 from dcccl.backbones import BackboneSpec, build_backbone, list_backbones
-from dcccl.run.exports import load_export, load_network
 from tests.commands import dcccl as run_dcccl
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,16 +11,16 @@ import pytest
 import torch
 
 from datamodules.mnist import BundledMNISTDataModule
+from dcccl.artifacts.exports import load_export, load_network
 from dcccl.federated.aggregation import FedAvg, LatestUpdate
-from dcccl.federated.budget import DeviceBudget, DeviceBudgetExceeded, check_device_budget
 from dcccl.federated.costs import state_dict_bytes
+from dcccl.federated.device_limits import DeviceBudget, DeviceBudgetExceeded, check_device_budget
 from dcccl.federated.fleet import FleetSpec
 from dcccl.federated.ledger import Ledger, LedgerViolation
-from dcccl.run.boundary import DeviceGate
-from dcccl.run.exports import load_export, load_network
-from dcccl.run.fusion import FusionStep, fuse_exports
-from dcccl.run.plan import dcccl_plan
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.boundary import DeviceGate
+from dcccl.pipeline.fusion import FusionStep, fuse_exports
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.steps import StageCall
 from tests.commands import dcccl
 from tests.conftest import write_fake_export
 from tests.test_comparison import FakeRunner
@@ -133,8 +133,8 @@ def test_device_budget_gate_states_figure_and_limit(tmp_path: Path) -> None:
     with pytest.raises(DeviceBudgetExceeded, match="peak train memory bytes .* > limit 1,000"):
         check_device_budget(DeviceBudget(max_peak_train_memory_bytes=1000, batch_size=4), co, None, (1, 28, 28), 10)
     # In the pipeline the gate runs before the first device trains, and refuses the run.
-    from dcccl.run.execution import PlanRun
-    from dcccl.run.preflight import DataDescription
+    from dcccl.pipeline.execution import PlanRun
+    from dcccl.pipeline.preflight import DataDescription
 
     budget_settings = settings(tmp_path, rounds=1, device_budget=DeviceBudget(max_params=10))
     runner = FakeRunner()

@@ -24,10 +24,10 @@ flwr = require_extra("flwr")
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 
+from dcccl.artifacts.exports import load_export  # noqa: E402
 from dcccl.errors import ConfigError  # noqa: E402
 from dcccl.flower.device import app as device_app  # noqa: E402
 from dcccl.flower.records import RefusedMessage, describe_network, weights_record  # noqa: E402
-from dcccl.run.exports import load_export  # noqa: E402
 from tests.commands import command_env, dcccl  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,8 +77,8 @@ def _free_ports(count: int) -> list[int]:
 def test_the_cloud_checks_each_reply_before_it_is_fused(export_factory) -> None:  # type: ignore[no-untyped-def]
     from flwr.app import ArrayRecord, MetricRecord
 
+    from dcccl.artifacts.exports import NetworkExport
     from dcccl.flower.cloud import received_copy
-    from dcccl.run.exports import NetworkExport
 
     start = load_export(export_factory("co_submodel", sample_count=None))
     trained = load_export(export_factory("co_submodel", name="trained", seed=1))

@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch import Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
+from dcccl.artifacts.exports import NetworkExport, load_network, save_export
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
-from dcccl.method.inversion import InversionSettings, _BatchNormStatistics, invert_network, total_variation
-from dcccl.run.exports import NetworkExport, load_network, save_export
+from dcccl.model.inversion import InversionSettings, _BatchNormStatistics, invert_network, total_variation
 from lightning_modules import ControlDistillationModule
 from tests.conftest import TINY
 

@@ -10,8 +10,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from dcccl.commands.audit import per_sample_losses
 from dcccl.federated.membership import class_matched, loss_threshold_auc, roc_points
-from dcccl.run.audit import per_sample_losses
 
 
 def test_the_auc_is_sklearn_s_roc_auc_of_low_loss_meaning_member() -> None:

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from cli import load_datamodule
 from datamodules import AnimalShapesDataModule, CrossDomainDataModule
 from datamodules.animal_shapes import ANIMALS, load_animal_shapes
 from datamodules.mnist import MNIST_MEAN, MNIST_STD
+from dcccl.commands.pipeline import load_datamodule
 from dcccl.errors import ConfigError
 from tests.test_configs import print_config
 

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from dcccl.run.exports import load_export
-from dcccl.run.run_dir import RunDirectory
+from dcccl.artifacts.exports import load_export
+from dcccl.artifacts.run_dir import RunDirectory
 from tests.commands import dcccl
 from tests.image_folders import write_paper_folders
 

@@ -10,13 +10,13 @@ from typing import Any, Optional
 import pytest
 
 from dcccl.errors import ConfigError
-from dcccl.run.config_snapshot import origin_of
-from dcccl.run.coordinator import StageFailedError
-from dcccl.run.execution import PlanRun
-from dcccl.run.fusion import FusionStep
-from dcccl.run.plan import dcccl_plan
-from dcccl.run.settings import PipelineSettings, RestartPoint
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.config_snapshot import origin_of
+from dcccl.pipeline.coordinator import StageFailedError
+from dcccl.pipeline.execution import PlanRun
+from dcccl.pipeline.fusion import FusionStep
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.settings import PipelineSettings, RestartPoint
+from dcccl.pipeline.steps import StageCall
 from tests.conftest import RecordingRunner
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -122,7 +122,7 @@ def test_missing_artifact_reruns_from_there_on_and_resumes_nothing_else(tmp_path
 
 def test_a_rebuilt_input_makes_its_readers_run_again(tmp_path: Path) -> None:
     """An artifact made again (here: by hand, recorded as if a stage wrote it) changes what reads it."""
-    from dcccl.run.manifest import Manifest
+    from dcccl.artifacts.manifest import Manifest
     from tests.conftest import write_fake_export
 
     execute(settings(tmp_path, rounds=1), FakeRunner())
@@ -193,7 +193,7 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 
 
 def test_bare_switches() -> None:
-    from cli import pipeline_parser
+    from dcccl.commands.pipeline import pipeline_parser
 
     cfg = pipeline_parser().parse_args(["--config", str(CONFIGS / "quickstart.yaml"), "--force", "--rerun_changed"])
     assert cfg.force and cfg.rerun_changed

@@ -18,10 +18,13 @@ import torch
 import yaml
 from PIL import Image
 
-from cli import cli_main, pipeline_main
 from datamodules.base import image_files
 from datamodules.image_folder import ImageFolderDataModule
 from datamodules.mnist import BundledMNISTDataModule, load_bundled_digits
+from dcccl.artifacts.exports import load_network
+from dcccl.artifacts.run_dir import RunDirectory
+from dcccl.commands.pipeline import pipeline_main
+from dcccl.commands.stage_cli import cli_main
 from dcccl.deploy.predictions import (
     PREDICTION_COLUMNS,
     Prediction,
@@ -31,9 +34,7 @@ from dcccl.deploy.predictions import (
     served_model_exports,
     write_predictions_csv,
 )
-from dcccl.method.served import SummedLogits
-from dcccl.run.exports import load_network
-from dcccl.run.run_dir import RunDirectory
+from dcccl.model.served import SummedLogits
 from lightning_modules import ServedModelPrediction
 from tests.conftest import write_fake_export
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcccl.artifacts.device_state import load_device_state
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.federated.privacy import DifferentialPrivacy, epsilon_spent, round_step_cap
-from dcccl.run.device_state import load_device_state
-from dcccl.run.steps import DeviceTask
+from dcccl.pipeline.steps import DeviceTask
 from lightning_modules import DeviceRoundModule, DeviceSteps
 from tests.conftest import require_extra
 from tests.test_device_round import BUDGET, device_module, fleet_data, trainer
@@ -94,7 +94,7 @@ def test_only_the_co_submodel_is_privatised_and_the_noise_changes_the_copy(tmp_p
     assert all(getattr(p, "grad_sample", None) is None for p in module.parameters())
     plain = DeviceTask(2, start, tmp_path / "plain.pt")
     trainer(tmp_path / "plain").fit(DeviceRoundModule(device_module(control, start), [plain]), datamodule=fleet_data())
-    from dcccl.run.exports import load_export
+    from dcccl.artifacts.exports import load_export
 
     dp, reference = load_export(task.export).state_dict, load_export(plain.export).state_dict
     assert any(not torch.allclose(dp[key], reference[key]) for key in dp)
@@ -139,9 +139,9 @@ def test_a_round_s_step_cap_is_its_budget_s_floor_or_its_caps() -> None:
 
 
 def test_a_run_without_opacus_friendly_layers_or_a_finished_run_is_refused(tmp_path: Path) -> None:
-    from cli import audit_main
     from datamodules.mnist import BundledMNISTDataModule
-    from dcccl.run.preflight import check_private_co_submodel
+    from dcccl.commands.audit import audit_main
+    from dcccl.pipeline.preflight import check_private_co_submodel
     from tests.test_pipeline import settings
 
     chosen = settings(tmp_path, privacy=DifferentialPrivacy(target_epsilon=8.0))

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation import FedAvg
 from dcccl.federated.replies import count_problems, reply_problems, weight_problems
-from dcccl.run.exports import NetworkExport, load_export, save_export
-from dcccl.run.fusion import FusionStep, fuse_exports
+from dcccl.pipeline.fusion import FusionStep, fuse_exports
 from tests.conftest import TINY
 
 

@@ -143,7 +143,7 @@ def test_a_round_killed_midway_resumes_with_the_devices_it_had_not_finished(tmp_
 def test_the_manifest_keeps_where_each_network_s_weights_came_from(uninterrupted: Path) -> None:
     """Lineage: the control model starts from scratch, each device copy from the co-submodel it was sent, each fusion
     from the copies it averaged; nothing that went down descends from a cloud-only export."""
-    from dcccl.run.manifest import Manifest
+    from dcccl.artifacts.manifest import Manifest
 
     manifest = Manifest(uninterrupted / "manifest.json")
     lineage = {key: entry.lineage for key, entry in manifest.entries.items() if entry.lineage is not None}

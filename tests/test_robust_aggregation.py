@@ -109,7 +109,7 @@ def test_a_robust_rule_hands_its_aggregate_to_a_server_optimiser() -> None:
 
 
 def test_a_robust_rule_is_named_in_a_pipeline_config(tmp_path: Path) -> None:
-    from cli import pipeline_parser, settings_from
+    from dcccl.commands.pipeline import pipeline_parser, settings_from
 
     configs = Path(__file__).resolve().parents[1] / "configs"
     parser = pipeline_parser()

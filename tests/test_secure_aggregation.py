@@ -20,9 +20,9 @@ from dcccl.federated.secure_aggregation import (
     quantization_tolerance,
     update_arrays,
 )
-from dcccl.run.fusion import FusionStep
-from dcccl.run.plan import dcccl_plan
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.fusion import FusionStep
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.steps import StageCall
 from tests.conftest import require_extra
 from tests.test_pipeline import settings
 
@@ -101,7 +101,7 @@ def test_flower_refuses_a_secure_round_of_one_device(tmp_path: Path) -> None:
 
 
 def test_a_simulated_fleet_refuses_secure_aggregation(tmp_path: Path) -> None:
-    from cli import LightningStageRunner
+    from dcccl.commands.stage_runner import LightningStageRunner
 
     chosen = settings(tmp_path, fleet=FLEET, secure_aggregation=SecureAggregation())
     call = next(s for s in dcccl_plan(chosen) if isinstance(s, StageCall) and s.stage == "device")

@@ -14,15 +14,15 @@ from typing import Any
 import pytest
 import torch
 
+from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation import FedAdam, FedAvg, FedAvgM, FedYogi, LatestUpdate
 from dcccl.federated.aggregation.rule import ServerState
 from dcccl.federated.fleet import FleetSpec
-from dcccl.run.exports import NetworkExport, load_export, save_export
-from dcccl.run.fusion import FusionStep, fuse_exports
-from dcccl.run.plan import dcccl_plan
-from dcccl.run.settings import PipelineSettings
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.fusion import FusionStep, fuse_exports
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.steps import StageCall
 from tests.conftest import FAKE_SPEC, RecordingRunner
 from tests.test_pipeline import execute, settings
 

@@ -8,17 +8,17 @@ import pytest
 import torch
 from torch import nn
 
+from dcccl.artifacts.exports import NetworkExport, load_network, save_export
 from dcccl.backbones import ClassifierHeadMixin, SmallCNN, build_backbone
 from dcccl.backbones.split import SplitSpec
 from dcccl.federated.costs import parameter_count
-from dcccl.method.split import (
+from dcccl.model.split import (
     UnsupportedLayerError,
     channel_slice,
     co_channel_count,
     split_model,
     zero_cross_group_weights,
 )
-from dcccl.run.exports import NetworkExport, load_network, save_export
 
 FAMILIES = [
     ("small_cnn", {"width": 32}, 0.25, 28),  # plain sequential VGG-like CNN (the quickstart's)
@@ -170,8 +170,8 @@ def test_pipeline_gives_each_stage_its_part(tmp_path: Path) -> None:
     import json
 
     from dcccl.backbones import BackboneSpec
-    from dcccl.run.plan import dcccl_plan
-    from dcccl.run.steps import StageCall
+    from dcccl.pipeline.plan import dcccl_plan
+    from dcccl.pipeline.steps import StageCall
     from tests.test_pipeline import settings
 
     split = SplitSpec(base=BackboneSpec("resnet10t"), ratio=0.25)

@@ -12,8 +12,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from datamodules.mnist import BundledMNISTDataModule
+from dcccl.artifacts.exports import load_export, load_network, save_export
 from dcccl.backbones.spec import BackboneSpec
-from dcccl.run.exports import load_export, load_network, save_export
 from lightning_modules import (
     CloudCoTrainingModule,
     CloudSubmodelModule,
@@ -118,7 +118,7 @@ def test_device_stage_never_receives_cloud_submodel_and_sees_only_device_samples
 def test_device_stage_refuses_a_cloud_submodel_as_control_model(export_factory: Callable[..., Path]) -> None:
     import pytest
 
-    from dcccl.run.exports import ExportError
+    from dcccl.artifacts.exports import ExportError
 
     with pytest.raises(ExportError, match="expected a control_model"):
         DeviceCoTrainingModule(10, 1, control_model=str(export_factory("cloud_submodel")))
@@ -161,7 +161,7 @@ def test_fusion_step_averages_weights_and_batch_norm_statistics_with_cloud_share
     tmp_path: Path, export_factory: Callable[..., Path],
 ) -> None:
     from dcccl.federated.aggregation import FedAvg
-    from dcccl.run.fusion import FusionStep
+    from dcccl.pipeline.fusion import FusionStep
 
     cloud = export_factory("co_submodel", name="cloud", sample_count=2800, seed=1)
     devices = [export_factory("co_submodel", name=f"d{i}", sample_count=n, seed=2 + i)

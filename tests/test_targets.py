@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from dcccl.methods import registered
-from dcccl.reporting.comparison import build_comparison, markdown_table
-from dcccl.reporting.targets import targets
+from dcccl.methods.comparison_report import build_comparison, markdown_table
+from dcccl.methods.targets import targets
 
 METHODS = [m.name for m in registered()]
 FIDELITY = {"cloud_test": {"agreement": 0.9, "logit_mse": 0.1}, "device_test": {"agreement": 0.7, "logit_mse": 0.3}}

@@ -48,7 +48,7 @@ def test_pretrained_weights_come_from_the_local_hub_cache(tmp_path: Path, monkey
 
 
 def test_a_network_that_normalises_its_own_input_exports_with_its_normalisation(tmp_path: Path) -> None:
-    from dcccl.run.exports import NetworkExport, load_export, save_export
+    from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 
     spec = BackboneSpec(TIMM_NAME, normalize=True)
     network = spec.build(5, 3).eval()

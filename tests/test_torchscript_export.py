@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import cli
+from dcccl.artifacts.run_dir import RunDirectory
+from dcccl.commands import export
 from dcccl.deploy.bundle import TRACE_BATCH, bundle_networks, export_bundle
 from dcccl.deploy.torchscript import jit_deprecation_silenced
-from dcccl.run.run_dir import RunDirectory
 from tests.test_onnx_export import digit_samples, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,10 +63,10 @@ def test_unknown_format_is_refused(tmp_path: Path) -> None:
 def test_cli_exports_torchscript_and_prints_parity(tmp_path: Path, export_factory: Callable[..., Path],
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     run = write_run(tmp_path / "run", export_factory)
-    parser = cli.pipeline_parser()
+    parser = export.pipeline_parser()
     cfg = parser.parse_args(["--config", str(ROOT / "configs/quickstart.yaml"), "--run_dir", str(run)])
     (run / "pipeline.yaml").write_text(parser.dump(cfg, skip_none=False))
-    bundle = cli.export_main(["--run_dir", str(run), "--format", "torchscript", "--samples", "32"])
+    bundle = export.export_main(["--run_dir", str(run), "--format", "torchscript", "--samples", "32"])
     out_dir = run / "export" / "torchscript"
     assert sorted(path.name for path in out_dir.iterdir()) == ["bundle.json", "co_submodel.pt", "control_model.pt",
                                                                 "served_model.pt"]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cli import cli_main
+from dcccl.commands.stage_cli import cli_main
 from dcccl.federated.fleet import FleetSpec
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.steps import StageCall
 from dcccl.reporting.tracking import prepare_wandb_environment, wandb_logger_args, with_save_dirs
-from dcccl.run.plan import dcccl_plan
-from dcccl.run.steps import StageCall
 from tests.commands import command_env, dcccl
 from tests.test_pipeline import settings
 from tests.wandb_records import read_offline_runs

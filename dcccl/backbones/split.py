@@ -11,7 +11,7 @@ from torch import nn
 from dcccl.backbones.registry import register_backbone
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
-from dcccl.method.split import Part, split_model
+from dcccl.model.split import Part, split_model
 
 
 @dataclass

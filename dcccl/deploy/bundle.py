@@ -17,12 +17,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.exports import load_network
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.deploy.onnx import export_onnx, run_onnx
 from dcccl.deploy.torchscript import export_torchscript, run_torchscript
-from dcccl.method.served import SummedLogits
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.exports import load_network
-from dcccl.run.run_dir import RunDirectory
+from dcccl.model.served import SummedLogits
 
 PARITY_TOLERANCE = 1e-4
 TRACE_BATCH = 2  # graphs are written from this many samples; parity runs on all of them, so the batch is dynamic

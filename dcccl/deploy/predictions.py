@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dcccl.run.atomic import atomic_write_text
-from dcccl.run.run_dir import RunDirectory
+from dcccl.artifacts.atomic import atomic_write_text
+from dcccl.artifacts.run_dir import RunDirectory
 
 
 @dataclass

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dcccl.run.atomic import atomic_write_bytes
+from dcccl.artifacts.atomic import atomic_write_bytes
 
 
 @contextmanager

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from dcccl.config_path import ConfigPath
 from dcccl.errors import ConfigError, MissingFileError
 from dcccl.federated.partitioners import DevicePartitioner
-from dcccl.run.config_path import ConfigPath
 
 
 @dataclass

@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.exports import load_export
 from dcccl.errors import DCCCLError
 from dcccl.federated.costs import state_dict_bytes
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.exports import load_export
 
 Direction = Literal["down", "up"]
 ALLOWED: dict[str, frozenset[str]] = {

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from dcccl.run.exports import NetworkExport
+from dcccl.artifacts.exports import NetworkExport
 
 
 @dataclass(frozen=True)

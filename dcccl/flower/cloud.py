@@ -25,18 +25,18 @@ from typing import Any, Optional
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.device_progress import is_finished, record_finished
+from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 from dcccl.errors import ConfigError
 from dcccl.federated.ledger import Ledger
 from dcccl.federated.replies import reply_problems
 from dcccl.federated.secure_aggregation import apply_mean_update
 from dcccl.flower.records import describe_network, payload_bytes, weights_record
 from dcccl.flower.secure import secure_mean
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.boundary import ResolvedStage
-from dcccl.run.coordinator import StageRunner
-from dcccl.run.device_progress import is_finished, record_finished
-from dcccl.run.exports import NetworkExport, load_export, save_export
-from dcccl.run.steps import DeviceTask, StageCall
+from dcccl.pipeline.boundary import ResolvedStage
+from dcccl.pipeline.coordinator import StageRunner
+from dcccl.pipeline.steps import DeviceTask, StageCall
 
 log = logging.getLogger("dcccl")
 # Trainer options that only make sense on the cloud's machine.
@@ -392,7 +392,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the pipeline of ``pipeline-config`` with its device stages on the fleet's nodes."""
-    from cli import configure_logging, pipeline_main  # the pipeline's own wiring (imports Lightning)
+    from dcccl.commands.console import configure_logging  # the pipeline's own wiring (imports Lightning)
+    from dcccl.commands.pipeline import pipeline_main
 
     config = context.run_config
     if "pipeline-config" not in config:

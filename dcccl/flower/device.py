@@ -30,12 +30,12 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
+from dcccl.artifacts.device_progress import finished_records
+from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 from dcccl.errors import ConfigError
 from dcccl.federated.secure_aggregation import update_arrays
 from dcccl.flower.records import RefusedMessage, check_received, network_from, weights_record
-from dcccl.run.device_progress import finished_records
-from dcccl.run.exports import NetworkExport, load_export, save_export
-from dcccl.run.steps import DeviceTask, StageCall
+from dcccl.pipeline.steps import DeviceTask, StageCall
 
 app = ClientApp()
 
@@ -126,7 +126,7 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
 def train_here(context: Context, round_index: int, start: NetworkExport) -> tuple[StageCall, NetworkExport,
                                                                                  dict[str, Any]]:
     """Train this device's copy for ``round_index`` from ``start``: the call it ran, its copy, what it reports."""
-    from cli import LightningStageRunner  # the pipeline's own stage runner (imports Lightning)
+    from dcccl.commands.stage_runner import LightningStageRunner  # the pipeline's own stage runner (imports Lightning)
 
     folder = node_dir(context)
     if not (folder / "recipe.json").is_file():

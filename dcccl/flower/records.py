@@ -12,9 +12,9 @@ from typing import Optional
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from dcccl.artifacts.exports import NetworkExport
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import DCCCLError
-from dcccl.run.exports import NetworkExport
 
 
 class RefusedMessage(DCCCLError):

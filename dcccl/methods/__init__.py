@@ -14,7 +14,7 @@ from typing import Optional
 
 from dcccl.errors import ConfigError
 from dcccl.methods.base import CostContext, Method
-from dcccl.run.settings import OPTIONAL_STAGES, REQUIRED_STAGES
+from dcccl.pipeline.settings import OPTIONAL_STAGES, REQUIRED_STAGES
 
 METHODS: dict[str, Method] = {}
 

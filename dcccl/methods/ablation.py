@@ -13,13 +13,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from dcccl.artifacts.atomic import atomic_write_json, atomic_write_text
+from dcccl.artifacts.manifest import fingerprint
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.errors import ConfigError, MissingFileError
-from dcccl.run.atomic import atomic_write_json, atomic_write_text
-from dcccl.run.manifest import fingerprint
-from dcccl.run.plan import Plan, Reused, dcccl_plan
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.plan import Plan, Reused, dcccl_plan
+from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.steps import StageCall
 
 ABLATION_KEYS = ("acc", "acc_cloud_classes", "acc_device_classes")
 

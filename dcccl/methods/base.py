@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from dcccl.artifacts.exports import Role, load_network
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import (
     parameter_count,
     peak_training_memory_bytes,
@@ -22,12 +24,10 @@ from dcccl.federated.costs import (
     training_flops_per_sample,
 )
 from dcccl.federated.ledger import SAMPLE_COUNT_BYTES
-from dcccl.method.freeze import freeze
-from dcccl.run.exports import Role, load_network
-from dcccl.run.metrics import collect_metrics
-from dcccl.run.plan import Plan
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
+from dcccl.model.freeze import freeze
+from dcccl.pipeline.metrics import collect_metrics
+from dcccl.pipeline.plan import Plan
+from dcccl.pipeline.settings import PipelineSettings
 
 WIRE_KEYS = ("downlink_bytes_once", "uplink_bytes_once", "downlink_bytes_per_round", "uplink_bytes_per_round")
 NOTHING_ON_DEVICE = {"device_params": 0, "device_train_flops_per_sample": 0.0, "device_peak_train_memory_bytes": 0}

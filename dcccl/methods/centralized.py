@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
 from dcccl.methods.base import NOTHING_ON_DEVICE, CostContext, Method
-from dcccl.run.plan import Plan, PlanBuilder
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
+from dcccl.pipeline.plan import Plan, PlanBuilder
+from dcccl.pipeline.settings import PipelineSettings
 
 
 class Centralized(Method):

@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
 from dcccl.methods.base import NOTHING_ON_DEVICE, CostContext, Method
-from dcccl.run.plan import Plan
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
+from dcccl.pipeline.plan import Plan
+from dcccl.pipeline.settings import PipelineSettings
 
 
 class CloudOnly(Method):

@@ -14,15 +14,14 @@ from typing import Any, Optional, Protocol
 
 from torch.utils.data import DataLoader, Dataset
 
+from dcccl.artifacts.exports import load_network
+from dcccl.artifacts.run_dir import BUDGET_REPORT, RunDirectory
 from dcccl.errors import ConfigError
 from dcccl.federated.costs import control_fidelity
 from dcccl.methods import CostContext, Method, registered
-from dcccl.run.exports import load_network
-from dcccl.run.plan import Plan
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
-from dcccl.run.steps import StageCall
-from dcccl.run.training_budget import REPORT
+from dcccl.pipeline.plan import Plan
+from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.steps import StageCall
 
 REFERENCE = "dcccl"
 
@@ -128,7 +127,7 @@ def sample_passes(run: MethodRun) -> Optional[int]:
     dirs = [step.work_dir for step in run.plan if isinstance(step, StageCall) and step.command == "fit"]
     total = 0
     for folder in dict.fromkeys([*dirs, *run.method.reused_stage_dirs(run.reference)]):
-        report = folder / REPORT
+        report = folder / BUDGET_REPORT
         if not report.is_file():
             return None
         total += int(json.loads(report.read_text())["samples"])

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count, state_dict_bytes
 from dcccl.methods.base import CostContext, Method
-from dcccl.run.plan import Plan, dcccl_plan
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
+from dcccl.pipeline.plan import Plan, dcccl_plan
+from dcccl.pipeline.settings import PipelineSettings
 
 
 class DCCCL(Method):

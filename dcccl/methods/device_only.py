@@ -8,14 +8,14 @@ from typing import Any
 
 import numpy as np
 
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
 from dcccl.federated.ledger import Ledger
 from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices
-from dcccl.run.metrics import CONFUSION_KEY, round_history, summarize, write_run_outputs
-from dcccl.run.plan import Plan, PlanBuilder
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
-from dcccl.run.steps import DeviceTask
+from dcccl.pipeline.metrics import CONFUSION_KEY, round_history, summarize, write_run_outputs
+from dcccl.pipeline.plan import Plan, PlanBuilder
+from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.steps import DeviceTask
 
 
 class DeviceOnly(Method):

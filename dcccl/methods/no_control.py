@@ -6,11 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
 from dcccl.methods.base import CostContext, Method
-from dcccl.run.plan import Plan, Reused, dcccl_plan
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
+from dcccl.pipeline.plan import Plan, Reused, dcccl_plan
+from dcccl.pipeline.settings import PipelineSettings
 
 
 class DCCCLWithoutControl(Method):

@@ -6,12 +6,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.aggregation import FedAvg
 from dcccl.federated.costs import parameter_count
 from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices
-from dcccl.run.plan import Plan, Reused, dcccl_plan
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
+from dcccl.pipeline.plan import Plan, Reused, dcccl_plan
+from dcccl.pipeline.settings import PipelineSettings
 
 
 class SmallFedAvg(Method):

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from dcccl.run.atomic import atomic_write_bytes
+from dcccl.artifacts.atomic import atomic_write_bytes
 
 # Devices with an x tick label at most; the rest of the ticks are dropped at a round step.
 MAX_DEVICE_TICKS = 20

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from urllib.parse import urlparse
 
 if TYPE_CHECKING:
-    from dcccl.run.settings import PipelineSettings
+    from dcccl.pipeline.settings import PipelineSettings
 
 log = logging.getLogger("dcccl")
 

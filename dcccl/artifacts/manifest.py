@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from dcccl.artifacts.atomic import atomic_write_json
 from dcccl.errors import DCCCLError
-from dcccl.run.atomic import atomic_write_json
 
 # Trainer options that change where and how a stage reports or which hardware runs it, not what it computes.
 PRESENTATION_OPTIONS = frozenset({
@@ -87,7 +87,7 @@ class ManifestEntry:
         stage: The step (its label) that wrote it.
         config_sha256: :func:`fingerprint` of that step's description.
         inputs_sha256: :func:`inputs_fingerprint` of the files it read (empty in manifests of older runs).
-        lineage: For a network export, where its weights came from (:mod:`dcccl.run.lineage`).
+        lineage: For a network export, where its weights came from (:mod:`dcccl.artifacts.lineage`).
     """
 
     sha256: str

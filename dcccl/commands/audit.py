@@ -17,17 +17,20 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from jsonargparse import ActionYesNo, ArgumentParser
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset
 
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.exports import load_network
+from dcccl.artifacts.run_dir import RunDirectory
+from dcccl.commands.pipeline import datamodule_of, pipeline_parser, settings_from
 from dcccl.errors import ConfigError
 from dcccl.federated.membership import class_matched, loss_threshold_auc, roc_points
+from dcccl.pipeline.metrics import read_metrics
+from dcccl.pipeline.plan import dcccl_plan
+from dcccl.pipeline.steps import StageCall, Step
 from dcccl.reporting.plots import plot_membership_roc
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.exports import load_network
-from dcccl.run.metrics import read_metrics
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.steps import StageCall, Step
 
 log = logging.getLogger("dcccl")
 
@@ -123,3 +126,38 @@ def read_metrics_if_any(run_root: Path) -> dict[str, Any]:
     run = RunDirectory(run_root)
     return read_metrics(run) if run.metrics.is_file() else {}
 
+
+AUDIT_HELP = """Attack every device copy a finished pipeline run uploaded with a loss-threshold membership-inference
+attack: the loss of control(x) + copy(x) on the device's training samples against device-side samples no device
+trained on, matched class by class. Writes membership.json (each copy's AUC, each round's mean, the run's epsilon)
+and membership_roc.png in the run directory; AUC 0.5 means the copies give nothing away."""
+
+
+def audit_parser() -> ArgumentParser:
+    """The parser of ``dcccl audit``."""
+    parser = ArgumentParser(prog="dcccl audit", description=AUDIT_HELP, exit_on_error=False)
+    parser.add_argument("--run_dir", type=str, required=True, help="A finished pipeline run directory.")
+    parser.add_argument("--samples", type=int, default=1000,
+                        help="At most this many training samples (and as many held-out ones) per copy.")
+    parser.add_argument("--debug", action=ActionYesNo, default=False, help="Show full tracebacks on errors.")
+    return parser
+
+def audit_main(argv: list[str]) -> dict[str, Any]:
+    """``dcccl audit``: the membership-inference attack on a finished run's device copies."""
+    cfg = audit_parser().parse_args(argv)
+    run = RunDirectory(cfg.run_dir)
+    if not run.pipeline_config.is_file() or not run.metrics.is_file():
+        raise ConfigError(f"{cfg.run_dir} holds no finished pipeline run (no pipeline.yaml and metrics.json): run "
+                          "dcccl pipeline first, then audit its --run_dir")
+    if cfg.samples < 1:
+        raise ConfigError(f"--samples must be at least 1, got {cfg.samples}")
+    parser = pipeline_parser()
+    settings = settings_from(parser, parser.parse_path(str(run.pipeline_config)))
+    settings.run_dir = str(run.root)
+    report = audit_membership(dcccl_plan(settings), datamodule_of(settings), run.root,
+                              settings.device_guide == "control_model", settings.seed_everything, cfg.samples)
+    epsilon = report.get("privacy/epsilon_max")
+    spent = f" at epsilon {epsilon:.2f} (delta {report['privacy/delta']:g})" if epsilon is not None else " (no DP)"
+    print(f"membership inference on the last round's copies{spent}: AUC {report['auc']:.3f} (mean over devices, "
+          f"max {report['auc_max']:.3f}; 0.5 = chance) -> {run.root / MEMBERSHIP}")
+    return report

@@ -10,12 +10,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from dcccl.artifacts.run_dir import RunDirectory
+from dcccl.pipeline.config_snapshot import snapshot
+from dcccl.pipeline.fusion import FusionStep
+from dcccl.pipeline.settings import PipelineSettings, RestartPoint
+from dcccl.pipeline.steps import DeviceTask, SecureSum, StageCall, StageName, Step
 from dcccl.reporting.tracking import with_save_dirs
-from dcccl.run.config_snapshot import snapshot
-from dcccl.run.fusion import FusionStep
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings, RestartPoint
-from dcccl.run.steps import DeviceTask, SecureSum, StageCall, StageName, Step
 
 Plan = list[Step]
 

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What a stage with a training budget leaves in its directory: what it ran (epochs, steps, samples) and why it stopped.
+BUDGET_REPORT = "budget.json"
+
 
 class RunDirectory:
     """Paths of the artifacts of one pipeline run under ``root``.

@@ -12,15 +12,15 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from dcccl.artifacts.atomic import atomic_torch_save, atomic_write_json
+from dcccl.artifacts.exports import ExportError, NetworkExport, load_export, save_export
+from dcccl.artifacts.lineage import lineage_of
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation import AggregationRule
 from dcccl.federated.aggregation.rule import ServerState
 from dcccl.federated.replies import ReplyVerdict, reply_problems
-from dcccl.run.atomic import atomic_torch_save, atomic_write_json
-from dcccl.run.exports import ExportError, NetworkExport, load_export, save_export
-from dcccl.run.lineage import lineage_of
-from dcccl.run.ranks import is_global_zero
-from dcccl.run.steps import LocalStep
+from dcccl.pipeline.steps import LocalStep
+from dcccl.ranks import is_global_zero
 
 log = logging.getLogger("dcccl")
 

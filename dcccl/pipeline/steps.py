@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from dcccl.artifacts.manifest import PRESENTATION_OPTIONS
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.class_split import DataPartition
 from dcccl.federated.secure_aggregation import SecureAggregation
-from dcccl.run.manifest import PRESENTATION_OPTIONS
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import RestartPoint
+from dcccl.pipeline.settings import RestartPoint
 
 StageName = Literal["cloud", "distill", "cloud_round", "device", "head", "evaluate", "centralized"]
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.fleet import FleetSpec
 from dcccl.federated.partitioners import label_histogram, partition_summary
+from dcccl.pipeline.preflight import DataDescription
 from dcccl.reporting.plots import plot_label_histogram
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.preflight import DataDescription
-from dcccl.run.run_dir import RunDirectory
 
 
 def write_partition_report(run: RunDirectory, data: DataDescription, fleet: FleetSpec) -> None:

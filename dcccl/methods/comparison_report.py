@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dcccl.artifacts.atomic import atomic_write_json, atomic_write_text
 from dcccl.methods.base import Method
-from dcccl.reporting.targets import target_lines
-from dcccl.run.atomic import atomic_write_json, atomic_write_text
+from dcccl.methods.targets import target_lines
 
 ACCURACY_KEYS = ("acc", "acc_cloud_classes", "acc_device_classes")
 

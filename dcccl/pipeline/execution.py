@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dcccl.errors import DCCCLError
-from dcccl.run.boundary import DeviceGate
-from dcccl.run.coordinator import Coordinator, StageRunner
-from dcccl.run.fusion import FusionStep
-from dcccl.run.metrics import collect_metrics, metrics_are_current, read_metrics
-from dcccl.run.plan import Plan
-from dcccl.run.preflight import DataDescription, check_before_running
-from dcccl.run.settings import PipelineSettings, RestartPoint
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.boundary import DeviceGate
+from dcccl.pipeline.coordinator import Coordinator, StageRunner
+from dcccl.pipeline.fusion import FusionStep
+from dcccl.pipeline.metrics import collect_metrics, metrics_are_current, read_metrics
+from dcccl.pipeline.plan import Plan
+from dcccl.pipeline.preflight import DataDescription, check_before_running
+from dcccl.pipeline.settings import PipelineSettings, RestartPoint
+from dcccl.pipeline.steps import StageCall
 
 log = logging.getLogger("dcccl")
 

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from dcccl.run.atomic import atomic_torch_save
+from dcccl.artifacts.atomic import atomic_torch_save
 
 
 def load_device_state(path: Optional[Path]) -> dict[str, Any]:

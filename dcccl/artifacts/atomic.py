@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import os
@@ -12,26 +11,7 @@ from typing import Any
 
 import torch
 
-from dcccl.errors import DCCCLError
-
-# Out of space: the disk is full, the user's quota is used up, or the file would exceed the size limit.
-DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
-
-
-class DiskFullError(DCCCLError, OSError):
-    """A file could not be written for lack of space; names the file.
-
-    Args:
-        code: The ``errno`` of the failed write (one of :data:`DISK_FULL_ERRNOS`).
-        path: The file being written.
-    """
-
-    def __init__(self, code: int, path: str | Path) -> None:
-        super().__init__(code, os.strerror(code), str(path))
-
-    def __str__(self) -> str:
-        return (f"disk full / file too large while writing {self.filename} ({self.strerror}): free space (or raise "
-                "the file size limit) and run the same command again; finished stages are kept")
+from dcccl.errors import DISK_FULL_ERRNOS, DiskFullError
 
 
 def _umask() -> int:

@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
-from dcccl.run.atomic import atomic_torch_save, atomic_write_json
-from dcccl.run.training_budget import REPORT, BudgetState, TrainingBudget
+from dcccl.artifacts.atomic import atomic_torch_save, atomic_write_json
+from dcccl.artifacts.run_dir import BUDGET_REPORT
+from lightning_modules.training_budget import BudgetState, TrainingBudget
 
 BEST_WEIGHTS = "best_weights.pt"
 
@@ -74,7 +75,7 @@ class BudgetCallback(Callback):
                   "monitor": self.budget.monitor, "best": self.state.best, "best_epoch": self.state.best_epoch,
                   "restored_best": restored, "budget": asdict(self.budget)}
         if trainer.is_global_zero:
-            atomic_write_json(Path(trainer.default_root_dir) / REPORT, report)
+            atomic_write_json(Path(trainer.default_root_dir) / BUDGET_REPORT, report)
         kept = (f"; kept the weights of epoch {self.state.best_epoch + 1} ({self.budget.monitor} "
                 f"{self.state.best:.4f})" if restored and self.state.best is not None
                 and self.state.best_epoch is not None else "")

@@ -15,10 +15,10 @@ from typing import Any, Literal, Optional, get_args
 import torch
 from torch import nn
 
+from dcccl.artifacts.atomic import atomic_torch_save
 from dcccl.backbones.registry import rebuildable_name, torch_load_problem
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import DCCCLError
-from dcccl.run.atomic import atomic_torch_save
 
 EXPORT_FORMAT = "dcccl.export/1"
 Role = Literal["cloud_submodel", "control_model", "co_submodel"]
@@ -42,7 +42,7 @@ class NetworkExport:
         sample_count: For a co-submodel copy, the number of training samples behind it.
         class_counts: Those samples per class, when the copy reports them (class-aware fusion).
         trained_on: The samples the stage that wrote it trained on (``cloud``, ``device`` or ``pooled``).
-        lineage: Where its weights came from (:mod:`dcccl.run.lineage`); ``None`` where it was not recorded.
+        lineage: Where its weights came from (:mod:`dcccl.artifacts.lineage`); ``None`` where it was not recorded.
     """
 
     role: Role

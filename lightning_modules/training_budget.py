@@ -15,9 +15,6 @@ from typing import Literal, Optional
 
 from dcccl.errors import ConfigError
 
-# What a stage with a budget leaves in its directory: what it ran (epochs, steps, samples) and why it stopped.
-REPORT = "budget.json"
-
 
 @dataclass
 class TrainingBudget:

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from dcccl.artifacts.exports import load_export, load_network
+from dcccl.artifacts.lineage import cloud_only_ancestors
 from dcccl.errors import DCCCLError
-from dcccl.federated.budget import DeviceBudget, check_device_budget
+from dcccl.federated.device_limits import DeviceBudget, check_device_budget
 from dcccl.federated.ledger import Ledger
-from dcccl.run.config_snapshot import origin_of
-from dcccl.run.downlink import CloudTensors, cloud_side_source
-from dcccl.run.exports import load_export, load_network
-from dcccl.run.lineage import cloud_only_ancestors
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.config_snapshot import origin_of
+from dcccl.pipeline.downlink import CloudTensors, cloud_side_source
+from dcccl.pipeline.steps import StageCall
 
 log = logging.getLogger("dcccl")
 
@@ -138,7 +138,7 @@ CLOUD_ONLY_STAGES: tuple[str, ...] = ("cloud", "evaluate", "centralized")
 
 def check_downlink_sources(call: StageCall, resolved: ResolvedStage, run_root: Path) -> None:
     """Refuse a stage whose networks are sent down if a backbone of it starts from a cloud-side weights file
-    (:func:`~dcccl.run.downlink.cloud_side_source`).
+    (:func:`~dcccl.pipeline.downlink.cloud_side_source`).
 
     Raises:
         BoundaryViolation: Naming the stage, the file and why it is cloud-side.

@@ -10,17 +10,17 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.device_progress import finished_records
+from dcccl.artifacts.manifest import Manifest, fingerprint
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.attacks import Attack
 from dcccl.federated.ledger import Ledger
+from dcccl.pipeline.fusion import FusionStep
+from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.steps import StageCall, Step
+from dcccl.ranks import is_global_zero
 from dcccl.reporting.plots import plot_accuracy_per_round, plot_confusion_matrix
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.device_progress import finished_records
-from dcccl.run.fusion import FusionStep
-from dcccl.run.manifest import Manifest, fingerprint
-from dcccl.run.ranks import is_global_zero
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import PipelineSettings
-from dcccl.run.steps import StageCall, Step
 
 CONFUSION_KEY = "served/confusion_matrix"
 

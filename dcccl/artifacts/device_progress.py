@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.manifest import sha256_of
-from dcccl.run.run_dir import RunDirectory
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.manifest import sha256_of
+from dcccl.artifacts.run_dir import RunDirectory
 
 
 def device_record(work_dir: Path, device: int) -> Path:

@@ -5,7 +5,7 @@ Two rules, checked on what the artifacts are:
 - before anything runs, no network that is sent down (the control model, the co-submodel) may start from a
   cloud-side weights file: the cloud submodel's export, anything else a cloud stage or the centralized baseline
   wrote in the run directory, any dcccl export that records the cloud submodel's role, or any export whose
-  lineage (:mod:`dcccl.run.lineage`) reaches a cloud-only export;
+  lineage (:mod:`dcccl.artifacts.lineage`) reaches a cloud-only export;
 - before each device stage, nothing it receives may have a cloud-only export in its lineage, and no tensor of it
   may be one of the cloud submodel's.
 
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from dcccl.run.lineage import described
+from dcccl.artifacts.lineage import described
 
 # Folders of a run directory that hold what the cloud trained on its own or on pooled samples.
 CLOUD_SIDE_FOLDERS: tuple[str, ...] = ("cloud", "baselines/centralized")

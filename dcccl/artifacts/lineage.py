@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from dcccl.run.exports import EXPORT_FORMAT
-from dcccl.run.manifest import sha256_of
+from dcccl.artifacts.exports import EXPORT_FORMAT
+from dcccl.artifacts.manifest import sha256_of
 
 _READ: dict[tuple[str, str], dict[str, Any]] = {}  # (path, SHA-256) -> what the file says of itself
 

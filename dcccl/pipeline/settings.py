@@ -6,17 +6,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.backbones.split import SplitSpec
+from dcccl.config_path import ConfigPath
 from dcccl.errors import ConfigError, MissingFileError
 from dcccl.federated.aggregation import AggregationRule, FedAvg
 from dcccl.federated.attacks import Attack
-from dcccl.federated.budget import DeviceBudget
 from dcccl.federated.compression import Compression
+from dcccl.federated.device_limits import DeviceBudget
 from dcccl.federated.fleet import FleetSpec
 from dcccl.federated.privacy import DifferentialPrivacy
 from dcccl.federated.secure_aggregation import SecureAggregation
-from dcccl.run.config_path import ConfigPath
-from dcccl.run.run_dir import RunDirectory
 
 Guide = Literal["cloud_submodel", "control_model", "none"]
 DeviceGuide = Literal["control_model", "none"]

@@ -15,16 +15,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional, Protocol
 
+from dcccl.artifacts.atomic import atomic_write_json
+from dcccl.artifacts.lineage import recorded_lineages
+from dcccl.artifacts.manifest import ConfigChangedError, IntegrityError, Manifest, fingerprint, inputs_fingerprint
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.errors import DCCCLError
-from dcccl.run.atomic import atomic_write_json
-from dcccl.run.boundary import ResolvedStage
-from dcccl.run.config_snapshot import origin_of
-from dcccl.run.lineage import recorded_lineages
-from dcccl.run.manifest import ConfigChangedError, IntegrityError, Manifest, fingerprint, inputs_fingerprint
-from dcccl.run.ranks import barrier, is_global_zero
-from dcccl.run.run_dir import RunDirectory
-from dcccl.run.settings import RESTART_ORDER, RestartPoint
-from dcccl.run.steps import LocalStep, StageCall, Step
+from dcccl.pipeline.boundary import ResolvedStage
+from dcccl.pipeline.config_snapshot import origin_of
+from dcccl.pipeline.settings import RESTART_ORDER, RestartPoint
+from dcccl.pipeline.steps import LocalStep, StageCall, Step
+from dcccl.ranks import barrier, is_global_zero
 
 log = logging.getLogger("dcccl")
 

@@ -18,18 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from dcccl.artifacts.exports import check_export_fits, load_network
 from dcccl.backbones.registry import check_backbone
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError, DCCCLError
-from dcccl.federated.budget import check_device_budget
+from dcccl.federated.device_limits import check_device_budget
 from dcccl.federated.privacy import check_trainable, require_opacus
-from dcccl.run.boundary import ResolvedStage, backbone_specs, check_boundary
-from dcccl.run.exports import check_export_fits, load_network
-from dcccl.run.settings import PipelineSettings
-from dcccl.run.steps import StageCall
+from dcccl.pipeline.boundary import ResolvedStage, backbone_specs, check_boundary
+from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.steps import StageCall
 
 if TYPE_CHECKING:
-    from dcccl.run.coordinator import Decision, StageRunner
+    from dcccl.pipeline.coordinator import Decision, StageRunner
 
 
 @dataclass(frozen=True)
