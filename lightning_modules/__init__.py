@@ -13,19 +13,7 @@ from lightning_modules.head import HeadFinetuneModule
 from lightning_modules.predict import ServedModelPrediction
 from lightning_modules.speed import ChannelsLast, CompileNetworks
 
-# The module class each stage of a plan must run (or a subclass of it): what the privacy boundary checks.
-STAGE_MODULES: dict[str, type[StageModule]] = {
-    "cloud": CloudSubmodelModule,
-    "distill": ControlDistillationModule,
-    "cloud_round": CloudCoTrainingModule,
-    "device": DeviceCoTrainingModule,
-    "head": HeadFinetuneModule,
-    "evaluate": ServedModelEvaluation,
-    "centralized": CentralizedModule,
-}
-
 __all__ = [
-    "STAGE_MODULES",
     "CentralizedModule",
     "ChannelsLast",
     "CloudCoTrainingModule",

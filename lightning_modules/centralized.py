@@ -11,11 +11,14 @@ from torch import nn
 from dcccl.artifacts.exports import load_export
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
+from dcccl.methods.centralized import CentralizedArguments
 from dcccl.model.served import SummedLogits
+from dcccl.pipeline.stages import register_stage
 from lightning_modules.base import SupervisedStageModule
 from lightning_modules.training_budget import TrainingBudget
 
 
+@register_stage("centralized", arguments=CentralizedArguments)
 class CentralizedModule(SupervisedStageModule):
     """Trains cloud submodel + co-submodel jointly, CE(f(x) + h(x), y), on cloud and device samples pooled.
 

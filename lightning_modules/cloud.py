@@ -9,10 +9,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from dcccl.backbones.spec import BackboneSpec
+from dcccl.pipeline.plan import CloudArguments
+from dcccl.pipeline.stages import register_stage
 from lightning_modules.base import SupervisedStageModule
 from lightning_modules.training_budget import TrainingBudget
 
 
+@register_stage("cloud", arguments=CloudArguments, required=True)
 class CloudSubmodelModule(SupervisedStageModule):
     """Trains the cloud submodel on cloud samples only and exports it.
 

@@ -10,6 +10,8 @@ from torch import nn
 from dcccl.artifacts.exports import load_export
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
+from dcccl.pipeline.plan import CloudRoundArguments
+from dcccl.pipeline.stages import register_stage
 from lightning_modules.guided import GuidedCoTrainingModule
 from lightning_modules.training_budget import TrainingBudget
 
@@ -25,6 +27,7 @@ def _load_guide(path: Optional[str], num_classes: int) -> Optional[nn.Module]:
     return export.build()
 
 
+@register_stage("cloud_round", arguments=CloudRoundArguments, required=True)
 class CloudCoTrainingModule(GuidedCoTrainingModule):
     """Cloud side of a round: minimise CE(guide(x) + h(x), y) on cloud samples, the guide frozen.
 

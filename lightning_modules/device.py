@@ -14,10 +14,13 @@ from dcccl.errors import ConfigError
 from dcccl.federated.attacks import Attack
 from dcccl.federated.compression import Compression
 from dcccl.federated.privacy import DifferentialPrivacy, check_trainable, require_opacus
+from dcccl.pipeline.plan import DeviceArguments
+from dcccl.pipeline.stages import register_stage
 from lightning_modules.guided import GuidedCoTrainingModule
 from lightning_modules.training_budget import TrainingBudget
 
 
+@register_stage("device", arguments=DeviceArguments, required=True)
 class DeviceCoTrainingModule(GuidedCoTrainingModule):
     """Device-side training: minimise CE(g(x) + h(x), y) on the device's own samples, g frozen.
 

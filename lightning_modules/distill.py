@@ -21,6 +21,8 @@ from dcccl.errors import ConfigError
 from dcccl.model.freeze import freeze
 from dcccl.model.inversion import InversionSettings, invert_network
 from dcccl.model.losses import DistillationLoss, distillation_loss
+from dcccl.pipeline.plan import DistillArguments
+from dcccl.pipeline.stages import register_stage
 from lightning_modules.base import StageModule
 from lightning_modules.training_budget import TrainingBudget
 
@@ -30,6 +32,7 @@ def _run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", "0"))
 
 
+@register_stage("distill", arguments=DistillArguments, required=True)
 class ControlDistillationModule(StageModule):
     """Trains the control model to reproduce the frozen cloud submodel's logits on cloud samples.
 

@@ -12,12 +12,15 @@ from dcccl.artifacts.atomic import atomic_write_json
 from dcccl.artifacts.exports import load_network
 from dcccl.model.freeze import freeze
 from dcccl.model.served import SummedLogits
+from dcccl.pipeline.plan import EvaluateArguments
+from dcccl.pipeline.stages import register_stage
 from lightning_modules.base import StageModule
 
 MODELS = ("served", "cloud_only")
 GROUPS = {"acc": "all", "acc_cloud_classes": "cloud", "acc_device_classes": "device_only"}
 
 
+@register_stage("evaluate", arguments=EvaluateArguments, required=True)
 class ServedModelEvaluation(StageModule):
     """Test accuracy of the served model and of the cloud submodel alone, overall and per class group.
 

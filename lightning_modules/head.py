@@ -11,10 +11,13 @@ from torch import nn
 from dcccl.artifacts.exports import load_export, load_network
 from dcccl.errors import ConfigError
 from dcccl.model.freeze import freeze
+from dcccl.pipeline.plan import HeadArguments
+from dcccl.pipeline.stages import register_stage
 from lightning_modules.base import SupervisedStageModule
 from lightning_modules.training_budget import TrainingBudget
 
 
+@register_stage("head", arguments=HeadArguments, required=lambda settings: settings.finetune_head)
 class HeadFinetuneModule(SupervisedStageModule):
     """Trains only the fused co-submodel's classifier with CE(f(x) + h(x), y) on cloud samples.
 

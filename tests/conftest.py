@@ -13,12 +13,13 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 
+import lightning_modules  # noqa: F401  (importing it registers every stage)
 from datamodules.mnist import BundledMNISTDataModule
 from dcccl.artifacts.exports import NetworkExport, Role, save_export
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.pipeline.boundary import ResolvedStage
+from dcccl.pipeline.stages import STAGES
 from dcccl.pipeline.steps import StageCall
-from lightning_modules import STAGE_MODULES
 
 
 def require_extra(module: str) -> Any:
@@ -93,7 +94,7 @@ class RecordingRunner:
 
     def resolve(self, call: StageCall) -> ResolvedStage:
         """The stage's expected module, the plan's arguments, the bundled digits."""
-        module = STAGE_MODULES[call.stage]
+        module = STAGES[call.stage].module
         return ResolvedStage(module, module, module.data_partition, dict(call.model_args),
                              {"class_path": "datamodules.BundledMNISTDataModule", "init_args": dict(call.data_args)})
 

@@ -167,28 +167,32 @@ def test_lightning_checkpoint_as_base_weights(tmp_path: Path) -> None:
 
 
 def test_pipeline_gives_each_stage_its_part(tmp_path: Path) -> None:
-    import json
-
     from dcccl.backbones import BackboneSpec
+    from dcccl.commands.stage_runner import LightningStageRunner
+    from dcccl.pipeline.boundary import check_stage
     from dcccl.pipeline.plan import dcccl_plan
     from dcccl.pipeline.steps import StageCall
     from tests.test_pipeline import settings
 
     split = SplitSpec(base=BackboneSpec("resnet10t"), ratio=0.25)
-    plan = dcccl_plan(settings(tmp_path, split=split, stage_args={"cloud": ["--user=1"]}))
+    run_settings = settings(tmp_path, split=split, stage_args={"cloud": ["--trainer.max_steps=1"]})
+    plan = dcccl_plan(run_settings)
     calls = {call.stage: call for call in plan if isinstance(call, StageCall)}
 
-    def part(call_args: tuple[str, ...], argument: str) -> str:
-        flag = f"--model.init_args.{argument}="
-        value = json.loads(next(a for a in call_args if a.startswith(flag))[len(flag):])
+    def part(call: StageCall, argument: str) -> str:
+        value = call.model_args[argument]
         assert value["name"] == "split" and value["kwargs"]["base"]["name"] == "resnet10t"
-        return value["kwargs"]["part"]
+        return value["kwargs"]["part"]  # type: ignore[no-any-return]
 
-    assert part(calls["cloud"].extra_args, "backbone") == "cloud"
-    assert calls["cloud"].extra_args[-1] == "--user=1"  # the user's stage_args come last and win
-    assert part(calls["distill"].extra_args, "backbone") == "co"
-    assert part(calls["cloud_round"].extra_args, "co_backbone") == "co"
-    assert calls["device"].extra_args == () and calls["evaluate"].extra_args == ()
+    assert part(calls["cloud"], "backbone") == "cloud"
+    assert part(calls["distill"], "backbone") == "co"
+    assert part(calls["cloud_round"], "co_backbone") == "co"
+    assert "backbone" not in calls["device"].model_args and "co_backbone" not in calls["device"].model_args
+    assert calls["cloud"].extra_args == ("--trainer.max_steps=1",)  # the user's stage_args come last and win
+    # The parts are plan arguments: the stage parser resolves them to what the plan gave, so the boundary holds them.
+    runner = LightningStageRunner(interactive=False)
+    for stage in ("cloud", "distill", "cloud_round"):
+        check_stage(calls[stage], runner.resolve(calls[stage]), run_settings.run.root)
 
 
 def test_a_base_with_concatenations_is_refused_naming_the_first_layer_it_breaks() -> None:

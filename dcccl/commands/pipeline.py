@@ -23,6 +23,7 @@ from dcccl.pipeline.partition_report import write_partition_report
 from dcccl.pipeline.plan import dcccl_plan
 from dcccl.pipeline.preflight import DataDescription
 from dcccl.pipeline.settings import PipelineSettings, RestartPoint
+from dcccl.pipeline.stages import required_stages
 from dcccl.ranks import is_global_zero
 from dcccl.reporting.tables import results_table
 from dcccl.reporting.tracking import log_run_summary, wandb_logger_args
@@ -52,7 +53,7 @@ def settings_from(parser: ArgumentParser, cfg: Namespace) -> PipelineSettings:
     """The settings of a parsed pipeline config (nested classes instantiated), with its stage names checked."""
     init = parser.instantiate_classes(cfg)
     settings = PipelineSettings(**{name: init[name] for name in PipelineSettings.__dataclass_fields__})
-    settings.check_stage_names(stage_names())
+    settings.check_stages(stage_names(), required_stages(settings))
     return settings
 
 def restart_point(cfg: Namespace) -> Optional[RestartPoint]:

@@ -16,9 +16,10 @@ from dcccl.commands.stage_cli import ParseOnlyCLI, cli_main, plain
 from dcccl.errors import DISK_FULL_ERRNOS, ConfigError, DiskFullError, one_line
 from dcccl.pipeline.boundary import ResolvedStage
 from dcccl.pipeline.config_snapshot import origin_of
+from dcccl.pipeline.stages import STAGES
 from dcccl.pipeline.steps import StageCall
 from dcccl.reporting.tracking import finish_wandb_run, name_next_wandb_run, wandb_logger_args
-from lightning_modules import STAGE_MODULES, DeviceRoundModule, DeviceSteps
+from lightning_modules import DeviceRoundModule, DeviceSteps
 
 
 def cli_value(value: Any) -> str:
@@ -75,7 +76,7 @@ class LightningStageRunner:
                               f"{one_line(str(err))}") from err
         model, data = plain(config.model), plain(config.data)
         module_class = import_class(model["class_path"])
-        return ResolvedStage(module_class, STAGE_MODULES[call.stage], getattr(module_class, "data_partition", None),
+        return ResolvedStage(module_class, STAGES[call.stage].module, getattr(module_class, "data_partition", None),
                              dict(model.get("init_args") or {}), data)
 
     def __call__(self, call: StageCall, resume: bool) -> None:

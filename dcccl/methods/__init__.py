@@ -14,7 +14,7 @@ from typing import Optional
 
 from dcccl.errors import ConfigError
 from dcccl.methods.base import CostContext, Method
-from dcccl.pipeline.settings import OPTIONAL_STAGES, REQUIRED_STAGES
+from dcccl.pipeline.stages import STAGES
 
 METHODS: dict[str, Method] = {}
 
@@ -49,7 +49,7 @@ def select(names: Optional[Sequence[str]]) -> list[Method]:
 
 def stage_names() -> set[str]:
     """Every stage a pipeline config may name: the pipeline's own and those the registered methods need."""
-    return {*REQUIRED_STAGES, *OPTIONAL_STAGES, *(name for method in METHODS.values() for name in method.needs_stages)}
+    return {*STAGES, *(name for method in METHODS.values() for name in method.needs_stages)}
 
 
 _discover()

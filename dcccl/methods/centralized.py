@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from dcccl.artifacts.run_dir import RunDirectory
@@ -10,6 +11,18 @@ from dcccl.federated.costs import parameter_count
 from dcccl.methods.base import NOTHING_ON_DEVICE, CostContext, Method
 from dcccl.pipeline.plan import Plan, PlanBuilder
 from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.stages import StageArguments
+
+
+@dataclass(frozen=True)
+class CentralizedArguments(StageArguments):
+    """What the plan gives the ``centralized`` stage: DC-CCL's cloud submodel (its architecture) and initial
+    co-submodel to start from, and where both trained networks go."""
+
+    cloud_architecture: Path
+    co_submodel: Path
+    export_path: Path
+    co_export_path: Path
 
 
 class Centralized(Method):
@@ -31,13 +44,11 @@ class Centralized(Method):
         run = settings.run
         co_submodel = run.cloud_submodel.parent / "co_submodel.pt"
         build = PlanBuilder(settings, run)
-        train = build.call("centralized", {
-            "cloud_architecture": str(reference.cloud_submodel),
-            "co_submodel": str(reference.initial_co_submodel),
-            "export_path": str(run.cloud_submodel),
-            "co_export_path": str(co_submodel),
-        }, (run.cloud_submodel, co_submodel), "centralized training on pooled samples", "cloud",
-            inputs=(reference.cloud_submodel, reference.initial_co_submodel), partition="pooled")
+        arguments = CentralizedArguments(reference.cloud_submodel, reference.initial_co_submodel, run.cloud_submodel,
+                                         co_submodel)
+        train = build.call("centralized", arguments, (run.cloud_submodel, co_submodel),
+                           "centralized training on pooled samples", "cloud",
+                           inputs=(reference.cloud_submodel, reference.initial_co_submodel), partition="pooled")
         evaluation = build.evaluation(co_submodel, run.root / "evaluate" / "metrics.json", "evaluation", "cloud",
                                       run.cloud_submodel, round_index=1)
         return [train, evaluation]

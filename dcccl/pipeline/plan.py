@@ -5,16 +5,21 @@ cloud -> distill -> per round: cloud side, every reporting device, fusion, (head
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from dcccl.artifacts.run_dir import RunDirectory
+from dcccl.backbones.spec import BackboneSpec
+from dcccl.federated.attacks import Attack
+from dcccl.federated.class_split import DataPartition
+from dcccl.federated.compression import Compression
+from dcccl.federated.privacy import DifferentialPrivacy
 from dcccl.pipeline.config_snapshot import snapshot
 from dcccl.pipeline.fusion import FusionStep
 from dcccl.pipeline.settings import PipelineSettings, RestartPoint
-from dcccl.pipeline.steps import DeviceTask, SecureSum, StageCall, StageName, Step
+from dcccl.pipeline.stages import StageArguments
+from dcccl.pipeline.steps import DeviceTask, SecureSum, StageCall, Step
 from dcccl.reporting.tracking import with_save_dirs
 
 Plan = list[Step]
@@ -35,6 +40,72 @@ class Reused:
     initial_co_submodel: Optional[Path] = None
 
 
+@dataclass(frozen=True)
+class CloudArguments(StageArguments):
+    """What the plan gives the ``cloud`` stage: where to export the cloud submodel (and, with ``split``, its part)."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"backbone"})
+    export_path: Path
+    backbone: Optional[BackboneSpec] = None
+
+
+@dataclass(frozen=True)
+class DistillArguments(StageArguments):
+    """What the plan gives the ``distill`` stage: the cloud submodel to distil, where to export the control model."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"backbone"})
+    cloud_submodel: Path
+    export_path: Path
+    backbone: Optional[BackboneSpec] = None
+
+
+@dataclass(frozen=True)
+class CloudRoundArguments(StageArguments):
+    """What the plan gives the ``cloud_round`` stage: its guide, the round's start (``None``: build the initial
+    co-submodel and export it to ``initial_export_path``) and where the cloud's copy goes."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"co_backbone"})
+    guide: Optional[Path]
+    co_submodel: Optional[Path]
+    initial_export_path: Optional[Path]
+    export_path: Path
+    co_backbone: Optional[BackboneSpec] = None
+
+
+@dataclass(frozen=True)
+class DeviceArguments(StageArguments):
+    """What the plan gives the ``device`` stage: the control model (``None``: unguided), the template's start (each
+    device is reset to its own), no export path (each copy goes to its task's file), and the settings a stage config
+    may not weaken."""
+
+    OPTIONAL: ClassVar[frozenset[str]] = frozenset({"report_class_counts", "privacy", "compression", "attack"})
+    control_model: Optional[Path]
+    co_submodel: Path
+    export_path: None = None
+    report_class_counts: bool = False
+    privacy: Optional[DifferentialPrivacy] = None
+    compression: Optional[Compression] = None
+    attack: Optional[Attack] = None
+
+
+@dataclass(frozen=True)
+class HeadArguments(StageArguments):
+    """What the plan gives the ``head`` stage: the fused co-submodel, the cloud submodel, where the result goes."""
+
+    co_submodel: Path
+    cloud_submodel: Path
+    export_path: Path
+
+
+@dataclass(frozen=True)
+class EvaluateArguments(StageArguments):
+    """What the plan gives the ``evaluate`` stage: the served model's parts and where its metrics go."""
+
+    cloud_submodel: Optional[Path]
+    co_submodel: Path
+    metrics_path: Path
+
+
 class PlanBuilder:
     """Makes the stage calls of one run: config files, trainer options, split and fleet arguments, stage_args.
 
@@ -47,10 +118,11 @@ class PlanBuilder:
         self.settings = settings
         self.run = run
 
-    def call(self, stage: StageName, model_args: dict[str, Any], outputs: tuple[Path, ...], label: str,
+    def call(self, stage: str, arguments: StageArguments, outputs: tuple[Path, ...], label: str,
              restart_point: RestartPoint, command: Literal["fit", "test"] = "fit", round_index: int = 0,
-             inputs: tuple[Path, ...] = (), partition: Any = None, config_stage: Optional[str] = None,
-             devices: tuple[DeviceTask, ...] = (), work_dir: Optional[Path] = None) -> StageCall:
+             inputs: tuple[Path, ...] = (), partition: Optional[DataPartition] = None,
+             config_stage: Optional[str] = None, devices: tuple[DeviceTask, ...] = (),
+             work_dir: Optional[Path] = None) -> StageCall:
         """A stage call with this run's data config, trainer options and extra arguments.
 
         ``config_stage`` names the stage config to use when it is not the stage's own (``fedavg_client``); a device
@@ -68,22 +140,16 @@ class PlanBuilder:
         data_args = settings.fleet.data_arguments()
         return StageCall(
             label=label, restart_point=restart_point, outputs=outputs, inputs=inputs, round_index=round_index,
-            stage=stage, command=command, config_files=tuple(config_files), model_args=model_args,
+            stage=stage, command=command, config_files=tuple(config_files), model_args=arguments.model_args(),
             trainer_args=trainer_args, data_args=data_args, seed=settings.seed_everything, work_dir=work_dir,
             partition=partition,
-            extra_args=tuple(self.split_arguments(stage) + list(settings.stage_args.get(stage, []))),
+            extra_args=tuple(settings.stage_args.get(stage, [])),
             group=settings.name, devices=devices,
         )
 
-    def split_arguments(self, stage: StageName) -> list[str]:
-        """Arguments that give ``stage`` its part of the split base model (none without ``split``)."""
-        split = self.settings.split
-        if split is None:
-            return []
-        parts = {"cloud": {"backbone": "cloud"}, "distill": {"backbone": "co"},
-                 "cloud_round": {"co_backbone": "co"}}.get(stage, {})
-        return [f"--model.init_args.{argument}={json.dumps(split.part(part).to_dict())}"  # type: ignore[arg-type]
-                for argument, part in parts.items()]
+    def split_part(self, part: Literal["cloud", "co"]) -> Optional[BackboneSpec]:
+        """The backbone of one part of the split base model (``None`` without ``split``)."""
+        return None if self.settings.split is None else self.settings.split.part(part)
 
     def devices(self, tasks: list[DeviceTask], control_model: Optional[Path], label: str, round_index: int,
                 report_class_counts: bool) -> StageCall:
@@ -97,24 +163,13 @@ class PlanBuilder:
             report_class_counts: Whether each copy records its samples per class (the rule fuses class by class).
         """
         starts = tuple(dict.fromkeys(task.start for task in tasks))
-        model_args: dict[str, Any] = {
-            "control_model": None if control_model is None else str(control_model),
-            "co_submodel": str(starts[0]),  # the template's; each device is reset to its own start
-            "export_path": None,  # each device's copy goes to its task's file
-        }
-        if report_class_counts:  # the rule fuses class by class: the counts go up with the copy
-            model_args["report_class_counts"] = True
-        privacy = self.settings.device_privacy
-        if privacy is not None:
-            model_args["privacy"] = privacy.to_dict()
-        if self.settings.compression is not None:
-            model_args["compression"] = self.settings.compression.to_dict()
-        if self.settings.attack is not None:
-            model_args["attack"] = self.settings.attack.to_dict()
+        arguments = DeviceArguments(control_model, starts[0], report_class_counts=report_class_counts,
+                                    privacy=self.settings.device_privacy, compression=self.settings.compression,
+                                    attack=self.settings.attack)
         inputs = tuple(p for p in (control_model, *starts) if p is not None)
         secure = self.settings.secure_aggregation
         outputs = (self.run.secure_sum(round_index),) if secure is not None else tuple(task.export for task in tasks)
-        call = self.call("device", model_args, outputs, label, "rounds", round_index=round_index, inputs=inputs,
+        call = self.call("device", arguments, outputs, label, "rounds", round_index=round_index, inputs=inputs,
                          partition="device", devices=tuple(tasks), work_dir=self.run.round_dir(round_index) / "devices")
         if secure is None:
             return call
@@ -124,12 +179,8 @@ class PlanBuilder:
                    cloud_submodel: Optional[Path], round_index: int = 0) -> StageCall:
         """Evaluate the served model made of ``co_submodel`` (plus ``cloud_submodel``, if served)."""
         inputs = (co_submodel,) if cloud_submodel is None else (cloud_submodel, co_submodel)
-        return self.call("evaluate", {
-            "cloud_submodel": None if cloud_submodel is None else str(cloud_submodel),
-            "co_submodel": str(co_submodel),
-            "metrics_path": str(metrics),
-        }, (metrics,), label, restart_point, command="test", round_index=round_index, inputs=inputs)
-
+        return self.call("evaluate", EvaluateArguments(cloud_submodel, co_submodel, metrics), (metrics,), label,
+                         restart_point, command="test", round_index=round_index, inputs=inputs)
 
 def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, reused: Reused = Reused(),
                cloud_round_stage: str = "cloud_round") -> Plan:
@@ -146,12 +197,11 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
     steps: Plan = []
     cloud_submodel = reused.cloud_submodel or run.cloud_submodel
     if settings.needs_cloud_submodel and reused.cloud_submodel is None:
-        steps.append(build.call("cloud", {"export_path": str(run.cloud_submodel)}, (run.cloud_submodel,),
-                                "cloud submodel", "cloud", partition="cloud"))
+        steps.append(build.call("cloud", CloudArguments(run.cloud_submodel, build.split_part("cloud")),
+                                (run.cloud_submodel,), "cloud submodel", "cloud", partition="cloud"))
     control_model = reused.control_model or run.control_model
     if settings.needs_control_model and reused.control_model is None:
-        steps.append(build.call("distill", {"cloud_submodel": str(cloud_submodel),
-                                            "export_path": str(run.control_model)},
+        steps.append(build.call("distill", DistillArguments(cloud_submodel, run.control_model, build.split_part("co")),
                                 (run.control_model,), "control model", "distill", inputs=(cloud_submodel,),
                                 partition="cloud"))
     guide = {"cloud_submodel": cloud_submodel, "control_model": control_model}.get(settings.cloud_round_guide)
@@ -164,13 +214,12 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
         tag = f"round {r}/{settings.rounds}"
         start = initial if r == 1 else round_result(settings, run, r - 1)
         builds_initial = r == 1 and reused.initial_co_submodel is None
-        steps.append(build.call("cloud_round", {
-            "guide": None if guide is None else str(guide),
-            "co_submodel": None if builds_initial else str(start),
-            "initial_export_path": str(run.initial_co_submodel) if builds_initial else None,
-            "export_path": str(run.cloud_copy(r)),
-        }, (run.cloud_copy(r), run.initial_co_submodel) if builds_initial else (run.cloud_copy(r),),
-            f"{tag}: cloud side", "rounds", round_index=r,
+        cloud_round = CloudRoundArguments(guide, None if builds_initial else start,
+                                          run.initial_co_submodel if builds_initial else None, run.cloud_copy(r),
+                                          build.split_part("co"))
+        outputs = (run.cloud_copy(r), run.initial_co_submodel) if builds_initial else (run.cloud_copy(r),)
+        steps.append(build.call(
+            "cloud_round", cloud_round, outputs, f"{tag}: cloud side", "rounds", round_index=r,
             inputs=tuple(p for p in (guide, None if builds_initial else start) if p is not None),
             partition="cloud", config_stage=cloud_round_stage))
         reporting = settings.fleet.reporting(settings.seed_everything, r)
@@ -193,11 +242,9 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
                                        settings.rule.needs_class_counts))
         steps.append(fusion_step(settings, run, r, initial))
         if settings.finetune_head:
-            steps.append(build.call("head", {
-                "co_submodel": str(run.fused_co_submodel(r)),
-                "cloud_submodel": str(cloud_submodel),
-                "export_path": str(run.finetuned_co_submodel(r)),
-            }, (run.finetuned_co_submodel(r),), f"{tag}: head fine-tuning", "rounds", round_index=r,
+            head = HeadArguments(run.fused_co_submodel(r), cloud_submodel, run.finetuned_co_submodel(r))
+            steps.append(build.call(
+                "head", head, (run.finetuned_co_submodel(r),), f"{tag}: head fine-tuning", "rounds", round_index=r,
                 inputs=(run.fused_co_submodel(r), cloud_submodel), partition="cloud"))
         steps.append(build.evaluation(round_result(settings, run, r), run.round_metrics(r), f"{tag}: evaluation",
                                       "rounds", served_cloud, round_index=r))

@@ -23,10 +23,6 @@ DeviceGuide = Literal["control_model", "none"]
 RestartPoint = Literal["cloud", "distill", "rounds"]
 RESTART_ORDER: tuple[RestartPoint, ...] = ("cloud", "distill", "rounds")
 
-# The stage configs every pipeline names, and those only some runs need (head fine-tuning, compared methods).
-REQUIRED_STAGES: tuple[str, ...] = ("cloud", "distill", "cloud_round", "device", "evaluate")
-OPTIONAL_STAGES: tuple[str, ...] = ("head",)
-
 
 @dataclass
 class PipelineSettings:
@@ -100,11 +96,6 @@ class PipelineSettings:
     def __post_init__(self) -> None:
         if self.rounds < 1:
             raise ConfigError(f"rounds must be at least 1, got {self.rounds}")
-        needed = REQUIRED_STAGES + (("head",) if self.finetune_head else ())
-        missing = [name for name in needed if name not in self.stages]
-        if missing:
-            raise ConfigError(f"the pipeline config names no stage config for {', '.join(missing)}: add "
-                              + ", ".join(f"stages.{name}" for name in missing) + " (see configs/quickstart.yaml)")
         for config in [*self.stages.values(), *([self.data] if self.data is not None else [])]:
             if not Path(config).is_file():
                 raise MissingFileError(f"config file not found: {config}")
@@ -151,12 +142,17 @@ class PipelineSettings:
         """Whether any stage uses the cloud submodel."""
         return self.serve_cloud_submodel or self.cloud_round_guide == "cloud_submodel" or self.needs_control_model
 
-    def check_stage_names(self, known: set[str]) -> None:
-        """Refuse names under ``stages`` and ``stage_args`` that are none of ``known`` (a typo is not ignored).
+    def check_stages(self, known: set[str], required: list[str]) -> None:
+        """Refuse a config that names no stage config for a ``required`` stage, or names under ``stages`` and
+        ``stage_args`` a stage that is none of ``known`` (a typo is not ignored).
 
         Raises:
-            ConfigError: Naming the unknown and the known names.
+            ConfigError: Naming the missing, or the unknown and the known, stages.
         """
+        missing = [name for name in required if name not in self.stages]
+        if missing:
+            raise ConfigError(f"the pipeline config names no stage config for {', '.join(missing)}: add "
+                              + ", ".join(f"stages.{name}" for name in missing) + " (see configs/quickstart.yaml)")
         unknown = sorted((set(self.stages) | set(self.stage_args)) - known)
         if unknown:
             raise ConfigError(f"stages / stage_args name unknown stages {unknown}: known are {sorted(known)}")

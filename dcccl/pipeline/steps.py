@@ -19,8 +19,6 @@ from dcccl.federated.class_split import DataPartition
 from dcccl.federated.secure_aggregation import SecureAggregation
 from dcccl.pipeline.settings import RestartPoint
 
-StageName = Literal["cloud", "distill", "cloud_round", "device", "head", "evaluate", "centralized"]
-
 
 @dataclass(frozen=True)
 class Step:
@@ -116,7 +114,7 @@ class StageCall(Step):
             cloud receives nothing else of them (their own copies stay on the devices).
     """
 
-    stage: StageName = "cloud"
+    stage: str = "cloud"
     command: Literal["fit", "test"] = "fit"
     config_files: tuple[Path, ...] = ()
     model_args: dict[str, Any] = field(default_factory=dict)
