@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Iterator
-from typing import Generic, TypeVar
+from typing import Generic, Optional, TypeVar
 
 from dcccl.errors import ConfigError
 
@@ -35,7 +35,8 @@ class Registry(Generic[Entry]):
             ValueError: Another entry has that name already (two definitions of one name are a bug).
         """
         if name in self._entries and self._entries[name] is not entry:
-            raise ValueError(f"two {self.kind}s are registered as {name!r}")
+            raise ValueError(f"two {self.kind}s are registered as {name!r}: one from {_origin(self._entries[name])}, "
+                             f"one from {_origin(entry)}")
         self._entries[name] = entry
 
     def __getitem__(self, name: str) -> Entry:
@@ -47,6 +48,14 @@ class Registry(Generic[Entry]):
         if name not in self._entries:
             raise ConfigError(f"unknown {self.kind} {name!r}: choose among {', '.join(sorted(self._entries))}")
         return self._entries[name]
+
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (a test's own entries, once it is done)."""
+        self._entries.pop(name, None)
+
+    def get(self, name: str) -> Optional[Entry]:
+        """The entry called ``name``, or ``None``."""
+        return self._entries.get(name)
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -68,6 +77,13 @@ class Registry(Generic[Entry]):
     def items(self) -> list[tuple[str, Entry]]:
         """Every name with its entry, in the order they were registered."""
         return list(self._entries.items())
+
+
+def _origin(entry: object) -> str:
+    """The module that defines ``entry`` (or, for a record of a class, that class's)."""
+    defined = getattr(entry, "__module__", None)
+    inner = getattr(entry, "module", None)
+    return str(getattr(inner, "__module__", None) or defined or "?")
 
 
 def import_submodules(package: str, path: list[str]) -> None:

@@ -35,12 +35,12 @@ def my_builder(num_classes: int, in_chans: int, hidden: int = 4) -> nn.Module:
 
 
 @pytest.fixture
-def clean_registry() -> Iterator[dict]:
+def clean_registry() -> Iterator[registry.Registry]:
     """Restore the backbone registry to its state before the test."""
-    saved = dict(registry._REGISTRY)
-    yield registry._REGISTRY
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(saved)
+    before = set(registry.BACKBONES)
+    yield registry.BACKBONES
+    for name in set(registry.BACKBONES) - before:
+        registry.BACKBONES.remove(name)
 
 
 def _same_outputs(first: nn.Module, second: nn.Module, x: torch.Tensor) -> bool:
@@ -173,10 +173,10 @@ def test_register_backbone_duplicate_key_fails(clean_registry: dict) -> None:
 
     register_backbone(first, key="dup_net")
     register_backbone(first, key="dup_net")  # the same builder again is harmless
-    with pytest.raises(ValueError, match="backbone 'dup_net' is already registered by"):
+    with pytest.raises(ValueError, match="two backbones are registered as 'dup_net': one from tests.test_backbones"):
         register_backbone(second, key="dup_net")
     assert clean_registry["dup_net"] is first
-    with pytest.raises(ValueError, match="'small_cnn' is already registered by dcccl.backbones.small_cnn"):
+    with pytest.raises(ValueError, match="registered as 'small_cnn': one from dcccl.backbones.small_cnn"):
         register_backbone(second, key="small_cnn")
 
 

@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("dcccl.artifacts",),
     ("dcccl.backbones",),
     ("dcccl.model",),
-    ("dcccl", "dcccl.errors", "dcccl.ranks", "dcccl.config_path"),
+    ("dcccl", "dcccl.errors", "dcccl.ranks", "dcccl.config_path", "dcccl.registry"),
 ]
 PACKAGES = ("cli.py", "dcccl", "lightning_modules", "datamodules")
 

@@ -149,11 +149,6 @@ class RunDirectory:
         """The fused co-submodel of a round after its classifier was fine-tuned on cloud samples."""
         return self.round_dir(round_index) / "head" / "co_submodel.pt"
 
-    def served_co_submodel(self, round_index: int) -> Path:
-        """The co-submodel a finished round serves: fine-tuned when the run fine-tuned heads, else fused."""
-        finetuned = self.finetuned_co_submodel(round_index)
-        return finetuned if finetuned.is_file() else self.fused_co_submodel(round_index)
-
     def round_metrics(self, round_index: int) -> Path:
         """Evaluation of the served model after a round."""
         return self.round_dir(round_index) / "evaluate" / "metrics.json"

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from dcccl.errors import ConfigError, DCCCLError, MissingFileError
+from dcccl.registry import Registry
 
 BackboneBuilder = Callable[..., nn.Module]
 _BuilderT = TypeVar("_BuilderT", bound=BackboneBuilder)
 
-_REGISTRY: dict[str, BackboneBuilder] = {}
+BACKBONES: Registry[BackboneBuilder] = Registry("backbone")
 
 
 class BackboneNotFoundError(DCCCLError, KeyError):
@@ -38,9 +39,7 @@ def register_backbone(fn: _BuilderT | None = None, *, key: str | None = None) ->
 
     def _register(builder: _BuilderT) -> _BuilderT:
         name = key or builder.__name__
-        if name in _REGISTRY and _REGISTRY[name] is not builder:
-            raise ValueError(f"backbone {name!r} is already registered by {_REGISTRY[name].__module__}")
-        _REGISTRY[name] = builder
+        BACKBONES.add(name, builder)
         return builder
 
     return _register(fn) if fn is not None else _register
@@ -52,7 +51,7 @@ def rebuildable_name(name: str) -> str:
     A key registered by a module outside dcccl is only known once that module is imported; as
     ``module:key`` the module is imported on lookup. Other names are returned unchanged.
     """
-    builder = _REGISTRY.get(name)
+    builder = BACKBONES.get(name)
     if builder is None or builder.__module__.split(".")[0] == "dcccl":
         return name
     return f"{builder.__module__}:{name}"
@@ -60,7 +59,7 @@ def rebuildable_name(name: str) -> str:
 
 def list_backbones() -> list[str]:
     """Names of the registered custom backbones (any timm model name is accepted as well)."""
-    return sorted(_REGISTRY)
+    return BACKBONES.names()
 
 
 def _import_builder(path: str) -> BackboneBuilder:
@@ -70,7 +69,7 @@ def _import_builder(path: str) -> BackboneBuilder:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise BackboneNotFoundError(f"cannot import backbone builder {path!r}: {err}") from err
-    builder = getattr(module, attr, None) or _REGISTRY.get(attr)
+    builder = getattr(module, attr, None) or BACKBONES.get(attr)
     if builder is None:
         raise BackboneNotFoundError(
             f"cannot import backbone builder {path!r}: {module_name} has no {attr!r} and registers no such backbone"
@@ -229,7 +228,7 @@ def check_backbone(name: str, checkpoint_path: str | Path | None = None, pretrai
         MissingPretrainedWeightsError: ``pretrained`` without ``checkpoint_path``, and timm's weights are not in the
             local Hugging Face cache.
     """
-    if name not in _REGISTRY:
+    if name not in BACKBONES:
         if ":" in name:
             _import_builder(name)
         elif not timm.is_model(name):
@@ -289,8 +288,8 @@ def build_backbone(
         # timm's own loader, pointed at the local file: nothing reaches for the hub.
         return timm.create_model(name, pretrained=True, num_classes=num_classes, in_chans=in_chans,
                                  pretrained_cfg_overlay={"file": str(weights), "source": ""}, **kwargs)
-    if name in _REGISTRY:
-        network = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if name in BACKBONES:
+        network = BACKBONES[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
     elif ":" in name:
         network = _import_builder(name)(num_classes=num_classes, in_chans=in_chans, **kwargs)
     elif timm.is_model(name):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from dcccl.artifacts.exports import NetworkExport
@@ -65,8 +64,3 @@ def check_received(content: RecordDict, allowed: dict[str, set[str]]) -> None:
             raise RefusedMessage(f"refusing a message that carries a {role} as {name!r}: a device receives only "
                                  f"{' or '.join(sorted(allowed[name])) or 'no network'} there, never the cloud "
                                  "submodel")
-
-
-def tensor_dict(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """An ``ArrayRecord`` as a torch state dict."""
-    return dict(record.to_torch_state_dict())

@@ -8,15 +8,17 @@ A method runs in its own run directory under DC-CCL's (``baselines/<name>/``) an
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, TypeVar
 
 import torch
 from torch import nn
 
 from dcccl.artifacts.exports import Role, load_network
 from dcccl.artifacts.run_dir import RunDirectory
+from dcccl.errors import ConfigError
 from dcccl.federated.costs import (
     parameter_count,
     peak_training_memory_bytes,
@@ -28,6 +30,8 @@ from dcccl.model.freeze import freeze
 from dcccl.pipeline.metrics import collect_metrics
 from dcccl.pipeline.plan import Plan
 from dcccl.pipeline.settings import PipelineSettings
+from dcccl.pipeline.stages import STAGES
+from dcccl.registry import Registry
 
 WIRE_KEYS = ("downlink_bytes_once", "uplink_bytes_once", "downlink_bytes_per_round", "uplink_bytes_per_round")
 NOTHING_ON_DEVICE = {"device_params": 0, "device_train_flops_per_sample": 0.0, "device_peak_train_memory_bytes": 0}
@@ -124,3 +128,36 @@ class Method(ABC):
     @abstractmethod
     def costs(self, context: CostContext) -> dict[str, Any]:
         """What it costs on a device and on the wire, and its served model's parameters (``model_params``)."""
+
+
+METHODS: Registry[Method] = Registry("method")
+
+MethodClass = TypeVar("MethodClass", bound=type[Method])
+
+
+def register_method(method: MethodClass) -> MethodClass:
+    """Register the decorated :class:`Method` subclass (one instance of it) under its ``name``."""
+    METHODS.add(method.name, method())
+    return method
+
+
+def registered() -> list[Method]:
+    """Every registered method, in table order."""
+    return sorted(METHODS.values(), key=lambda method: method.position)
+
+
+def select(names: Optional[Sequence[str]]) -> list[Method]:
+    """The methods called ``names`` (every registered one for ``None``), in table order.
+
+    Raises:
+        ConfigError: A name that no method has.
+    """
+    unknown = sorted(set(names or []) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}: choose among {METHODS.names()}")
+    return [method for method in registered() if names is None or method.name in names]
+
+
+def stage_names() -> set[str]:
+    """Every stage a pipeline config may name: the registered stages and those the registered methods need."""
+    return {*STAGES, *(name for method in METHODS.values() for name in method.needs_stages)}

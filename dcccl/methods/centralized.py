@@ -8,7 +8,7 @@ from typing import Any
 
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
-from dcccl.methods.base import NOTHING_ON_DEVICE, CostContext, Method
+from dcccl.methods.base import NOTHING_ON_DEVICE, CostContext, Method, register_method
 from dcccl.pipeline.plan import Plan, PlanBuilder
 from dcccl.pipeline.settings import PipelineSettings
 from dcccl.pipeline.stages import StageArguments
@@ -25,6 +25,7 @@ class CentralizedArguments(StageArguments):
     co_export_path: Path
 
 
+@register_method
 class Centralized(Method):
     """DC-CCL's architectures trained jointly on the pooled samples, evaluated like DC-CCL."""
 

@@ -8,11 +8,12 @@ from typing import Any
 
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
-from dcccl.methods.base import NOTHING_ON_DEVICE, CostContext, Method
+from dcccl.methods.base import NOTHING_ON_DEVICE, CostContext, Method, register_method
 from dcccl.pipeline.plan import Plan
 from dcccl.pipeline.settings import PipelineSettings
 
 
+@register_method
 class CloudOnly(Method):
     """The model the cloud serves without any device: DC-CCL's evaluation of ``f`` alone."""
 

@@ -7,11 +7,12 @@ from typing import Any
 
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count, state_dict_bytes
-from dcccl.methods.base import CostContext, Method
+from dcccl.methods.base import CostContext, Method, register_method
 from dcccl.pipeline.plan import Plan, dcccl_plan
 from dcccl.pipeline.settings import PipelineSettings
 
 
+@register_method
 class DCCCL(Method):
     """The pipeline itself, in DC-CCL's own run directory."""
 

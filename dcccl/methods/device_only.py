@@ -11,13 +11,14 @@ import numpy as np
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
 from dcccl.federated.ledger import Ledger
-from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices
+from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices, register_method
 from dcccl.pipeline.metrics import CONFUSION_KEY, round_history, summarize, write_run_outputs
 from dcccl.pipeline.plan import Plan, PlanBuilder
 from dcccl.pipeline.settings import PipelineSettings
 from dcccl.pipeline.steps import DeviceTask
 
 
+@register_method
 class DeviceOnly(Method):
     """Each device's own model, from DC-CCL's initial co-submodel, on its own share only.
 

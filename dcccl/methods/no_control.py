@@ -8,11 +8,12 @@ from typing import Any
 
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
-from dcccl.methods.base import CostContext, Method
+from dcccl.methods.base import CostContext, Method, register_method
 from dcccl.pipeline.plan import Plan, Reused, dcccl_plan
 from dcccl.pipeline.settings import PipelineSettings
 
 
+@register_method
 class DCCCLWithoutControl(Method):
     """DC-CCL's cloud submodel and initial co-submodel, devices trained without the control model."""
 

@@ -9,11 +9,12 @@ from typing import Any
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.aggregation import FedAvg
 from dcccl.federated.costs import parameter_count
-from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices
+from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices, register_method
 from dcccl.pipeline.plan import Plan, Reused, dcccl_plan
 from dcccl.pipeline.settings import PipelineSettings
 
 
+@register_method
 class SmallFedAvg(Method):
     """No large model anywhere: the cloud trains the small model as a plain client, copies weighted by samples."""
 

@@ -33,11 +33,6 @@ from dcccl.pipeline.steps import StageCall
 
 log = logging.getLogger("dcccl")
 
-# Data arguments that may differ between stage calls: the partition the runner pins for each (checked against the
-# call's own in check_stage); a device stage serves each of its devices' own share.
-PER_CALL_DATA: tuple[str, ...] = ("partition",)
-
-
 class BoundaryViolation(DCCCLError):
     """A stage's resolved config would carry something across the device/cloud boundary, or train on samples it
     must not see."""
@@ -128,7 +123,9 @@ def check_stage(call: StageCall, resolved: ResolvedStage, run_root: Path) -> Non
 
 
 def _shared_data(data: dict[str, Any]) -> dict[str, Any]:
-    init_args = {key: value for key, value in data.get("init_args", {}).items() if key not in PER_CALL_DATA}
+    # The one data argument that differs between stage calls: the partition the runner pins for each (checked against
+    # the call's own in check_stage).
+    init_args = {key: value for key, value in data.get("init_args", {}).items() if key != "partition"}
     return {"class_path": data.get("class_path"), "init_args": init_args}
 
 

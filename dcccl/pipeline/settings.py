@@ -114,8 +114,9 @@ class PipelineSettings:
 
     @property
     def rule(self) -> AggregationRule:
-        """The aggregation rule in effect."""
-        return self.aggregation if self.aggregation is not None else FedAvg()
+        """The aggregation rule in effect (FedAvg where the config names none: set when the settings are made)."""
+        assert self.aggregation is not None
+        return self.aggregation
 
     @property
     def device_privacy(self) -> Optional[DifferentialPrivacy]:

@@ -11,7 +11,7 @@ import torch
 
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation.averaging import DeviceWeighting
-from dcccl.federated.aggregation.rule import ServerState
+from dcccl.federated.aggregation.rule import ServerState, register_rule
 from dcccl.federated.aggregation.server_optimizer import ServerOptimizer, Tensors
 
 
@@ -34,6 +34,7 @@ def adaptive_step(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.
     return {key: lr * value / (second[key].sqrt() + tau) for key, value in first.items()}
 
 
+@register_rule
 class FedAdam(ServerOptimizer):
     """The co-submodel moves by ``lr_t * m / (sqrt(v) + tau)``, where ``m`` and ``v`` are Adam's moments of the
     rounds' pseudo-gradients ``mean - start``. Every coordinate moves by about ``server_lr`` in the direction the

@@ -7,9 +7,10 @@ from typing import Optional
 
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation.averaging import DeviceWeighting, fusion_weights
-from dcccl.federated.aggregation.rule import AggregationRule
+from dcccl.federated.aggregation.rule import AggregationRule, register_rule
 
 
+@register_rule
 class FedAvg(AggregationRule):
     """The cloud's copy gets the share ``cloud_share`` (λ); the devices that reported share ``1 - λ`` by their
     sample counts (or uniformly). Batch-norm running statistics are averaged; ``num_batches_tracked`` is not.

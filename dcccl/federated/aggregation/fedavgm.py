@@ -10,7 +10,7 @@ import torch
 
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation.averaging import DeviceWeighting
-from dcccl.federated.aggregation.rule import ServerState
+from dcccl.federated.aggregation.rule import ServerState, register_rule
 from dcccl.federated.aggregation.server_optimizer import ServerOptimizer, Tensors
 
 
@@ -21,6 +21,7 @@ def momentum_buffer(delta: Mapping[str, torch.Tensor], previous: Mapping[str, to
             for key, value in delta.items()}
 
 
+@register_rule
 class FedAvgM(ServerOptimizer):
     """The co-submodel moves by ``server_lr * v`` with ``v = momentum * v + (mean - start)`` each round.
 

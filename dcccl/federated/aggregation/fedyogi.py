@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 
 from dcccl.federated.aggregation.fedadam import FedAdam
+from dcccl.federated.aggregation.rule import register_rule
 from dcccl.federated.aggregation.server_optimizer import Tensors
 
 
@@ -22,6 +23,7 @@ def yogi_second_moment(delta: Mapping[str, torch.Tensor], previous: Mapping[str,
     return out
 
 
+@register_rule
 class FedYogi(FedAdam):
     """:class:`FedAdam` with Yogi's second moment; the same settings."""
 

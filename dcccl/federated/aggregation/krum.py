@@ -9,9 +9,10 @@ import torch
 
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation.robust import RobustRule, Stacked, krum_scores
-from dcccl.federated.aggregation.rule import AggregationRule, StateDict
+from dcccl.federated.aggregation.rule import AggregationRule, StateDict, register_rule
 
 
+@register_rule
 class Krum(RobustRule):
     """The devices' aggregate is the copy whose ``n - f - 2`` nearest other copies are closest to it (squared
     distance over every float entry), ``f`` the number of attackers it is built to withstand.

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Optional
 
 from dcccl.federated.aggregation.fedavg import FedAvg
+from dcccl.federated.aggregation.rule import register_rule
 
 if TYPE_CHECKING:
     from dcccl.federated.fleet import FleetSpec
 
 
+@register_rule
 class LatestUpdate(FedAvg):
     """FedAvg over every device's most recent copy (in the spirit of FedLaAvg), not only this round's.
 

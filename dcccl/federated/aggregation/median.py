@@ -8,9 +8,10 @@ from typing import Optional
 import torch
 
 from dcccl.federated.aggregation.robust import RobustRule, Stacked, coordinate_median
-from dcccl.federated.aggregation.rule import StateDict
+from dcccl.federated.aggregation.rule import StateDict, register_rule
 
 
+@register_rule
 class Median(RobustRule):
     """Each coordinate of the devices' aggregate is the median of the copies' values there (sample counts ignored):
     fewer than half of the copies cannot move it outside the range of the honest ones.

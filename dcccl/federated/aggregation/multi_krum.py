@@ -7,9 +7,10 @@ from typing import Optional
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation.krum import Krum
 from dcccl.federated.aggregation.robust import Stacked
-from dcccl.federated.aggregation.rule import AggregationRule
+from dcccl.federated.aggregation.rule import AggregationRule, register_rule
 
 
+@register_rule
 class MultiKrum(Krum):
     """The devices' aggregate is the mean of the ``keep`` copies with the lowest Krum scores (default ``n - f``:
     every copy but as many as there are assumed attackers).

@@ -10,9 +10,10 @@ import torch
 
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation.robust import RobustRule, Stacked, update_norm
-from dcccl.federated.aggregation.rule import AggregationRule, StateDict
+from dcccl.federated.aggregation.rule import AggregationRule, StateDict, register_rule
 
 
+@register_rule
 class NormClipping(RobustRule):
     """Each device copy's update of the trainable parameters (the copy minus this round's device start) is scaled
     down to norm at most ``max_norm``, then the updates are averaged by sample count; buffers (batch-norm

@@ -5,11 +5,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence, Set
 from itertools import chain
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import torch
 
 from dcccl.federated.aggregation.averaging import RunningAverage, rebase_update
+from dcccl.registry import Registry
 
 if TYPE_CHECKING:
     from dcccl.federated.fleet import FleetSpec
@@ -175,3 +176,14 @@ class _RowAverage:
             averaged = torch.where(shaped > 0, summed / shaped.clamp_min(1e-300), plain[key].to(torch.float64))
             out[key] = averaged.to(plain[key].dtype)
         return out
+
+
+RULES: Registry[type[AggregationRule]] = Registry("aggregation rule")
+
+RuleClass = TypeVar("RuleClass", bound=type[AggregationRule])
+
+
+def register_rule(rule: RuleClass) -> RuleClass:
+    """Register the decorated rule class under its class name (``aggregation: {class_path: <name>}``)."""
+    RULES.add(rule.__name__, rule)
+    return rule

@@ -9,9 +9,10 @@ import torch
 
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation.robust import RobustRule, Stacked, trimmed_mean
-from dcccl.federated.aggregation.rule import AggregationRule, StateDict
+from dcccl.federated.aggregation.rule import AggregationRule, StateDict, register_rule
 
 
+@register_rule
 class TrimmedMean(RobustRule):
     """Per coordinate, the largest and the smallest ``int(trim * n)`` of the ``n`` copies' values are cut and the rest
     averaged (sample counts ignored).

@@ -1,5 +1,5 @@
-"""Stages are registered by the module class that runs them: its name, its class, whether a pipeline config must name
-its config, and the typed arguments the plan gives it."""
+"""The registries: stages registered by the module class that runs them (its name, its class, whether a pipeline
+config must name its config, the typed arguments the plan gives it), and every rule and method of their packages."""
 
 from __future__ import annotations
 
@@ -78,3 +78,23 @@ def test_two_entries_may_not_share_a_name_and_an_unknown_name_lists_the_known_on
         registry.add("a", 2)
     with pytest.raises(ConfigError, match="unknown thing 'b': choose among a"):
         registry["b"]
+
+
+def test_every_concrete_rule_and_method_of_their_packages_is_registered() -> None:
+    """A class added without its decorator would be invisible to ``dcccl compare`` or to the rules' listing."""
+    import inspect
+    import sys
+
+    from dcccl.federated.aggregation import RULES, AggregationRule
+    from dcccl.methods import METHODS, Method
+
+    def concrete(package: str, base: type) -> set[type]:
+        return {cls for name, module in list(sys.modules.items()) if name.startswith(package + ".")
+                for _, cls in inspect.getmembers(module, inspect.isclass)
+                if issubclass(cls, base) and cls.__module__ == name and not inspect.isabstract(cls)}
+
+    rules = concrete("dcccl.federated.aggregation", AggregationRule)
+    assert rules - {rule for _, rule in RULES.items()} <= {cls for cls in rules if cls.__name__ in
+                                                          ("ServerOptimizer", "RobustRule")}
+    assert {"FedAvg", "FedAdam", "Median", "MultiKrum", "NormClipping"} <= set(RULES)
+    assert {type(method) for method in METHODS.values()} == concrete("dcccl.methods", Method)
