@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from datamodules.mnist import BundledMNISTDataModule
-from dcccl.artifacts.exports import load_export, load_network
+from dcccl.artifacts.exports import load_export, load_network, save_export
+from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.aggregation import FedAvg, LatestUpdate
 from dcccl.federated.costs import state_dict_bytes
 from dcccl.federated.device_limits import DeviceBudget, DeviceBudgetExceeded, check_device_budget
 from dcccl.federated.fleet import FleetSpec
 from dcccl.federated.ledger import Ledger, LedgerViolation
-from dcccl.pipeline.boundary import DeviceGate
+from dcccl.pipeline.boundary import BoundaryViolation, DeviceGate
 from dcccl.pipeline.fusion import FusionStep, fuse_exports
 from dcccl.pipeline.plan import dcccl_plan
 from dcccl.pipeline.steps import StageCall
@@ -97,14 +98,69 @@ def test_ledger_totals_equal_the_state_dicts_actually_transferred(tmp_path: Path
     assert {t["what"] for t in ledger["transfers"] if t["direction"] == "down"} == {"control_model", "co_submodel"}
     assert {t["what"] for t in ledger["transfers"] if t["direction"] == "up"} == {"co_submodel", "sample_count"}
     assert ledger["totals"]["per_round"]["1"]["downlink_bytes"] == 2 * g + 2 * h
-    # No cloud-submodel weight and no raw sample ever crosses: every transferred tensor is a small network's.
-    cloud = [t for t in load_export(run.cloud_submodel).state_dict.values() if t.is_floating_point()]
-    for transfer in ledger["transfers"]:
-        if not transfer["file"]:
-            continue
-        for tensor in load_export(transfer["file"]).state_dict.values():
-            assert tensor.dim() < 4 or tensor.shape[1:] != (1, 28, 28)  # not a batch of images
-            assert not any(c.shape == tensor.shape and torch.equal(c, tensor) for c in cloud if c.numel() > 16)
+    assert forbidden_crossings(run) == []
+
+
+def forbidden_crossings(run: RunDirectory) -> list[tuple[int, int, str, str, str]]:
+    """``(round, device, direction, what, why)`` of every transfer in the run's ledger whose file carries a tensor of
+    the cloud submodel (same shape and values; constant tensors aside, every network has them) or a batch of raw
+    samples, whatever role the file records."""
+    cloud = [t for t in load_export(run.cloud_submodel).state_dict.values() if t.unique().numel() > 1]
+    found = []
+    for transfer in json.loads(run.transfers.read_text())["transfers"]:
+        tensors = list(load_export(transfer["file"]).state_dict.values()) if transfer["file"] else []
+        where = (transfer["round"], transfer["device"], transfer["direction"], transfer["what"])
+        if any(c.shape == t.shape and torch.equal(c, t) for t in tensors for c in cloud):
+            found.append((*where, "cloud submodel tensor"))
+        if any(t.shape[-3:] == (1, 28, 28) for t in tensors):
+            found.append((*where, "raw samples"))
+    return found
+
+
+class LeakingRunner(FakeRunner):
+    """A fake runner whose ``leak`` stage writes its copies from the cloud submodel's weights under the co-submodel's
+    role (``cloud_round``: sent down; ``device``: sent up), or (``samples``) whose device copies carry a batch of
+    images beside their weights."""
+
+    def __init__(self, leak: str, cloud_submodel: Path) -> None:
+        super().__init__()
+        self.leak = leak
+        self.cloud_submodel = cloud_submodel
+
+    def __call__(self, call: StageCall, resume: bool = False) -> None:
+        super().__call__(call, resume)
+        if call.stage != ("device" if self.leak == "samples" else self.leak):
+            return
+        for output in (task.export for task in call.devices) if call.stage == "device" else call.outputs[:1]:
+            export = load_export(output)
+            if self.leak == "samples":
+                export.state_dict["images"] = torch.rand(4, 1, 28, 28)
+            else:
+                export.state_dict = load_export(self.cloud_submodel).state_dict
+            save_export(export, output)
+
+
+@pytest.mark.parametrize(("leak", "caught"), [("cloud_round", ("down", "co_submodel", "cloud submodel tensor")),
+                                               ("device", ("up", "co_submodel", "cloud submodel tensor")),
+                                               ("samples", ("up", "co_submodel", "raw samples"))])
+def test_the_ledger_audit_catches_what_a_leaking_stage_sends_under_an_allowed_role(
+        tmp_path: Path, leak: str, caught: tuple[str, str, str]) -> None:
+    fleet = FleetSpec(num_devices=3, availability_schedule=schedule(tmp_path, {1: [0, 1], 2: [1, 2]}))
+    fleet_settings = settings(tmp_path, rounds=2, fleet=fleet)
+    run = fleet_settings.run
+    runner = LeakingRunner(leak, run.cloud_submodel)
+    execute(fleet_settings, runner)  # no data description: no device gate, the leak reaches the ledger
+    # Every transfer of the leaking kind is caught, for its reason, and nothing else (the control model is clean).
+    assert forbidden_crossings(run) == [(r, d, *caught) for r, d in [(1, 0), (1, 1), (2, 1), (2, 2)]]
+    # The device gate, which runs before each device stage in a real run, refuses the downlink leak on content alone.
+    gate = DeviceGate(cloud_submodel=run.cloud_submodel)
+    device_calls = [call for call in runner.calls if call.stage == "device"]
+    if leak == "cloud_round":
+        with pytest.raises(BoundaryViolation, match="of its tensors are the cloud submodel's"):
+            gate(device_calls[0])
+    else:
+        for call in device_calls:
+            gate(call)
 
 
 def test_the_device_gate_refuses_a_device_stage_that_would_receive_the_cloud_submodel(tmp_path: Path) -> None:

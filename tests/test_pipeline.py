@@ -4,6 +4,7 @@ re-running, what a re-run keeps."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -118,6 +119,49 @@ def test_missing_artifact_reruns_from_there_on_and_resumes_nothing_else(tmp_path
     again = FakeRunner()
     execute(settings(tmp_path, rounds=2), again)
     assert [c.stage for c in again.calls] == ["device", "evaluate"] and again.calls[0].round_index == 2
+    assert again.resumed == [False, False]  # a finished stage leaves no checkpoint: it starts from scratch
+
+
+class KilledRunner(FakeRunner):
+    """Dies in the stage labelled ``victim`` after writing its last checkpoint, as a killed Trainer leaves it."""
+
+    def __init__(self, victim: str) -> None:
+        super().__init__()
+        self.victim = victim
+
+    def __call__(self, call: StageCall, resume: bool = False) -> None:
+        if call.label == self.victim:
+            call.last_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            call.last_checkpoint.write_bytes(b"step 2 of 3")
+            raise KeyboardInterrupt
+        super().__call__(call, resume)
+
+
+def test_a_stage_killed_midway_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    uninterrupted = execute(settings(tmp_path / "whole", rounds=2), FakeRunner())
+    victim = "round 2/2: device 0"
+    killed = KilledRunner(victim)
+    with pytest.raises(KeyboardInterrupt):
+        execute(settings(tmp_path, rounds=2), killed)
+    assert killed.labels[-1] == "round 2/2: cloud side"  # the last stage that finished before the kill
+    checkpoint = tmp_path / "run/rounds/round_002/devices/checkpoints/last.ckpt"
+    again = FakeRunner()
+    with caplog.at_level(logging.INFO, logger="dcccl"):
+        resumed = execute(settings(tmp_path, rounds=2), again)
+    # Only the killed stage and what follows run; the killed one continues from its checkpoint, the next starts fresh.
+    assert again.labels == [victim, "round 2/2: evaluation"] and again.resumed == [True, False]
+    assert again.calls[0].last_checkpoint == checkpoint and checkpoint.read_bytes() == b"step 2 of 3"
+    assert f"{victim}: running fit" in caplog.text and f"(resuming from {checkpoint})" in caplog.text
+    assert resumed == uninterrupted and resumed["served/acc_per_round"] == pytest.approx([0.6, 0.7])
+    # A checkpoint left by a start with another config is not resumed from: it is removed and the stage starts over.
+    (checkpoint.parent.parent / "stage.json").write_text(json.dumps({"stage": victim, "config_sha256": "other"}))
+    checkpoint.write_bytes(b"step 2 of 3")
+    (tmp_path / "run/rounds/round_002/device_000/co_submodel.pt").unlink()
+    other = FakeRunner()
+    execute(settings(tmp_path, rounds=2), other)
+    assert other.labels == [victim, "round 2/2: evaluation"] and other.resumed == [False, False]
+    assert not checkpoint.exists()
 
 
 def test_a_rebuilt_input_makes_its_readers_run_again(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from datamodules.mnist import BundledMNISTDataModule
 from dcccl.artifacts.exports import load_export, load_network, save_export
 from dcccl.backbones.spec import BackboneSpec
+from dcccl.pipeline.downlink import CloudTensors
 from lightning_modules import (
     CloudCoTrainingModule,
     CloudSubmodelModule,
@@ -94,17 +95,26 @@ def test_device_stage_never_receives_cloud_submodel_and_sees_only_device_samples
     tmp_path: Path, digits: BundledMNISTDataModule, trainer_factory: Callable[..., Trainer],
     export_factory: Callable[..., Path],
 ) -> None:
-    cloud_submodel = load_network(export_factory("cloud_submodel", seed=1), "cloud_submodel")
+    cloud_submodel = export_factory("cloud_submodel", seed=1)
     control = export_factory("control_model", seed=2)
     start = export_factory("co_submodel", seed=3)
     export = tmp_path / "device_copy.pt"
     module = DeviceCoTrainingModule(10, 1, control_model=str(control), co_submodel=str(start), export_path=str(export))
     # Its signature has no way to receive the cloud submodel or cloud data.
     assert not any("cloud" in name for name in inspect.signature(DeviceCoTrainingModule).parameters)
-    # No weight it holds is one of the cloud submodel's (freshly initialised buffers are equal everywhere).
-    cloud_weights = [p.detach() for p in cloud_submodel.parameters()]
-    for weight in (p for p in module.parameters() if p.ndim > 1):  # BN affine params start as ones/zeros
-        assert not any(w.shape == weight.shape and torch.equal(w, weight) for w in cloud_weights)
+    # It holds the two networks sent down, tensor for tensor, and nothing else.
+    sent = {"guide": load_export(control).state_dict, "co_submodel": load_export(start).state_dict}
+    held = module.state_dict()
+    assert held.keys() == {f"{network}.{key}" for network, state in sent.items() for key in state}
+    assert all(torch.equal(held[f"{network}.{key}"], value) for network, state in sent.items()
+               for key, value in state.items())
+    cloud = CloudTensors(load_export(cloud_submodel).state_dict)
+    assert cloud.shared_with(held) == []
+    # The check sees a cloud tensor where there is one: a co-submodel drawn with the cloud submodel's seed is the cloud
+    # submodel, every non-constant tensor of it (constant ones, fresh batch-norm scales and statistics, are left out).
+    twin = load_network(export_factory("co_submodel", name="twin", seed=1), "co_submodel").state_dict()
+    varying = ["features.0.0.weight", "features.1.0.weight", "head.weight", "head.bias"]
+    assert cloud.shared_with(twin) == [(key, key) for key in varying]
     control_before = snapshot(module.control_model)
     recorder = fit_recording(module, digits, trainer_factory)
     assert set(recorder.labels) <= DEVICE_CLASSES
@@ -112,7 +122,13 @@ def test_device_stage_never_receives_cloud_submodel_and_sees_only_device_samples
     copy = load_export(export, "co_submodel")
     assert copy.sample_count == 1080  # 3 digits x 360 training samples
     assert copy.class_counts is None  # not asked to report them
-    assert not torch.equal(copy.state_dict["head.weight"], load_export(start).state_dict["head.weight"])
+    # What goes up is the trained copy: every weight moved away from the start and is exactly the module's own.
+    trained = module.co_submodel.state_dict()
+    assert copy.state_dict.keys() == trained.keys()
+    assert all(torch.equal(copy.state_dict[key], value) for key, value in trained.items())
+    assert all(not torch.equal(copy.state_dict[name], sent["co_submodel"][name])
+               for name, _ in module.co_submodel.named_parameters())
+    assert cloud.shared_with(copy.state_dict) == []
 
 
 def test_device_stage_refuses_a_cloud_submodel_as_control_model(export_factory: Callable[..., Path]) -> None:
