@@ -182,6 +182,36 @@ class PlanBuilder:
         return self.call("evaluate", EvaluateArguments(cloud_submodel, co_submodel, metrics), (metrics,), label,
                          restart_point, command="test", round_index=round_index, inputs=inputs)
 
+class FleetHistory:
+    """What a plan remembers of each device from round to round: whether it holds the control model already, and the
+    last round it took part in (where the state it keeps comes from)."""
+
+    def __init__(self) -> None:
+        self.has_control: set[int] = set()
+        self.last_round: dict[int, int] = {}
+
+    def tasks(self, settings: PipelineSettings, run: RunDirectory, round_index: int, reporting: list[int],
+              device_start: Path, control: Optional[Path]) -> list[DeviceTask]:
+        """The round's device tasks: each reporting device's start, copy, and what crosses the wire for it (the
+        control model only the first time the device takes part)."""
+        tasks = []
+        for device in reporting:
+            sends_control = control is not None and device not in self.has_control
+            self.has_control.add(device)
+            downlink = tuple(p for p in (control if sends_control else None, device_start) if p is not None)
+            copy = run.device_copy(round_index, device)
+            state_in = state_out = None
+            if settings.keeps_device_state:
+                last = self.last_round.get(device)
+                state_in = run.device_state(last, device) if last is not None else None
+                state_out = run.device_state(round_index, device)
+            self.last_round[device] = round_index
+            # With secure aggregation the cloud sees only the round's masked sum.
+            uplink = run.secure_sum(round_index) if settings.secure_aggregation is not None else copy
+            tasks.append(DeviceTask(device, device_start, copy, downlink, (uplink,), state_in, state_out))
+        return tasks
+
+
 def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, reused: Reused = Reused(),
                cloud_round_stage: str = "cloud_round") -> Plan:
     """The steps of a DC-CCL run (or of a variant of it: the guides and what is served follow ``settings``).
@@ -208,8 +238,7 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
     initial = reused.initial_co_submodel or run.initial_co_submodel
     served_cloud = cloud_submodel if settings.serve_cloud_submodel else None
     control = control_model if settings.device_guide == "control_model" else None
-    has_control: set[int] = set()
-    last_round: dict[int, int] = {}  # device -> the last round it took part in
+    fleet = FleetHistory()
     for r in range(1, settings.rounds + 1):
         tag = f"round {r}/{settings.rounds}"
         start = initial if r == 1 else round_result(settings, run, r - 1)
@@ -224,19 +253,7 @@ def dcccl_plan(settings: PipelineSettings, run: Optional[RunDirectory] = None, r
             partition="cloud", config_stage=cloud_round_stage))
         reporting = settings.fleet.reporting(settings.seed_everything, r)
         device_start = device_start_of(settings, run, r, initial)
-        tasks = []
-        for device in reporting:
-            sends_control = control is not None and device not in has_control
-            has_control.add(device)
-            downlink = tuple(p for p in (control if sends_control else None, device_start) if p is not None)
-            copy = run.device_copy(r, device)
-            state_in = state_out = None
-            if settings.keeps_device_state:
-                state_in = run.device_state(last_round[device], device) if device in last_round else None
-                state_out = run.device_state(r, device)
-            last_round[device] = r
-            uplink = run.secure_sum(r) if settings.secure_aggregation is not None else copy  # all the cloud sees
-            tasks.append(DeviceTask(device, device_start, copy, downlink, (uplink,), state_in, state_out))
+        tasks = fleet.tasks(settings, run, r, reporting, device_start, control)
         if tasks:
             steps.append(build.devices(tasks, control, f"{tag}: {devices_label(reporting)}", r,
                                        settings.rule.needs_class_counts))
