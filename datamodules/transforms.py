@@ -53,7 +53,8 @@ def timm_data_config(model_name: Optional[str]) -> dict[str, Any]:
     if not timm.is_model(model_name):
         raise ConfigError(f"data_config names {model_name!r}, which is not a timm model: give the timm name of the "
                           "backbone whose image pipeline the data should follow")
-    config = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg(model_name).to_dict())
+    pretrained = get_pretrained_cfg(model_name)  # None for a model timm knows no weights of: timm's defaults then
+    config = resolve_data_config({}, pretrained_cfg=pretrained.to_dict() if pretrained is not None else {})
     return {key: config[key] for key in DEFAULT_DATA_CONFIG}
 
 
@@ -74,7 +75,8 @@ def timm_transform(image_size: int, config: dict[str, Any], normalize: bool,
         return create_transform(**common, is_training=False, crop_pct=config["crop_pct"],
                                 crop_mode=config["crop_mode"])
     return create_transform(**common, is_training=True, scale=augment.scale, ratio=augment.ratio,
-                            hflip=augment.hflip, auto_augment=augment.auto_augment, color_jitter=augment.color_jitter,
+                            hflip=augment.hflip, auto_augment=augment.auto_augment,
+                            color_jitter=augment.color_jitter,  # type: ignore[arg-type]  # timm reads None as off
                             re_prob=augment.re_prob)
 
 

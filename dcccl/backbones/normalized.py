@@ -32,6 +32,9 @@ class NormalizedInput(nn.Module):
         std: Per-channel standard deviation, likewise.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, network: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std) or any(value <= 0 for value in std):
