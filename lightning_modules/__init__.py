@@ -1,6 +1,5 @@
 """One LightningModule per DC-CCL stage; each runs alone through ``dcccl fit``/``dcccl test``/``dcccl predict``."""
 
-from lightning_modules.base import StageModule
 from lightning_modules.centralized import CentralizedModule
 from lightning_modules.cloud import CloudSubmodelModule
 from lightning_modules.cloud_round import CloudCoTrainingModule
@@ -12,6 +11,7 @@ from lightning_modules.guided import GuidedCoTrainingModule
 from lightning_modules.head import HeadFinetuneModule
 from lightning_modules.predict import ServedModelPrediction
 from lightning_modules.speed import ChannelsLast, CompileNetworks
+from lightning_modules.stage_module import StageModule
 
 __all__ = [
     "CentralizedModule",

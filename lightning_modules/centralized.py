@@ -14,7 +14,7 @@ from dcccl.errors import ConfigError
 from dcccl.methods.centralized import CentralizedArguments
 from dcccl.model.served import SummedLogits
 from dcccl.pipeline.stages import register_stage
-from lightning_modules.base import SupervisedStageModule
+from lightning_modules.stage_module import SupervisedStageModule
 from lightning_modules.training_budget import TrainingBudget
 
 

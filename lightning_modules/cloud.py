@@ -11,7 +11,7 @@ from torch import nn
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.pipeline.plan import CloudArguments
 from dcccl.pipeline.stages import register_stage
-from lightning_modules.base import SupervisedStageModule
+from lightning_modules.stage_module import SupervisedStageModule
 from lightning_modules.training_budget import TrainingBudget
 
 

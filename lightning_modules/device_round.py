@@ -47,8 +47,8 @@ from dcccl.federated.attacks import corrupt_weights, flip_labels, inflate_counts
 from dcccl.federated.privacy import PrivateTraining, round_step_cap
 from dcccl.pipeline.steps import DeviceTask
 from dcccl.ranks import barrier
-from lightning_modules.base import NonFiniteLossError
 from lightning_modules.device import DeviceCoTrainingModule
+from lightning_modules.stage_module import NonFiniteLossError
 from lightning_modules.training_budget import BudgetState
 
 log = logging.getLogger("dcccl")

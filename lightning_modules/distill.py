@@ -23,7 +23,7 @@ from dcccl.model.inversion import InversionSettings, invert_network
 from dcccl.model.losses import DistillationLoss, distillation_loss
 from dcccl.pipeline.plan import DistillArguments
 from dcccl.pipeline.stages import register_stage
-from lightning_modules.base import StageModule
+from lightning_modules.stage_module import StageModule
 from lightning_modules.training_budget import TrainingBudget
 
 

@@ -14,7 +14,7 @@ from dcccl.model.freeze import freeze
 from dcccl.model.served import SummedLogits
 from dcccl.pipeline.plan import EvaluateArguments
 from dcccl.pipeline.stages import register_stage
-from lightning_modules.base import StageModule
+from lightning_modules.stage_module import StageModule
 
 MODELS = ("served", "cloud_only")
 GROUPS = {"acc": "all", "acc_cloud_classes": "cloud", "acc_device_classes": "device_only"}

@@ -14,7 +14,7 @@ from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.model.freeze import freeze
 from dcccl.model.losses import margin_loss
-from lightning_modules.base import SupervisedStageModule
+from lightning_modules.stage_module import SupervisedStageModule
 from lightning_modules.training_budget import TrainingBudget
 
 

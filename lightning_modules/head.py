@@ -13,7 +13,7 @@ from dcccl.errors import ConfigError
 from dcccl.model.freeze import freeze
 from dcccl.pipeline.plan import HeadArguments
 from dcccl.pipeline.stages import register_stage
-from lightning_modules.base import SupervisedStageModule
+from lightning_modules.stage_module import SupervisedStageModule
 from lightning_modules.training_budget import TrainingBudget
 
 

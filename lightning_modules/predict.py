@@ -13,7 +13,7 @@ from dcccl.deploy.predictions import Prediction, default_predictions_path, serve
 from dcccl.errors import ConfigError
 from dcccl.model.freeze import freeze
 from dcccl.model.served import SummedLogits
-from lightning_modules.base import StageModule
+from lightning_modules.stage_module import StageModule
 
 
 class ServedModelPrediction(StageModule):

@@ -15,11 +15,12 @@ from dcccl.backbones import (
     BackboneSpec,
     SmallCNN,
     build_backbone,
+    builders,
     list_backbones,
     register_backbone,
-    registry,
 )
-from dcccl.backbones.registry import load_local_weights
+from dcccl.backbones.builders import load_local_weights
+from dcccl.registry import Registry
 
 TIMM_MODEL = "resnet10t"  # small timm model, built with pretrained=False: nothing is downloaded
 
@@ -35,12 +36,12 @@ def my_builder(num_classes: int, in_chans: int, hidden: int = 4) -> nn.Module:
 
 
 @pytest.fixture
-def clean_registry() -> Iterator[registry.Registry]:
+def clean_registry() -> Iterator[Registry]:
     """Restore the backbone registry to its state before the test."""
-    before = set(registry.BACKBONES)
-    yield registry.BACKBONES
-    for name in set(registry.BACKBONES) - before:
-        registry.BACKBONES.remove(name)
+    before = set(builders.BACKBONES)
+    yield builders.BACKBONES
+    for name in set(builders.BACKBONES) - before:
+        builders.BACKBONES.remove(name)
 
 
 def _same_outputs(first: nn.Module, second: nn.Module, x: torch.Tensor) -> bool:

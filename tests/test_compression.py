@@ -134,7 +134,7 @@ def test_a_device_round_sends_and_counts_its_encoded_update(tmp_path: Path,
 
 def test_flower_refuses_compressed_transfers_before_anything_is_sent() -> None:
     require_extra("flwr")
-    from dcccl.flower.cloud import FlowerDevices
+    from dcccl.flower.server_app import FlowerDevices
     from dcccl.pipeline.steps import StageCall
 
     call = StageCall(label="round 1: devices", restart_point="rounds", outputs=(), inputs=(), round_index=1,

@@ -179,7 +179,7 @@ def test_failed_atomic_write_removes_its_temporary_file(tmp_path: Path) -> None:
 
 
 def test_a_key_registered_outside_dcccl_is_recorded_as_a_module_path(tmp_path: Path) -> None:
-    from dcccl.backbones.registry import BACKBONES, register_backbone
+    from dcccl.backbones.builders import BACKBONES, register_backbone
 
     @register_backbone(key="exports_test_net")
     def _build(num_classes: int, in_chans: int) -> SmallCNN:

@@ -26,7 +26,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 
 from dcccl.artifacts.exports import load_export  # noqa: E402
 from dcccl.errors import ConfigError  # noqa: E402
-from dcccl.flower.device import app as device_app  # noqa: E402
+from dcccl.flower.client_app import app as device_app  # noqa: E402
 from dcccl.flower.records import RefusedMessage, describe_network, weights_record  # noqa: E402
 from tests.commands import command_env, dcccl  # noqa: E402
 
@@ -78,7 +78,7 @@ def test_the_cloud_checks_each_reply_before_it_is_fused(export_factory) -> None:
     from flwr.app import ArrayRecord, MetricRecord
 
     from dcccl.artifacts.exports import NetworkExport
-    from dcccl.flower.cloud import received_copy
+    from dcccl.flower.server_app import received_copy
 
     start = load_export(export_factory("co_submodel", sample_count=None))
     trained = load_export(export_factory("co_submodel", name="trained", seed=1))
@@ -108,7 +108,7 @@ def test_the_cloud_checks_each_reply_before_it_is_fused(export_factory) -> None:
 
 
 def test_a_node_claiming_another_node_s_device_is_left_out_when_devices_are_bound() -> None:
-    from dcccl.flower.cloud import claim_problem, parse_device_nodes
+    from dcccl.flower.server_app import claim_problem, parse_device_nodes
 
     bound = parse_device_nodes("0=111, 1=222,2=333")
     assert bound == {0: 111, 1: 222, 2: 333}

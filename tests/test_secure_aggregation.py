@@ -92,7 +92,7 @@ def test_the_mean_update_lands_on_the_start_and_leaves_counters_alone() -> None:
 
 def test_flower_refuses_a_secure_round_of_one_device(tmp_path: Path) -> None:
     require_extra("flwr")
-    from dcccl.flower.cloud import FlowerDevices
+    from dcccl.flower.server_app import FlowerDevices
 
     one = settings(tmp_path, secure_aggregation=SecureAggregation())  # the quickstart's single device
     call = next(s for s in dcccl_plan(one) if isinstance(s, StageCall) and s.stage == "device")

@@ -12,7 +12,7 @@ from dcccl.artifacts.exports import NetworkExport, load_network, save_export
 from dcccl.backbones import ClassifierHeadMixin, SmallCNN, build_backbone
 from dcccl.backbones.split import SplitSpec
 from dcccl.federated.costs import parameter_count
-from dcccl.model.split import (
+from dcccl.model.vertical_split import (
     UnsupportedLayerError,
     channel_slice,
     co_channel_count,

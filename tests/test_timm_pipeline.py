@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from datamodules import ImageFolderDataModule
 from datamodules.transforms import TrainAugmentation
+from dcccl.backbones.builders import MissingPretrainedWeightsError, check_backbone
 from dcccl.backbones.normalized import NormalizedInput
-from dcccl.backbones.registry import MissingPretrainedWeightsError, check_backbone
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
 from dcccl.reporting.plots import plot_confusion_matrix

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dcccl.artifacts.atomic import atomic_torch_save
-from dcccl.backbones.registry import rebuildable_name, torch_load_problem
+from dcccl.backbones.builders import rebuildable_name, torch_load_problem
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import DCCCLError
 

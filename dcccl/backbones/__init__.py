@@ -1,7 +1,7 @@
 """Backbones: a registry of custom networks, timm as the fallback, and specs that rebuild them."""
 
-from dcccl.backbones.head import ClassifierHeadMixin
-from dcccl.backbones.registry import BackboneNotFoundError, build_backbone, list_backbones, register_backbone
+from dcccl.backbones.builders import BackboneNotFoundError, build_backbone, list_backbones, register_backbone
+from dcccl.backbones.classifier_head import ClassifierHeadMixin
 from dcccl.backbones.small_cnn import SmallCNN
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.backbones.split import SplitSpec

@@ -7,8 +7,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from dcccl.backbones.head import ClassifierHeadMixin
-from dcccl.backbones.registry import register_backbone
+from dcccl.backbones.builders import register_backbone
+from dcccl.backbones.classifier_head import ClassifierHeadMixin
 from dcccl.errors import ConfigError
 
 Norm = Literal["batch", "group"]

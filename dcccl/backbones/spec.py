@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 from torch import nn
 
+from dcccl.backbones.builders import build_backbone
 from dcccl.backbones.normalized import NormalizedInput, data_statistics
-from dcccl.backbones.registry import build_backbone
 
 
 @dataclass

@@ -8,10 +8,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from dcccl.backbones.registry import register_backbone
+from dcccl.backbones.builders import register_backbone
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError
-from dcccl.model.split import Part, split_model
+from dcccl.model.vertical_split import Part, split_model
 
 
 @dataclass

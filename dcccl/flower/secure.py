@@ -2,7 +2,7 @@
 
 Flower's ``SecAggPlusWorkflow`` runs the protocol (keys, shares, masked vectors, unmasking) over the grid and hands
 the weighted mean it recovered to a strategy; :class:`MeanOnly` is that strategy: it names the round's nodes and the
-co-submodel they start from, and keeps the mean. Each device trains as in a plain round (``dcccl.flower.device``'s
+co-submodel they start from, and keeps the mean. Each device trains as in a plain round (``dcccl.flower.client_app``'s
 secure handler) and sends its update, which Flower's ``secaggplus_mod`` masks; the cloud never sees one device's
 update. Every message of the protocol is counted (:class:`CountingGrid`).
 """

@@ -1,4 +1,4 @@
-"""The methods ``dcccl compare`` runs, one file each, all behind :class:`dcccl.methods.base.Method`.
+"""The methods ``dcccl compare`` runs, one file each, all behind :class:`dcccl.methods.method.Method`.
 
 Each method registers itself (``@register_method`` on its class); every module of this package is imported here, so
 a new baseline is one new file.
@@ -6,7 +6,7 @@ a new baseline is one new file.
 
 from __future__ import annotations
 
-from dcccl.methods.base import METHODS, CostContext, Method, register_method, registered, select, stage_names
+from dcccl.methods.method import METHODS, CostContext, Method, register_method, registered, select, stage_names
 from dcccl.registry import import_submodules
 
 import_submodules(__name__, __path__)

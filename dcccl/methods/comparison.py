@@ -18,7 +18,7 @@ from dcccl.artifacts.exports import load_network
 from dcccl.artifacts.run_dir import BUDGET_REPORT, RunDirectory
 from dcccl.errors import ConfigError
 from dcccl.federated.costs import control_fidelity
-from dcccl.methods.base import CostContext, Method, registered
+from dcccl.methods.method import CostContext, Method, registered
 from dcccl.pipeline.plan import Plan
 from dcccl.pipeline.settings import PipelineSettings
 from dcccl.pipeline.steps import StageCall

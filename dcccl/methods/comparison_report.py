@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dcccl.artifacts.atomic import atomic_write_json, atomic_write_text
-from dcccl.methods.base import Method
+from dcccl.methods.method import Method
 from dcccl.methods.targets import target_lines
 
 ACCURACY_KEYS = ("acc", "acc_cloud_classes", "acc_device_classes")

@@ -7,7 +7,7 @@ from typing import Any
 
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count, state_dict_bytes
-from dcccl.methods.base import CostContext, Method, register_method
+from dcccl.methods.method import CostContext, Method, register_method
 from dcccl.pipeline.plan import Plan, dcccl_plan
 from dcccl.pipeline.settings import PipelineSettings
 

@@ -11,7 +11,7 @@ import numpy as np
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
 from dcccl.federated.ledger import Ledger
-from dcccl.methods.base import CostContext, Method, plain_cross_entropy_on_devices, register_method
+from dcccl.methods.method import CostContext, Method, plain_cross_entropy_on_devices, register_method
 from dcccl.pipeline.metrics import CONFUSION_KEY, round_history, summarize, write_run_outputs
 from dcccl.pipeline.plan import Plan, PlanBuilder
 from dcccl.pipeline.settings import PipelineSettings

@@ -8,7 +8,7 @@ from typing import Any
 
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.costs import parameter_count
-from dcccl.methods.base import CostContext, Method, register_method
+from dcccl.methods.method import CostContext, Method, register_method
 from dcccl.pipeline.plan import Plan, Reused, dcccl_plan
 from dcccl.pipeline.settings import PipelineSettings
 

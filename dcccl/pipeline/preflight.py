@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dcccl.artifacts.exports import check_export_fits, load_network
-from dcccl.backbones.registry import check_backbone
+from dcccl.backbones.builders import check_backbone
 from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import ConfigError, DCCCLError
 from dcccl.federated.device_limits import check_device_budget

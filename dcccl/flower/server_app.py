@@ -1,5 +1,5 @@
 """The cloud of a real fleet: a Flower ``ServerApp`` that runs DC-CCL as ``dcccl pipeline`` does, except that each
-device stage is carried out by the devices (Flower ``ClientApp``s, :mod:`dcccl.flower.device`).
+device stage is carried out by the devices (Flower ``ClientApp``s, :mod:`dcccl.flower.client_app`).
 
 The cloud submodel, the control model, the cloud's copy, fusion (any aggregation rule, latest-update included),
 head fine-tuning and evaluation run here, through the same plan, coordinator and run directory as the pipeline: a
