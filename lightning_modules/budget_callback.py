@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from dcccl.artifacts.atomic import atomic_torch_save, atomic_write_json
 from dcccl.artifacts.run_dir import BUDGET_REPORT
-from lightning_modules.training_budget import BudgetState, TrainingBudget
+from lightning_modules.training_budget import BudgetState, StoppingRule, TrainingBudget
 
 BEST_WEIGHTS = "best_weights.pt"
 
@@ -22,7 +22,8 @@ class BudgetCallback(Callback):
 
     After every validation the watched metric is compared with the best so far; the best weights are kept in the
     stage's ``checkpoints/`` folder, so a resumed stage keeps them too. At the end of every epoch the budget decides
-    whether to stop; its cap in steps holds after every step. When ``fit`` ends, the best weights are loaded back
+    whether to stop; its cap in steps holds after every step (the decisions are :class:`StoppingRule`'s; the trainer
+    enforces its own limits). When ``fit`` ends, the best weights are loaded back
     (before the stage exports) and ``budget.json`` in the stage's directory says what ran and why it stopped.
 
     Args:
@@ -33,8 +34,14 @@ class BudgetCallback(Callback):
     def __init__(self, budget: TrainingBudget, stage: str) -> None:
         self.budget = budget
         self.stage = stage
-        self.state = BudgetState(budget)
+        self.rule = StoppingRule(budget)
         self.samples = 0
+
+    @property
+    def state(self) -> BudgetState:
+        """Where the stage stands against its budget."""
+        assert self.rule.state is not None  # the rule of a budget has a state
+        return self.rule.state
 
     def _best_path(self, trainer: Trainer) -> Path:
         return Path(trainer.default_root_dir) / "checkpoints" / BEST_WEIGHTS
@@ -44,7 +51,7 @@ class BudgetCallback(Callback):
         """Count the training samples seen (on every process); stop at the cap in steps, mid-epoch if need be."""
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
         self.samples += int(inputs.shape[0]) * trainer.world_size
-        if self.state.step_cap_reached(trainer.global_step):
+        if self.rule.stop_after_step(trainer.global_step):
             trainer.should_stop = True
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -53,32 +60,32 @@ class BudgetCallback(Callback):
         if trainer.sanity_checking or monitor is None or monitor not in trainer.callback_metrics:
             return
         value = float(trainer.callback_metrics[monitor])
-        if self.state.validated(value, trainer.current_epoch, trainer.global_step) and self.budget.restore_best:
+        if self.rule.validated(value, trainer.current_epoch, trainer.global_step) and self.budget.restore_best:
             if trainer.is_global_zero:
                 atomic_torch_save(pl_module.state_dict(), self._best_path(trainer))
             trainer.strategy.barrier("dcccl-best-weights")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop when the budget says so."""
-        if self.state.should_stop(trainer.current_epoch + 1, trainer.global_step):
+        if self.rule.stop_after_epoch(trainer.current_epoch + 1, trainer.global_step):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Load the best weights back and report what ran (runs before the stage's own export)."""
         best = self._best_path(trainer)
-        restored = self.budget.restore_best and self.state.best_epoch is not None and best.is_file()
+        state = self.state
+        restored = self.budget.restore_best and state.best_epoch is not None and best.is_file()
         if restored:
             pl_module.load_state_dict(torch.load(best, map_location=pl_module.device, weights_only=True))
         epochs, steps = trainer.current_epoch, trainer.global_step
-        reason = self.state.reason or "was stopped by the trainer's own limits (max_epochs, max_steps, ...)"
+        reason = self.rule.reason
         report = {"stage": self.stage, "epochs": epochs, "steps": steps, "samples": self.samples, "stopped": reason,
-                  "monitor": self.budget.monitor, "best": self.state.best, "best_epoch": self.state.best_epoch,
+                  "monitor": self.budget.monitor, "best": state.best, "best_epoch": state.best_epoch,
                   "restored_best": restored, "budget": asdict(self.budget)}
         if trainer.is_global_zero:
             atomic_write_json(Path(trainer.default_root_dir) / BUDGET_REPORT, report)
-        kept = (f"; kept the weights of epoch {self.state.best_epoch + 1} ({self.budget.monitor} "
-                f"{self.state.best:.4f})" if restored and self.state.best is not None
-                and self.state.best_epoch is not None else "")
+        kept = (f"; kept the weights of epoch {state.best_epoch + 1} ({self.budget.monitor} {state.best:.4f})"
+                if restored and state.best is not None and state.best_epoch is not None else "")
         rank_zero_info(f"[dcccl] {self.stage}: trained {epochs} epoch{'s' * (epochs != 1)} ({steps} steps, "
                        f"{self.samples} samples); "
                        f"it {reason}{kept}")
@@ -90,6 +97,7 @@ class BudgetCallback(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Continue from a checkpoint's state."""
-        self.state = BudgetState(self.budget, state_dict["best"], state_dict["best_epoch"], state_dict["best_step"],
-                                 state_dict["waited"])
+        state = BudgetState(self.budget, state_dict["best"], state_dict["best_epoch"], state_dict["best_step"],
+                            state_dict["waited"])
+        self.rule = StoppingRule(self.budget, state=state)
         self.samples = state_dict["samples"]

@@ -5,6 +5,12 @@ validation metric it watches has not improved for ``patience`` validations; then
 are what it exports. A stage that watches nothing (the local training of a round) trains exactly its floor. Floors
 in steps make a small data set train as long as a large one's first epoch would; early stopping makes a large one stop
 when it has converged instead of after a fixed number of epochs.
+
+:class:`BudgetState` is the budget's own decision; :class:`StoppingRule` is the whole decision of a training loop: the
+budget's, within the trainer's own floors and caps (:class:`TrainerLimits`). A stage's ``fit`` asks it through
+:class:`~lightning_modules.budget_callback.BudgetCallback` (Lightning enforces the trainer's limits itself there); a
+device of a round asks it in :class:`~lightning_modules.device_round.DeviceRoundModule`'s own loop, and DP-SGD sizes
+its noise with :meth:`StoppingRule.step_cap`.
 """
 
 from __future__ import annotations
@@ -14,6 +20,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from dcccl.errors import ConfigError
+from dcccl.federated.privacy import round_step_cap
+
+# Why a loop stopped when the budget gave no reason.
+TRAINER_LIMITS_REASON = "was stopped by the trainer's own limits (max_epochs, max_steps, ...)"
 
 
 @dataclass
@@ -116,3 +126,101 @@ class BudgetState:
         else:
             return False
         return True
+
+
+@dataclass(frozen=True)
+class TrainerLimits:
+    """The trainer's own floors and caps, as a loop that is not Lightning's must obey them.
+
+    Args:
+        min_epochs: Floor in epochs.
+        min_steps: Floor in optimizer steps.
+        max_epochs: Cap in epochs (``inf``: none).
+        max_steps: Cap in optimizer steps (``inf``: none).
+    """
+
+    min_epochs: int = 0
+    min_steps: int = 0
+    max_epochs: float = math.inf
+    max_steps: float = math.inf
+
+    @classmethod
+    def of_trainer(cls, min_epochs: Optional[int], min_steps: Optional[int], max_epochs: Optional[int],
+                   max_steps: Optional[int]) -> TrainerLimits:
+        """The limits of a trainer's fit loop, which says "none" with ``None`` (floors) or a negative cap."""
+        return cls(min_epochs or 0, min_steps or 0,
+                   math.inf if max_epochs is None or max_epochs < 0 else max_epochs,
+                   math.inf if max_steps is None or max_steps < 0 else max_steps)
+
+
+@dataclass
+class StoppingRule:
+    """When a training loop stops: its budget's decision (:class:`BudgetState`) within the trainer's limits.
+
+    The trainer's caps stop the loop whatever the budget says; its floors hold the budget's stop back, as Lightning's
+    ``min_epochs``/``min_steps`` hold back a callback's ``should_stop``. A loop asks :meth:`may_start_epoch` before
+    each epoch, :meth:`stop_after_step` after each optimizer step and :meth:`stop_after_epoch` after each epoch;
+    :attr:`reason` then says why it stopped.
+
+    Args:
+        budget: The stage's budget (``None``: only the trainer's limits).
+        limits: The trainer's limits (none where the trainer enforces them itself, as Lightning's does in ``fit``).
+        budget_caps_mid_epoch: Whether the budget's cap in steps holds after every step. A stage's ``fit`` stops
+            there (``True``); a device of a round checks it at an epoch's end only (``False``), and so may take the
+            rest of that epoch's steps.
+    """
+
+    budget: Optional[TrainingBudget]
+    limits: TrainerLimits = field(default_factory=TrainerLimits)
+    budget_caps_mid_epoch: bool = True
+    state: Optional[BudgetState] = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.state is None and self.budget is not None:
+            self.state = BudgetState(self.budget)
+
+    @property
+    def reason(self) -> str:
+        """Why the loop stopped (the trainer's limits when the budget gave no reason)."""
+        return (self.state.reason if self.state is not None else "") or TRAINER_LIMITS_REASON
+
+    def validated(self, value: float, epoch: int, step: int) -> bool:
+        """Record one validation of the watched metric; returns whether it is the best so far."""
+        return self.state is not None and self.state.validated(value, epoch, step)
+
+    def may_start_epoch(self, steps_done: int) -> bool:
+        """Whether another epoch may start after ``steps_done`` steps (the trainer's cap in steps)."""
+        return steps_done < self.limits.max_steps
+
+    def stop_after_step(self, steps_done: int) -> bool:
+        """Whether to stop right after the step that made ``steps_done``: the trainer's cap in steps, and the
+        budget's with :attr:`budget_caps_mid_epoch`."""
+        if steps_done >= self.limits.max_steps:
+            return True
+        return self.budget_caps_mid_epoch and self.state is not None and self.state.step_cap_reached(steps_done)
+
+    def stop_after_epoch(self, epochs_done: int, steps_done: int) -> bool:
+        """Whether to stop after ``epochs_done`` epochs and ``steps_done`` steps: at the trainer's cap in epochs, or
+        when the budget says so and the trainer's floors hold."""
+        if epochs_done >= self.limits.max_epochs:
+            return True
+        return (self.state is not None and self.state.should_stop(epochs_done, steps_done)
+                and epochs_done >= self.limits.min_epochs and steps_done >= self.limits.min_steps)
+
+    def effective_limits(self) -> TrainerLimits:
+        """The tighter of the budget's and the trainer's floors and caps."""
+        limits, budget = self.limits, self.budget
+        if budget is None:
+            return limits
+        return TrainerLimits(max(limits.min_epochs, budget.min_epochs), max(limits.min_steps, budget.min_steps),
+                             min(limits.max_epochs, budget.max_epochs),
+                             min(limits.max_steps, budget.max_steps if budget.max_steps is not None else math.inf))
+
+    def step_cap(self, batches_per_epoch: int) -> Optional[int]:
+        """The most steps a round of ``batches_per_epoch`` batches per epoch is planned to take, for DP-SGD's noise
+        (:func:`~dcccl.federated.privacy.round_step_cap`; ``None``: no cap). A budget that watches nothing stops at
+        its floor; one that watches a metric, or none at all, may run to the caps."""
+        limits = self.effective_limits()
+        runs_to_caps = self.budget is None or self.budget.monitor is not None
+        return round_step_cap(limits.min_epochs, limits.min_steps, runs_to_caps, limits.max_epochs, limits.max_steps,
+                              batches_per_epoch)

@@ -4,6 +4,7 @@ the best weights exported, the report, a resumed stage deciding as an uninterrup
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from datamodules.mnist import BundledMNISTDataModule
 from dcccl.artifacts.exports import load_export
 from dcccl.errors import ConfigError
 from lightning_modules import CloudSubmodelModule
-from lightning_modules.training_budget import BudgetState, TrainingBudget
+from lightning_modules.training_budget import (
+    TRAINER_LIMITS_REASON,
+    BudgetState,
+    StoppingRule,
+    TrainerLimits,
+    TrainingBudget,
+)
 from tests.conftest import TINY
 
 
@@ -50,6 +57,71 @@ def test_floors_and_caps() -> None:
 def test_invalid_budgets_are_refused(bad: dict) -> None:
     with pytest.raises(ConfigError, match="budget"):
         TrainingBudget(**bad)
+
+
+def _run(rule: StoppingRule, batches_per_epoch: int) -> tuple[int, int]:
+    """The epochs and steps a loop asking ``rule`` takes (one step per batch), as a device of a round loops."""
+    epochs = steps = 0
+    while rule.may_start_epoch(steps):
+        for _ in range(batches_per_epoch):
+            steps += 1
+            if rule.stop_after_step(steps):
+                break
+        epochs += 1
+        if rule.stop_after_epoch(epochs, steps):
+            break
+    return epochs, steps
+
+
+def test_the_trainer_s_limits_read_from_its_fit_loop() -> None:
+    assert TrainerLimits.of_trainer(None, None, -1, -1) == TrainerLimits(0, 0, math.inf, math.inf)
+    assert TrainerLimits.of_trainer(None, None, None, -1) == TrainerLimits()
+    assert TrainerLimits.of_trainer(2, 10, 5, 100) == TrainerLimits(2, 10, 5, 100)
+
+
+def test_a_stage_s_fit_stops_at_the_budget_s_cap_in_steps_mid_epoch_a_device_of_a_round_at_the_epoch_s_end() -> None:
+    # configs/stages/device_fleet.yaml: exactly five steps; a device with 8 batches per epoch.
+    fleet = TrainingBudget(monitor=None, min_epochs=0, min_steps=5, max_steps=5)
+    stage = StoppingRule(fleet)
+    assert not stage.stop_after_step(4) and stage.stop_after_step(5)
+    assert _run(StoppingRule(fleet), 8) == (1, 5)
+    device = StoppingRule(fleet, budget_caps_mid_epoch=False)
+    assert not device.stop_after_step(5)  # the rest of the epoch's steps are taken
+    assert _run(device, 8) == (1, 8) and device.reason == "reached the cap of 5 steps"
+    # 3 batches per epoch: the cap is checked after 3 and after 6 steps.
+    assert _run(StoppingRule(fleet, budget_caps_mid_epoch=False), 3) == (2, 6)
+    assert _run(StoppingRule(fleet), 3) == (2, 5)
+
+
+def test_the_trainer_s_floors_hold_the_budget_s_stop_back_and_its_caps_stop_whatever_the_budget_says() -> None:
+    budget = TrainingBudget(monitor=None, min_epochs=2, min_steps=12)
+    floors = StoppingRule(budget, TrainerLimits(min_epochs=4), budget_caps_mid_epoch=False)
+    assert not floors.stop_after_epoch(2, 20)  # the budget would stop here; the trainer's floor of 4 epochs holds
+    assert floors.reason == "trained its floor (2 epochs, 12 steps)"
+    assert not floors.stop_after_epoch(3, 30) and floors.stop_after_epoch(4, 40)
+    assert _run(StoppingRule(budget, TrainerLimits(min_epochs=4, max_epochs=6)), 10) == (4, 40)
+    assert _run(StoppingRule(budget, TrainerLimits(min_steps=25)), 10) == (3, 30)
+    capped = StoppingRule(budget, TrainerLimits(max_steps=7))
+    assert capped.may_start_epoch(6) and capped.stop_after_step(7) and not capped.may_start_epoch(7)
+    assert _run(capped, 5) == (2, 7) and capped.reason == TRAINER_LIMITS_REASON
+    epochs = StoppingRule(None, TrainerLimits(max_epochs=3))
+    assert _run(epochs, 5) == (3, 15) and epochs.reason == TRAINER_LIMITS_REASON
+    assert not epochs.stop_after_step(10**6)  # no budget, no cap in steps
+
+
+def test_the_effective_limits_and_a_round_s_step_cap_for_dp_sgd() -> None:
+    budget = TrainingBudget(monitor=None, min_epochs=2, min_steps=40)
+    assert StoppingRule(budget).effective_limits() == TrainerLimits(2, 40, 100, math.inf)
+    tighter = StoppingRule(budget, TrainerLimits(min_epochs=3, max_steps=45))
+    assert tighter.effective_limits() == TrainerLimits(3, 40, 100, 45)
+    # No monitor: the first epoch end where both floors hold (40 steps of 17 per epoch: 3 epochs), within the caps.
+    assert StoppingRule(budget).step_cap(17) == 51 and tighter.step_cap(17) == 45
+    fleet = TrainingBudget(monitor=None, min_epochs=0, min_steps=5, max_steps=5)
+    assert StoppingRule(fleet).step_cap(8) == 5
+    # A watched metric may run to the caps; no cap at all: no step cap.
+    assert StoppingRule(TrainingBudget(monitor="val/acc", max_epochs=5)).step_cap(10) == 50
+    assert StoppingRule(None).step_cap(10) is None
+    assert StoppingRule(None, TrainerLimits(max_epochs=2)).step_cap(10) == 20
 
 
 def _fit(tmp_path: Path, budget: TrainingBudget, **trainer: object) -> tuple[CloudSubmodelModule, Trainer]:

@@ -15,6 +15,7 @@ from datamodules.mnist import BundledMNISTDataModule
 from datamodules.sampling import device_seed
 from dcccl.artifacts.exports import load_export
 from dcccl.errors import ConfigError
+from dcccl.federated.device_report import finished_reports
 from dcccl.pipeline.steps import DeviceTask
 from lightning_modules import DeviceCoTrainingModule, DeviceRoundModule, DeviceSteps
 from lightning_modules.training_budget import TrainingBudget
@@ -69,6 +70,10 @@ def test_each_copy_equals_the_copy_of_a_device_stage_of_its_own(tmp_path: Path, 
             budget["epochs"], budget["steps"], budget["samples"])
         assert record["steps"] >= BUDGET.min_steps and record["epochs"] >= BUDGET.min_epochs
     assert report["samples"] == sum(record["samples"] for record in report["devices"])
+    # The round's report lists each device's progress record, which reads back as its DeviceReport.
+    reports = finished_reports(tmp_path / "round", [4, 1, 2])
+    assert [r.to_record() for r in reports] == report["devices"]
+    assert all(r.stopped == "trained its floor (2 epochs, 12 steps)" and r.rank == 0 for r in reports)
 
 
 def test_a_device_trains_only_on_its_own_samples(tmp_path: Path, exports: tuple[Path, Path]) -> None:

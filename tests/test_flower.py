@@ -24,8 +24,10 @@ flwr = require_extra("flwr")
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict  # noqa: E402
 
-from dcccl.artifacts.exports import load_export  # noqa: E402
+from dcccl.artifacts.exports import load_export, save_export  # noqa: E402
 from dcccl.errors import ConfigError  # noqa: E402
+from dcccl.federated.device_report import DeviceReport  # noqa: E402
+from dcccl.federated.replies import reply_problems  # noqa: E402
 from dcccl.flower.client_app import app as device_app  # noqa: E402
 from dcccl.flower.records import RefusedMessage, describe_network, weights_record  # noqa: E402
 from tests.commands import command_env, dcccl  # noqa: E402
@@ -84,27 +86,74 @@ def test_the_cloud_checks_each_reply_before_it_is_fused(export_factory) -> None:
     trained = load_export(export_factory("co_submodel", name="trained", seed=1))
 
     def reply(weights: dict | None = None, **counts: object) -> RecordDict:
-        records: dict = {"counts": MetricRecord({"sample-count": 12, **counts})}  # type: ignore[dict-item]
+        honest = {"sample-count": 12, "epochs": 1, "steps": 1, "samples": 12}
+        records: dict = {"counts": MetricRecord({**honest, **counts})}  # type: ignore[dict-item]
         if weights is not None:
             records["co_submodel.weights"] = ArrayRecord(weights)  # type: ignore[arg-type]
         return RecordDict(records)
 
     good = {key: value.clone() for key, value in trained.state_dict.items()}
-    copy, problems = received_copy(reply(good, **{"class-counts": [0] * 7 + [4, 4, 4]}), start)
+    copy, report, problems = received_copy(reply(good, **{"class-counts": [0] * 7 + [4, 4, 4]}), start, 5)
     assert problems == [] and copy.sample_count == 12 and copy.class_counts == [0] * 7 + [4, 4, 4]
+    assert report == DeviceReport(5, 1, 1, 12, "trained on its node", 12, (0,) * 7 + (4, 4, 4))
     key = next(k for k, v in good.items() if v.dim() > 1)
     nan = {**good, key: torch.full_like(good[key], float("nan"))}
-    assert received_copy(reply(nan), start)[1] == [f"{key} holds {good[key].numel()} NaN or infinite values"]
-    assert received_copy(reply({**good, key: torch.zeros(2, 2)}), start)[1][0].startswith(f"{key} has shape (2, 2)")
-    assert received_copy(reply(good, **{"sample-count": -3}), start)[1] == [
+    assert received_copy(reply(nan), start, 5)[2] == [f"{key} holds {good[key].numel()} NaN or infinite values"]
+    assert received_copy(reply({**good, key: torch.zeros(2, 2)}), start, 5)[2][0].startswith(
+        f"{key} has shape (2, 2)")
+    assert received_copy(reply(good, **{"sample-count": -3}), start, 5)[2] == [
         "it reports -3 samples, and a trained copy needs at least one"]
-    assert received_copy(reply(good, **{"sample-count": 2.5}), start)[1] == [
-        "its sample count is 2.5, not a whole number"]
-    assert received_copy(reply(good, **{"class-counts": [1] * 10}), start)[1] == [
+    assert received_copy(reply(good, **{"class-counts": [1] * 10}), start, 5)[2] == [
         "its samples per class add up to 10, not to the 12 it reports"]
-    assert received_copy(reply(None), start)[1] == ["it carries no co_submodel.weights"]
+    assert received_copy(reply(None), start, 5)[2] == ["it carries no co_submodel.weights"]
     # What came is what is kept: the fusion refuses it again from the file, for the same reasons.
     assert isinstance(copy, NetworkExport) and copy.role == "co_submodel"
+    # A report of the wrong types (a MetricRecord holds numbers and lists of them) is refused by name; its copy is
+    # kept without counts, which the fusion refuses.
+    for lie, problem in [({"sample-count": 2.5}, "its sample-count is 2.5, not a whole number"),
+                         ({"steps": [3, 4]}, "its steps is [3, 4], not a whole number"),
+                         ({"class-counts": [1.5] * 10}, "its class-counts hold 1.5, not a whole number"),
+                         ({"epsilon": [1.0]}, "its epsilon is [1.0], not a number")]:
+        copy, report, problems = received_copy(reply(good, **lie), start, 5)  # type: ignore[arg-type]
+        assert problems == [f"device 5's report is malformed: {problem}"]
+        assert (copy.sample_count, copy.class_counts, report.refused) == (None, None, problems[0])
+        assert reply_problems(copy, start) == ["its sample count is None, not a whole number"]
+
+
+def test_a_simulated_round_and_a_flower_device_report_the_same(tmp_path: Path, export_factory: object) -> None:
+    """The report a Flower node sends up is the one its device round recorded, with its copy's counts, and the cloud
+    reads back what a simulated round of the same device records."""
+    from flwr.app import MetricRecord
+
+    from dcccl.federated.device_report import finished_reports, record_report
+    from dcccl.flower.client_app import report_of
+    from dcccl.flower.server_app import NODE_STOPPED, received_copy
+    from dcccl.pipeline.steps import DeviceTask
+    from lightning_modules import DeviceRoundModule
+    from tests.test_device_round import device_module, fleet_data, trainer
+
+    control = export_factory("control_model", seed=2)  # type: ignore[operator]
+    start = export_factory("co_submodel", seed=3)  # type: ignore[operator]
+    task = DeviceTask(2, start, tmp_path / "round/device_2.pt")
+    trainer(tmp_path / "round").fit(DeviceRoundModule(device_module(control, start, report_class_counts=True),
+                                                      [task]), datamodule=fleet_data())
+    simulated = finished_reports(tmp_path / "round", [2])[0]
+    copy = load_export(task.export, "co_submodel")
+    sent = report_of(tmp_path / "round", 2, copy)  # what the node's train.copy reply carries
+    reply = RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(sent.to_wire())})
+    kept, received, problems = received_copy(reply, load_export(start), 2)
+    assert problems == []
+    fields = ("device", "epochs", "steps", "samples", "sample_count", "class_counts", "privacy")
+    assert [getattr(received, name) for name in fields] == [getattr(sent, name) for name in fields] == [
+        getattr(simulated.with_counts(copy.sample_count, copy.class_counts), name) for name in fields]
+    assert (received.sample_count, list(received.class_counts or ())) == (copy.sample_count, copy.class_counts)
+    assert simulated.steps >= 12 and simulated.sample_count is None  # a simulated record: the counts are the copy's
+    assert (kept.sample_count, kept.class_counts) == (copy.sample_count, copy.class_counts)
+    # The cloud's record keeps the keys it always had (and the samples per class it was sent).
+    save_export(kept, tmp_path / "cloud/device_2.pt")
+    recorded = record_report(tmp_path / "cloud", tmp_path / "cloud/device_2.pt", received).to_record()
+    assert set(recorded) == {"device", "copy", "copy_sha256", "epochs", "steps", "samples", "sample_count",
+                             "class_counts", "stopped"} and recorded["stopped"] == NODE_STOPPED
 
 
 def test_a_node_claiming_another_node_s_device_is_left_out_when_devices_are_bound() -> None:

@@ -1,9 +1,11 @@
 """Every device reply is checked before the cloud fuses it: a copy of another network, non-finite weights and
-implausible counts are refused with their reason, the round goes on with the others, and a re-run decides alike."""
+implausible counts are refused with their reason, the round goes on with the others, and a re-run decides alike. A
+device's report reads back as it was written (record and wire), and a value of the wrong type is refused by name."""
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,8 +13,10 @@ import pytest
 import torch
 
 from dcccl.artifacts.exports import NetworkExport, load_export, save_export
+from dcccl.artifacts.manifest import sha256_of
 from dcccl.errors import ConfigError
 from dcccl.federated.aggregation import FedAvg
+from dcccl.federated.device_report import DeviceReport, MalformedReport, PrivacySpent, finished_reports, record_report
 from dcccl.federated.replies import count_problems, reply_problems, weight_problems
 from dcccl.pipeline.fusion import FusionStep, fuse_exports
 from tests.conftest import TINY
@@ -130,3 +134,74 @@ def test_a_device_s_limit_is_its_share_capped_by_the_fleet_s_max_device_samples(
     assert FleetSpec(num_devices=2).share_limits([]) == ()
     with pytest.raises(ConfigError, match="max_device_samples must be at least 1"):
         FleetSpec(num_devices=2, max_device_samples=0)
+
+
+# A simulated round's record with DP-SGD and compression, and the Flower cloud's record of a refused reply: the
+# progress records' forms that a resumed round and the run's metrics read back.
+SIMULATED_RECORD = {"device": 3, "copy": "/run/rounds/round_001/device_003/co_submodel.pt", "copy_sha256": "ab" * 32,
+                    "epochs": 3, "steps": 51, "samples": 3240, "last_loss": 0.25, "stopped": "trained its floor",
+                    "rank": 0, "privacy": {"epsilon": 1.5, "delta": 1e-05, "noise_multiplier": 1.1,
+                                           "sample_rate": 0.0588, "max_grad_norm": 1, "accountant": "rdp"},
+                    "wire": {"down_bytes": 1024, "up_bytes": 256}}
+FLOWER_RECORD = {"device": 0, "copy": "/run/rounds/round_001/device_000/co_submodel.pt", "copy_sha256": "cd" * 32,
+                 "epochs": 1, "steps": 8, "samples": 512, "sample_count": 710, "privacy": {"epsilon": 2.0},
+                 "stopped": "trained on its node", "refused": "its sample count is too large"}
+
+
+@pytest.mark.parametrize("record", [SIMULATED_RECORD, FLOWER_RECORD], ids=["simulated", "flower"])
+def test_a_device_report_reads_back_its_record_unchanged(record: dict) -> None:
+    report = DeviceReport.from_record(json.loads(json.dumps(record)))
+    assert report.to_record() == record
+    assert report.privacy is not None and report.privacy.epsilon == record["privacy"]["epsilon"]
+    assert report.privacy.max_grad_norm == record["privacy"].get("max_grad_norm")
+    assert isinstance(report.privacy.max_grad_norm, (int, type(None)))  # a record's 1 stays 1, not 1.0
+
+
+def test_a_device_report_crosses_the_wire_and_its_recorded_file_unchanged(tmp_path: Path) -> None:
+    sent = DeviceReport(4, 2, 30, 480, "trained on its node", sample_count=240, class_counts=(0,) * 7 + (80,) * 3,
+                        privacy=PrivacySpent(0.75))
+    wire = sent.to_wire()
+    assert wire == {"sample-count": 240, "epochs": 2, "steps": 30, "samples": 480, "epsilon": 0.75,
+                    "class-counts": [0] * 7 + [80] * 3}
+    assert DeviceReport.from_wire(4, wire, "trained on its node") == sent
+    copy = save_export(export_of(1, 240), tmp_path / "copy.pt")
+    recorded = record_report(tmp_path, copy, sent)
+    assert recorded == replace(sent, copy=str(copy), copy_sha256=sha256_of(copy))
+    assert finished_reports(tmp_path, [4, 5]) == [recorded]  # device 5 has no record
+    stale = replace(recorded, copy="elsewhere.pt", copy_sha256="0" * 64)  # recording names the copy it is given
+    assert record_report(tmp_path, copy, stale) == recorded
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"sample-count": 2.5}, "its sample-count is 2.5, not a whole number"),
+    ({"sample-count": True}, "its sample-count is True, not a whole number"),
+    ({"epochs": "3"}, "its epochs is '3', not a whole number"),
+    ({"steps": None}, "its steps is None, not a whole number"),
+    ({"samples": [512]}, "its samples is [512], not a whole number"),
+    ({"class-counts": [1, 2.0]}, "its class-counts hold 2.0, not a whole number"),
+    ({"class-counts": 3}, "its class-counts is 3, not a list of whole numbers"),
+    ({"epsilon": "0.5"}, "its epsilon is '0.5', not a number"),
+], ids=lambda value: str(value))
+def test_a_malformed_report_is_refused_naming_the_value(change: dict, problem: str) -> None:
+    honest = {"sample-count": 12, "epochs": 1, "steps": 3, "samples": 36}
+    with pytest.raises(MalformedReport, match="^device 2's report is malformed: " + re.escape(problem) + "$"):
+        DeviceReport.from_wire(2, {**honest, **change})
+    with pytest.raises(MalformedReport, match="it gives no samples"):
+        DeviceReport.from_wire(2, {key: value for key, value in honest.items() if key != "samples"})
+    with pytest.raises(MalformedReport, match="its counts is 'lots', not a mapping"):
+        DeviceReport.from_wire(2, "lots")
+
+
+@pytest.mark.parametrize(("change", "problem"), [
+    ({"privacy": {"epsilon": "x"}}, "its epsilon is 'x', not a number"),
+    ({"privacy": {"delta": 1e-5}}, "it gives no epsilon"),
+    ({"privacy": {"epsilon": 1.0, "accountant": 3}}, "its accountant is 3, not text"),
+    ({"wire": {"down_bytes": 1.5, "up_bytes": 2}}, "its down_bytes is 1.5, not a whole number"),
+    ({"wire": [1, 2]}, "its wire is [1, 2], not a mapping"),
+    ({"rank": "0"}, "its rank is '0', not a whole number"),
+    ({"stopped": 7}, "its stopped is 7, not text"),
+    ({"device": 1.0}, "its device is 1.0, not a whole number"),
+], ids=lambda value: str(value))
+def test_a_malformed_record_is_refused_naming_the_value(change: dict, problem: str) -> None:
+    with pytest.raises(MalformedReport, match="^" + re.escape(problem) + "$"):
+        DeviceReport.from_record({**SIMULATED_RECORD, **change})

@@ -1,7 +1,9 @@
 """Which devices of a device stage have finished: one record per device, written after its copy.
 
 A device stage killed midway resumes without training again the devices whose record names the bytes of the copy
-they left (the coordinator removes the records when the stage starts with another config or is forced).
+they left (the coordinator removes the records when the stage starts with another config or is forced). A record
+holds the device's report in its JSON form (:class:`~dcccl.federated.device_report.DeviceReport`, which writes and
+reads it); here it is plain JSON with the copy's name and SHA-256.
 """
 
 from __future__ import annotations

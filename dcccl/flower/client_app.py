@@ -30,9 +30,9 @@ from flwr.clientapp import ClientApp
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from dcccl.artifacts.device_progress import finished_records
 from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 from dcccl.errors import ConfigError
+from dcccl.federated.device_report import DeviceReport, finished_reports
 from dcccl.federated.secure_aggregation import update_arrays
 from dcccl.flower.records import RefusedMessage, check_received, network_from, weights_record
 from dcccl.pipeline.steps import DeviceTask, StageCall
@@ -124,7 +124,7 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
 
 
 def train_here(context: Context, round_index: int, start: NetworkExport) -> tuple[StageCall, NetworkExport,
-                                                                                 dict[str, Any]]:
+                                                                                 DeviceReport]:
     """Train this device's copy for ``round_index`` from ``start``: the call it ran, its copy, what it reports."""
     from dcccl.commands.stage_runner import LightningStageRunner  # the pipeline's own stage runner (imports Lightning)
 
@@ -136,12 +136,15 @@ def train_here(context: Context, round_index: int, start: NetworkExport) -> tupl
     save_export(start, call.devices[0].start)
     LightningStageRunner(interactive=False)(call, resume=False)
     copy = load_export(call.devices[0].export, "co_submodel")
-    counts: dict[str, Any] = {"sample-count": int(copy.sample_count or 0)}
-    trained = finished_records(call.work_dir, [call.devices[0].device])[0]  # what it ran: epochs, steps, samples
-    counts.update({key: int(trained[key]) for key in ("epochs", "steps", "samples")})
-    if "privacy" in trained:  # DP-SGD: the epsilon this device has spent over the run so far goes up
-        counts["epsilon"] = float(trained["privacy"]["epsilon"])
-    return call, copy, counts
+    return call, copy, report_of(call.work_dir, call.devices[0].device, copy)
+
+
+def report_of(work_dir: Path, device: int, copy: NetworkExport) -> DeviceReport:
+    """What this node reports up of the device round it ran in ``work_dir``: what the round recorded of ``device``
+    (epochs, steps, samples, with DP-SGD the epsilon spent over the run so far) with the counts its ``copy`` goes up
+    with."""
+    trained = finished_reports(work_dir, [device])[0]
+    return trained.with_counts(int(copy.sample_count or 0), copy.class_counts)
 
 
 def architecture(context: Context) -> ConfigRecord:
@@ -155,10 +158,8 @@ def train(message: Message, context: Context) -> Message:
     check_received(message.content, TRAIN_RECORDS)
     round_index = int(message.content.config_records["round"]["round"])  # type: ignore[arg-type]
     start = network_from(architecture(context), message.content.array_records["co_submodel.weights"])
-    _, copy, counts = train_here(context, round_index, start)
-    if copy.class_counts is not None:
-        counts["class-counts"] = [int(count) for count in copy.class_counts]
-    return Message(RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(counts)}),
+    _, copy, report = train_here(context, round_index, start)
+    return Message(RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(report.to_wire())}),
                    reply_to=message)
 
 
@@ -179,8 +180,10 @@ def secure_train(message: Message, context: Context) -> Message:
                              f"{len(keys)}")
     start_state = {key: torch.as_tensor(array) for key, array in zip(keys, arrays)}
     start = replace(empty, state_dict=start_state)
-    _, copy, counts = train_here(context, round_index, start)
-    weight = counts["sample-count"] if fit_ins.config.get("weight-by-samples", True) else 1
+    _, copy, report = train_here(context, round_index, start)
+    weight = report.sample_count if fit_ins.config.get("weight-by-samples", True) else 1
+    # The cloud sees only the round's mean: no device's samples per class go up with it.
+    counts = replace(report, class_counts=None).to_wire()
     fit_res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update_arrays(copy.state_dict, start_state)),
-                     int(weight), counts)
+                     int(weight or 0), counts)
     return Message(compat.fitres_to_recorddict(fit_res, keep_input=True), reply_to=message)

@@ -26,9 +26,10 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from dcccl.artifacts.atomic import atomic_write_json
-from dcccl.artifacts.device_progress import is_finished, record_finished
+from dcccl.artifacts.device_progress import is_finished
 from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 from dcccl.errors import ConfigError
+from dcccl.federated.device_report import DeviceReport, MalformedReport, WireBytes, record_report
 from dcccl.federated.ledger import Ledger
 from dcccl.federated.replies import reply_problems
 from dcccl.federated.secure_aggregation import apply_mean_update
@@ -41,6 +42,9 @@ from dcccl.pipeline.steps import DeviceTask, StageCall
 log = logging.getLogger("dcccl")
 # Trainer options that only make sense on the cloud's machine.
 CLOUD_ONLY_TRAINER_OPTIONS = ("default_root_dir", "logger")
+# How the cloud records that a device's copy came (a device's reason to stop does not cross the wire).
+NODE_STOPPED = "trained on its node"
+SECURE_STOPPED = "trained on its node; its copy reached the cloud only in the SecAgg+ mean"
 
 
 class DeviceFailed(RuntimeError):
@@ -258,19 +262,12 @@ class FlowerDevices:
             if self.node_of[task.device] not in replies:
                 continue
             reply = replies[self.node_of[task.device]].content
-            copy, problems = received_copy(reply, starts[task.start])
+            copy, report, problems = received_copy(reply, starts[task.start], task.device)
             if problems:  # kept as it came, for the record; the round's fusion refuses it for the same reasons
                 log.warning("[dcccl] round %d: device %d's reply will not be fused: %s", call.round_index, task.device,
                             "; ".join(problems))
             save_export(copy, task.export)
-            counts: Any = reply.metric_records.get("counts", {})
-            trained: dict[str, Any] = {key: _whole(counts.get(key, 0)) or 0
-                                       for key in ("epochs", "steps", "samples")}
-            if isinstance(counts.get("epsilon"), float):  # DP-SGD: what the device has spent over the run so far
-                trained["privacy"] = {"epsilon": float(counts["epsilon"])}  # type: ignore[arg-type]
-            record_finished(call.work_dir, task.device, task.export,
-                            {**trained, "sample_count": copy.sample_count, "stopped": "trained on its node",
-                             **({"refused": "; ".join(problems)} if problems else {})})
+            record_report(call.work_dir, task.export, replace(report, refused="; ".join(problems) or None))
             wire.append(WireRecord(call.round_index, task.device, "train", "up", payload_bytes(reply),
                                    message_bytes(reply)))
         if failures:
@@ -307,19 +304,19 @@ class FlowerDevices:
             raise DeviceFailed(f"round {call.round_index}: SecAgg+ did not recover the mean of the copies (devices "
                                f"{missing or 'all'} did not finish the protocol; {len(strategy.failures)} failures): "
                                "re-starting the ServerApp runs the round again")
-        total = sum(int(fitres.metrics.get("sample-count", 0)) for fitres in reported.values())
+        try:
+            reports = [DeviceReport.from_wire(device, fitres.metrics, SECURE_STOPPED)
+                       for device, fitres in sorted(reported.items())]
+        except MalformedReport as err:  # the mean holds its update already: the round cannot leave it out
+            raise DeviceFailed(f"round {call.round_index}: {err}; re-starting the ServerApp runs the round again") \
+                from None
+        total = sum(int(report.sample_count or 0) for report in reports)
         mean = NetworkExport("co_submodel", start.backbone, start.num_classes, start.in_chans,
                              apply_mean_update(start.state_dict, strategy.mean), total)
         save_export(mean, secure.path)
-        for device, fitres in sorted(reported.items()):
-            trained: dict[str, Any] = {key: int(fitres.metrics.get(key, 0))  # type: ignore[arg-type]
-                                       for key in ("epochs", "steps", "samples")}
-            if "epsilon" in fitres.metrics:
-                trained["privacy"] = {"epsilon": float(fitres.metrics["epsilon"])}  # type: ignore[arg-type]
-            record_finished(call.work_dir, device, secure.path, {
-                **trained, "sample_count": int(fitres.metrics.get("sample-count", 0)),  # type: ignore[arg-type]
-                "stopped": "trained on its node; its copy reached the cloud only in the SecAgg+ mean",
-                "wire": {"down_bytes": down_bytes.get(device, 0), "up_bytes": up_bytes.get(device, 0)}})
+        for report in reports:
+            wire_bytes = WireBytes(down_bytes.get(report.device, 0), up_bytes.get(report.device, 0))
+            record_report(call.work_dir, secure.path, replace(report, wire=wire_bytes))
 
 
 def parse_device_nodes(text: str) -> dict[int, int]:
@@ -360,15 +357,13 @@ def claim_problem(node: int, claimed: Any, bound: Optional[dict[int, int]]) -> s
     return ""
 
 
-def _whole(value: Any) -> Optional[int]:
-    """``value`` if it is a whole number (a reply's figure), else ``None``."""
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def received_copy(reply: RecordDict, start: NetworkExport) -> tuple[NetworkExport, list[str]]:
-    """A device's reply to being sent ``start``, as an export holding what it carried (nothing is assumed of it),
-    and every reason to refuse it (:func:`~dcccl.federated.replies.reply_problems`; the device's share is checked
-    at fusion, where the cloud knows it)."""
+def received_copy(reply: RecordDict, start: NetworkExport, device: int) -> tuple[NetworkExport, DeviceReport,
+                                                                                 list[str]]:
+    """``device``'s reply to being sent ``start``: an export holding the weights it carried with the counts its report
+    gives (nothing is assumed of them), its report (:class:`~dcccl.federated.device_report.DeviceReport`), and every
+    reason to refuse it (:func:`~dcccl.federated.replies.reply_problems`; the device's share is checked at fusion,
+    where the cloud knows it). A report that cannot be read is refused, and its copy is kept without counts, so the
+    fusion refuses it too."""
     problems: list[str] = []
     weights: dict[str, Any] = {}
     if "co_submodel.weights" in reply.array_records:
@@ -378,12 +373,15 @@ def received_copy(reply: RecordDict, start: NetworkExport) -> tuple[NetworkExpor
             problems.append(f"its weights cannot be read as tensors ({type(err).__name__}: {err})")
     else:
         problems.append("it carries no co_submodel.weights")
-    counts: Any = reply.metric_records.get("counts", {})
-    per_class = counts.get("class-counts")
-    class_counts = [c if isinstance(c, int) else -1 for c in per_class] if isinstance(per_class, list) else None
+    try:
+        report = DeviceReport.from_wire(device, reply.metric_records.get("counts", {}), NODE_STOPPED)
+    except MalformedReport as err:
+        problems.append(str(err))
+        report = DeviceReport.unreadable(device, NODE_STOPPED, str(err))
+    class_counts = None if report.class_counts is None else list(report.class_counts)
     copy = NetworkExport("co_submodel", start.backbone, start.num_classes, start.in_chans, weights,
-                         counts.get("sample-count"), class_counts)  # checked below, kept as it came
-    return copy, problems or reply_problems(copy, start)
+                         report.sample_count, class_counts)  # checked below
+    return copy, report, problems or reply_problems(copy, start)
 
 
 app = ServerApp()

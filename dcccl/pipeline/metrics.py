@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from dcccl.artifacts.atomic import atomic_write_json
-from dcccl.artifacts.device_progress import finished_records
 from dcccl.artifacts.manifest import Manifest, fingerprint
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.federated.attacks import Attack
+from dcccl.federated.device_report import DeviceReport, finished_reports
 from dcccl.federated.ledger import Ledger
 from dcccl.pipeline.fusion import FusionStep
 from dcccl.pipeline.settings import PipelineSettings
@@ -30,10 +30,9 @@ def evaluations(plan: Sequence[Step]) -> list[StageCall]:
     return [step for step in plan if isinstance(step, StageCall) and step.stage == "evaluate"]
 
 
-def device_records(call: StageCall) -> dict[int, dict[str, Any]]:
+def device_reports(call: StageCall) -> dict[int, DeviceReport]:
     """What each device of a finished device call reported (its progress record), by device."""
-    records = finished_records(call.work_dir, [task.device for task in call.devices])
-    return {int(record["device"]): record for record in records}
+    return {report.device: report for report in finished_reports(call.work_dir, [task.device for task in call.devices])}
 
 
 def refused_replies(plan: Sequence[Step]) -> dict[tuple[int, int], str]:
@@ -56,27 +55,29 @@ def ledger_of(plan: Sequence[Step]) -> Ledger:
         if not (isinstance(step, StageCall) and step.stage == "device"):
             continue
         # What a device reported besides its copy (its epsilon, its encoded bytes): read only when it reports any.
-        reports = step.secure_sum is not None or any(step.model_args.get(key) for key in ("privacy", "compression"))
-        records = device_records(step) if reports else {}
+        reported = step.secure_sum is not None or any(step.model_args.get(key) for key in ("privacy", "compression"))
+        reports = device_reports(step) if reported else {}
         attack = Attack(**step.model_args["attack"]) if step.model_args.get("attack") is not None else None
         attacked = set(attack.attacked(int(step.data_args.get("num_devices", 1)), step.seed)) if attack else set()
         first = len(ledger.transfers)
         for task in step.devices:
-            wire = records.get(task.device, {}).get("wire", {})  # compressed: the bytes the encoding took
+            report = reports.get(task.device)
+            wire = report.wire if report is not None else None  # compressed: the bytes the encoding took
+            down_bytes, up_bytes = (wire.down_bytes, wire.up_bytes) if wire is not None else (None, None)
             for path in task.downlink:
                 ledger.record_file(step.round_index, task.device, "down", path,
-                                   wire.get("down_bytes") if path == task.start else None)
+                                   down_bytes if path == task.start else None)
             for path in task.uplink:
                 reason = refused.get((step.round_index, task.device), refused.get((step.round_index, -1)))
                 if reason is not None:
                     ledger.record_refused(step.round_index, task.device, path, reason)
                     continue
-                ledger.record_file(step.round_index, task.device, "up", path, wire.get("up_bytes"))
+                ledger.record_file(step.round_index, task.device, "up", path, up_bytes)
                 ledger.record_sample_count(step.round_index, task.device)
                 if step.model_args.get("report_class_counts"):
                     ledger.record_class_counts(step.round_index, task.device, path)
-            if "privacy" in records.get(task.device, {}):
-                ledger.record_epsilon(step.round_index, task.device, records[task.device]["privacy"]["epsilon"])
+            if report is not None and report.privacy is not None:
+                ledger.record_epsilon(step.round_index, task.device, report.privacy.epsilon)
         if attack is not None and attacked:
             ledger.transfers[first:] = [replace(t, attacked=attack.kind) if t.device in attacked else t
                                         for t in ledger.transfers[first:]]
