@@ -280,7 +280,7 @@ class DeviceRoundModule(LightningModule):
                             f"round with, got {type(optimizer).__name__}")
         loader = self._device_data().device_loader(device)
         batches_per_epoch = self._batches_per_epoch(device, len(loader))
-        rule = StoppingRule(module.budget, self._limits, budget_caps_mid_epoch=False)
+        rule = StoppingRule(module.budget, self._limits)
         private = None
         if module.privacy is not None:
             private = self._private_training(kept, optimizer, loader, rule.step_cap(batches_per_epoch))

@@ -165,14 +165,10 @@ class StoppingRule:
     Args:
         budget: The stage's budget (``None``: only the trainer's limits).
         limits: The trainer's limits (none where the trainer enforces them itself, as Lightning's does in ``fit``).
-        budget_caps_mid_epoch: Whether the budget's cap in steps holds after every step. A stage's ``fit`` stops
-            there (``True``); a device of a round checks it at an epoch's end only (``False``), and so may take the
-            rest of that epoch's steps.
     """
 
     budget: Optional[TrainingBudget]
     limits: TrainerLimits = field(default_factory=TrainerLimits)
-    budget_caps_mid_epoch: bool = True
     state: Optional[BudgetState] = field(default=None)
 
     def __post_init__(self) -> None:
@@ -193,11 +189,13 @@ class StoppingRule:
         return steps_done < self.limits.max_steps
 
     def stop_after_step(self, steps_done: int) -> bool:
-        """Whether to stop right after the step that made ``steps_done``: the trainer's cap in steps, and the
-        budget's with :attr:`budget_caps_mid_epoch`."""
+        """Whether to stop right after the step that made ``steps_done``: at the trainer's cap in steps, or at the
+        budget's once the trainer's floor in steps holds (a cap may fall mid-epoch, in a stage's ``fit`` as in a
+        device's loop)."""
         if steps_done >= self.limits.max_steps:
             return True
-        return self.budget_caps_mid_epoch and self.state is not None and self.state.step_cap_reached(steps_done)
+        return (self.state is not None and steps_done >= self.limits.min_steps
+                and self.state.step_cap_reached(steps_done))
 
     def stop_after_epoch(self, epochs_done: int, steps_done: int) -> bool:
         """Whether to stop after ``epochs_done`` epochs and ``steps_done`` steps: at the trainer's cap in epochs, or

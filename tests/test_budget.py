@@ -79,23 +79,20 @@ def test_the_trainer_s_limits_read_from_its_fit_loop() -> None:
     assert TrainerLimits.of_trainer(2, 10, 5, 100) == TrainerLimits(2, 10, 5, 100)
 
 
-def test_a_stage_s_fit_stops_at_the_budget_s_cap_in_steps_mid_epoch_a_device_of_a_round_at_the_epoch_s_end() -> None:
-    # configs/stages/device_fleet.yaml: exactly five steps; a device with 8 batches per epoch.
+def test_the_budget_s_cap_in_steps_stops_a_loop_mid_epoch() -> None:
+    # configs/stages/device_fleet.yaml: exactly five steps, however many batches a device's epoch holds.
     fleet = TrainingBudget(monitor=None, min_epochs=0, min_steps=5, max_steps=5)
-    stage = StoppingRule(fleet)
-    assert not stage.stop_after_step(4) and stage.stop_after_step(5)
-    assert _run(StoppingRule(fleet), 8) == (1, 5)
-    device = StoppingRule(fleet, budget_caps_mid_epoch=False)
-    assert not device.stop_after_step(5)  # the rest of the epoch's steps are taken
-    assert _run(device, 8) == (1, 8) and device.reason == "reached the cap of 5 steps"
-    # 3 batches per epoch: the cap is checked after 3 and after 6 steps.
-    assert _run(StoppingRule(fleet, budget_caps_mid_epoch=False), 3) == (2, 6)
-    assert _run(StoppingRule(fleet), 3) == (2, 5)
+    rule = StoppingRule(fleet)
+    assert not rule.stop_after_step(4) and rule.stop_after_step(5) and rule.reason == "reached the cap of 5 steps"
+    for batches_per_epoch, epochs in ((8, 1), (3, 2), (5, 1), (1, 5)):
+        assert _run(StoppingRule(fleet), batches_per_epoch) == (epochs, 5)
+    # The noise of DP-SGD is sized for the steps the loop takes.
+    assert StoppingRule(fleet).step_cap(8) == 5 and StoppingRule(fleet).step_cap(3) == 5
 
 
 def test_the_trainer_s_floors_hold_the_budget_s_stop_back_and_its_caps_stop_whatever_the_budget_says() -> None:
     budget = TrainingBudget(monitor=None, min_epochs=2, min_steps=12)
-    floors = StoppingRule(budget, TrainerLimits(min_epochs=4), budget_caps_mid_epoch=False)
+    floors = StoppingRule(budget, TrainerLimits(min_epochs=4))
     assert not floors.stop_after_epoch(2, 20)  # the budget would stop here; the trainer's floor of 4 epochs holds
     assert floors.reason == "trained its floor (2 epochs, 12 steps)"
     assert not floors.stop_after_epoch(3, 30) and floors.stop_after_epoch(4, 40)

@@ -22,11 +22,14 @@ from lightning_modules.training_budget import TrainingBudget
 
 FLEET = {"num_devices": 5, "device_partitioner": "dirichlet", "dirichlet_alpha": 0.5, "seed": 3}
 BUDGET = TrainingBudget(monitor=None, min_epochs=2, min_steps=12)
+# configs/stages/device_fleet.yaml's: exactly five steps, the cap falling inside a device's first epoch.
+FIVE_STEPS = TrainingBudget(monitor=None, min_epochs=0, min_steps=5, max_steps=5)
 
 
-def device_module(control: Path, start: Path, export: Path | None = None, **kwargs: object) -> DeviceCoTrainingModule:
+def device_module(control: Path, start: Path, export: Path | None = None, budget: TrainingBudget = BUDGET,
+                  **kwargs: object) -> DeviceCoTrainingModule:
     return DeviceCoTrainingModule(10, 1, control_model=str(control), co_submodel=str(start),
-                                  export_path=None if export is None else str(export), budget=BUDGET, **kwargs)
+                                  export_path=None if export is None else str(export), budget=budget, **kwargs)
 
 
 def fleet_data(**kwargs: object) -> BundledMNISTDataModule:
@@ -45,11 +48,14 @@ def exports(export_factory: Callable[..., Path]) -> tuple[Path, Path]:
     return export_factory("control_model", seed=2), export_factory("co_submodel", seed=3)
 
 
-def test_each_copy_equals_the_copy_of_a_device_stage_of_its_own(tmp_path: Path, exports: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize(("budget", "stopped"), [(BUDGET, "trained its floor (2 epochs, 12 steps)"),
+                                                  (FIVE_STEPS, "reached the cap of 5 steps")])
+def test_each_copy_equals_the_copy_of_a_device_stage_of_its_own(tmp_path: Path, exports: tuple[Path, Path],
+                                                                 budget: TrainingBudget, stopped: str) -> None:
     control, start = exports
     tasks = [DeviceTask(device, start, tmp_path / f"round/device_{device}.pt") for device in (4, 1, 2)]
-    round_module = DeviceRoundModule(device_module(control, start, logit_adjustment=0.5, report_class_counts=True),
-                                     tasks)
+    round_module = DeviceRoundModule(device_module(control, start, budget=budget, logit_adjustment=0.5,
+                                                   report_class_counts=True), tasks)
     trainer(tmp_path / "round").fit(round_module, datamodule=fleet_data())
     report = json.loads((tmp_path / "round/budget.json").read_text())
     assert [record["device"] for record in report["devices"]] == [4, 1, 2]
@@ -57,7 +63,8 @@ def test_each_copy_equals_the_copy_of_a_device_stage_of_its_own(tmp_path: Path, 
         alone = tmp_path / f"alone_{task.device}.pt"
         data = fleet_data(device_index=task.device)
         trainer(tmp_path / f"alone_{task.device}").fit(
-            device_module(control, start, alone, logit_adjustment=0.5, report_class_counts=True), datamodule=data)
+            device_module(control, start, alone, budget=budget, logit_adjustment=0.5, report_class_counts=True),
+            datamodule=data)
         mine, reference = load_export(task.export, "co_submodel"), load_export(alone, "co_submodel")
         assert mine.sample_count == reference.sample_count == len(data.device_dataset(task.device))
         assert mine.class_counts == reference.class_counts == data.device_class_counts(task.device)
@@ -65,15 +72,17 @@ def test_each_copy_equals_the_copy_of_a_device_stage_of_its_own(tmp_path: Path, 
         for key in mine.state_dict:  # the same steps on the same batches: the same weights
             torch.testing.assert_close(mine.state_dict[key], reference.state_dict[key], rtol=1e-5, atol=1e-6)
         record = next(r for r in report["devices"] if r["device"] == task.device)
-        budget = json.loads((tmp_path / f"alone_{task.device}/budget.json").read_text())
+        alone_report = json.loads((tmp_path / f"alone_{task.device}/budget.json").read_text())
         assert (record["epochs"], record["steps"], record["samples"]) == (
-            budget["epochs"], budget["steps"], budget["samples"])
-        assert record["steps"] >= BUDGET.min_steps and record["epochs"] >= BUDGET.min_epochs
+            alone_report["epochs"], alone_report["steps"], alone_report["samples"])
+        assert record["steps"] >= budget.min_steps and record["epochs"] >= budget.min_epochs
+        if budget.max_steps is not None:  # the cap holds mid-epoch, as in a stage's fit
+            assert record["steps"] == budget.max_steps and len(data.device_loader(task.device)) > budget.max_steps
     assert report["samples"] == sum(record["samples"] for record in report["devices"])
     # The round's report lists each device's progress record, which reads back as its DeviceReport.
     reports = finished_reports(tmp_path / "round", [4, 1, 2])
     assert [r.to_record() for r in reports] == report["devices"]
-    assert all(r.stopped == "trained its floor (2 epochs, 12 steps)" and r.rank == 0 for r in reports)
+    assert all(r.stopped == stopped and r.rank == 0 for r in reports)
 
 
 def test_a_device_trains_only_on_its_own_samples(tmp_path: Path, exports: tuple[Path, Path]) -> None:
