@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from dcccl.commands.stage_cli import cli_main
+from dcccl.commands.stage_runner import stage_arguments
 from dcccl.federated.fleet import FleetSpec
 from dcccl.pipeline.plan import dcccl_plan
 from dcccl.pipeline.steps import StageCall
@@ -42,8 +43,10 @@ def test_loggers_named_without_a_directory_write_into_the_run(tmp_path: Path) ->
         {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(stage_dir)}},
         {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"save_dir": "mine"}}, "MyLogger"]
     first = dcccl_plan(settings(tmp_path, trainer={"logger": "WandbLogger"}))[0]
-    assert isinstance(first, StageCall)
-    assert first.trainer_args["logger"]["init_args"]["save_dir"] == str(tmp_path / "run")
+    assert isinstance(first, StageCall) and first.trainer_args["logger"] == "WandbLogger"  # the plan names it only
+    logger = json.loads(next(arg for arg in stage_arguments(first) if arg.startswith("--trainer.logger="))
+                        .removeprefix("--trainer.logger="))
+    assert logger["init_args"]["save_dir"] == str(tmp_path / "run")  # the runner gives it the run directory
 
 
 def test_without_an_api_key_wandb_goes_offline_and_an_explicit_mode_is_kept(

@@ -18,7 +18,7 @@ from dcccl.pipeline.boundary import ResolvedStage
 from dcccl.pipeline.config_snapshot import origin_of
 from dcccl.pipeline.stages import STAGES
 from dcccl.pipeline.steps import StageCall
-from dcccl.reporting.tracking import finish_wandb_run, name_next_wandb_run, wandb_logger_args
+from dcccl.reporting.tracking import finish_wandb_run, name_next_wandb_run, wandb_logger_args, with_save_dirs
 from lightning_modules import DeviceRoundModule, DeviceSteps
 
 
@@ -34,6 +34,11 @@ def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
     """
     args = [arg for config in call.config_files for arg in ("--config", str(config))]
     trainer_args = dict(call.trainer_args)
+    if trainer_args.get("logger") not in (None, True, False):
+        # A logger named without a directory: W&B runs land in the run directory, TensorBoard and CSV logs in the
+        # stage's own directory.
+        trainer_args["logger"] = with_save_dirs(trainer_args["logger"], call.tracking_dir or call.work_dir,
+                                                call.work_dir)
     if not interactive:
         trainer_args.setdefault("enable_progress_bar", False)
     args += [f"--trainer.{key}={cli_value(value)}" for key, value in trainer_args.items()]

@@ -20,7 +20,6 @@ from dcccl.pipeline.fusion import FusionStep
 from dcccl.pipeline.settings import PipelineSettings, RestartPoint
 from dcccl.pipeline.stages import StageArguments
 from dcccl.pipeline.steps import DeviceTask, SecureSum, StageCall, Step
-from dcccl.reporting.tracking import with_save_dirs
 
 Plan = list[Step]
 
@@ -134,9 +133,6 @@ class PlanBuilder:
             config_files.insert(0, snapshot(settings.data))
         work_dir = work_dir if work_dir is not None else outputs[0].parent
         trainer_args = {**settings.trainer, "default_root_dir": str(work_dir)}
-        if trainer_args.get("logger") not in (None, True, False):
-            # W&B runs land in the run directory, TensorBoard and CSV logs in the stage's own directory.
-            trainer_args["logger"] = with_save_dirs(trainer_args["logger"], self.run.root, work_dir)
         data_args = settings.fleet.data_arguments()
         return StageCall(
             label=label, restart_point=restart_point, outputs=outputs, inputs=inputs, round_index=round_index,
@@ -144,7 +140,7 @@ class PlanBuilder:
             trainer_args=trainer_args, data_args=data_args, seed=settings.seed_everything, work_dir=work_dir,
             partition=partition,
             extra_args=tuple(settings.stage_args.get(stage, [])),
-            group=settings.name, devices=devices,
+            group=settings.name, tracking_dir=self.run.root, devices=devices,
         )
 
     def split_part(self, part: Literal["cloud", "co"]) -> Optional[BackboneSpec]:

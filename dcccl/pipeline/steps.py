@@ -108,6 +108,8 @@ class StageCall(Step):
         partition: The training samples the stage may see (``None``: it trains on nothing).
         extra_args: Raw command-line arguments appended last (the pipeline's ``stage_args``; they win).
         group: The pipeline run the call belongs to (its name).
+        tracking_dir: Where the call's W&B run lands (the run directory; ``None``: its ``work_dir``). TensorBoard
+            and CSV logs go to its ``work_dir``.
         devices: For a device stage, the devices it trains, one after another inside one ``fit`` (a round's
             reporting devices; each on its own samples only, each copy written to its own file).
         secure_sum: With secure aggregation: how the devices' weighted mean copy is made and where it goes; the
@@ -125,6 +127,7 @@ class StageCall(Step):
     partition: Optional[DataPartition] = None
     extra_args: tuple[str, ...] = ()
     group: str = ""
+    tracking_dir: Optional[Path] = None
     devices: tuple[DeviceTask, ...] = ()
     secure_sum: Optional[SecureSum] = None
 
