@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from jsonargparse.typing import register_type
+
 
 class ConfigPath(str):
     """The absolute path of a file named in a config (a stage config, a data config, a schedule).
@@ -15,3 +17,7 @@ class ConfigPath(str):
 
     def __new__(cls, value: str | os.PathLike[str]) -> ConfigPath:
         return super().__new__(cls, os.path.abspath(os.fspath(value)))
+
+
+# The parsers build it from each value (jsonargparse reads each config file from its folder).
+register_type(ConfigPath, serializer=str, deserializer=ConfigPath)

@@ -58,3 +58,28 @@ def dcccl(*args: str, pythonpath: Sequence[str] = (), timeout: float = 600, scri
             stdout, stderr = process.communicate()
             pytest.fail(f"dcccl {' '.join(args)} still running after {timeout} s\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+# What a command must not import where it needs none of it (start-up time): Lightning and the modules built on it.
+HEAVY_MODULES = ("lightning", "lightning_modules", "datamodules")
+
+
+def dcccl_imports(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    """Run ``dcccl ARGS`` in a fresh interpreter, as :func:`dcccl` does; also return which of
+    :data:`HEAVY_MODULES` it imported (whether it ended normally or with an error)."""
+    code = ("import sys, cli\n"
+            "try:\n    cli.main()\n"
+            "finally:\n"
+            f"    print('IMPORTED=' + ','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n")
+    with subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=command_env(),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"dcccl {' '.join(args)} still running after {timeout} s\n{stderr[-3000:]}")
+    marker = [line for line in stderr.splitlines() if line.startswith("IMPORTED=")]
+    imported = set(filter(None, marker[-1].removeprefix("IMPORTED=").split(","))) if marker else set(HEAVY_MODULES)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), imported

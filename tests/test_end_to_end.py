@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.commands import dcccl
+from tests.commands import dcccl, dcccl_imports
 
 
 @pytest.mark.slow
@@ -39,8 +39,9 @@ def test_quickstart_pipeline_beats_cloud_submodel_and_resumes(tmp_path: Path) ->
     assert (run_dir / "export/onnx/bundle.json").is_file()
 
     stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")}
-    second = dcccl("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(run_dir))
+    second, imported = dcccl_imports("pipeline", "--config", "configs/quickstart.yaml", "--run_dir", str(run_dir))
     assert second.returncode == 0, second.stderr[-3000:]
+    assert imported == set()  # nothing runs: neither Lightning nor the stage modules are imported
     assert "all 14 steps are done already; nothing to run" in second.stderr  # 11 stages, 3 fusions
     assert "running" not in second.stderr
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.pt")} == stamps

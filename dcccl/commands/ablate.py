@@ -10,6 +10,8 @@ from jsonargparse import ActionYesNo, ArgumentParser, Namespace
 
 from dcccl.commands.audit import audit_membership
 from dcccl.commands.pipeline import (
+    LightningRunner,
+    check_stage_names,
     check_then_run,
     datamodule_of,
     is_rank_zero,
@@ -17,7 +19,6 @@ from dcccl.commands.pipeline import (
     restart_point,
     settings_from,
 )
-from dcccl.commands.stage_runner import LightningStageRunner
 from dcccl.config_path import ConfigPath
 from dcccl.methods.ablation import Ablation, ablation_markdown, ablation_table, read_variants, write_ablation
 from dcccl.methods.comparison import control_fidelity_of
@@ -55,9 +56,11 @@ def ablate_main(argv: list[str]) -> dict[str, Any]:
     cfg = parser.parse_args(argv)
     described = read_variants(Path(cfg.variants), cfg.only)
     variants = variant_settings(parser, cfg, described)
+    for settings in variants.values():
+        check_stage_names(settings)
     first = next(iter(variants.values()))
     ablation = Ablation(variants, cfg.seeds, first.run.root / "ablation")
-    runner = LightningStageRunner()
+    runner = LightningRunner()
     variant_runs = [run for seed in ablation.seeds for run in ablation.runs(seed)]
     runs = [(run.name, run.seed, PlanRun(run.settings, run.plan, runner, restart_point(cfg), cfg.rerun_changed))
             for run in variant_runs]

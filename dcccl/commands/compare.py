@@ -9,6 +9,8 @@ from jsonargparse import ArgumentParser
 
 from dcccl.artifacts.atomic import atomic_write_text
 from dcccl.commands.pipeline import (
+    LightningRunner,
+    check_stage_names,
     check_then_run,
     datamodule_of,
     is_rank_zero,
@@ -16,7 +18,6 @@ from dcccl.commands.pipeline import (
     restart_point,
     settings_from,
 )
-from dcccl.commands.stage_runner import LightningStageRunner
 from dcccl.methods import METHODS, select
 from dcccl.methods.comparison import Comparison, control_fidelity_of, method_costs
 from dcccl.methods.comparison_report import build_comparison, markdown_table, write_outputs
@@ -43,9 +44,10 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     parser = compare_parser()
     cfg = parser.parse_args(argv)
     settings = settings_from(parser, cfg)
+    check_stage_names(settings)
     methods = select(cfg.methods)
     comparison = Comparison(settings, cfg.seeds, methods)
-    runner = LightningStageRunner()
+    runner = LightningRunner()
     method_runs = [method_run for seed in comparison.seeds for method_run in comparison.runs(seed)]
     runs = [(method_run.method.title, method_run.seed,
              PlanRun(method_run.settings, method_run.plan, runner, restart_point(cfg), cfg.rerun_changed,

@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-from lightning.pytorch.utilities import rank_zero_only
-
 from dcccl.ranks import is_global_zero
 
 log = logging.getLogger("dcccl")
@@ -18,17 +16,20 @@ _INTENDED_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
 )
 
+
 class _RankZeroOnly(logging.Filter):
     """Under DDP every process runs the pipeline; only global rank zero reports progress."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return getattr(rank_zero_only, "rank", 0) == 0 and is_global_zero()
+        return is_global_zero()
+
 
 class _DropAdvertisements(logging.Filter):
     """Drops Lightning's product tips from the console; every other message passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡")
+
 
 def configure_logging() -> None:
     """dcccl's progress lines on the console (global rank zero only), without Lightning's tips or intended warnings."""

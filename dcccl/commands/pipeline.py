@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser, Namespace
-from lightning.pytorch.utilities import rank_zero_only
 
-from datamodules import DEFAULT_DATAMODULE
-from datamodules.base import DCCCLDataModule
 from dcccl.artifacts.atomic import atomic_write_text
-from dcccl.commands.stage_runner import LightningStageRunner, cli_value
 from dcccl.methods import stage_names
+from dcccl.pipeline.boundary import ResolvedStage
 from dcccl.pipeline.config_snapshot import snapshot
 from dcccl.pipeline.coordinator import StageRunner
 from dcccl.pipeline.execution import PlanRun
@@ -23,10 +20,13 @@ from dcccl.pipeline.partition_report import write_partition_report
 from dcccl.pipeline.plan import dcccl_plan
 from dcccl.pipeline.preflight import DataDescription
 from dcccl.pipeline.settings import PipelineSettings, RestartPoint
-from dcccl.pipeline.stages import required_stages
+from dcccl.pipeline.steps import StageCall
 from dcccl.ranks import is_global_zero
 from dcccl.reporting.tables import results_table
 from dcccl.reporting.tracking import log_run_summary, wandb_logger_args
+
+if TYPE_CHECKING:
+    from datamodules.base import DCCCLDataModule
 
 log = logging.getLogger("dcccl")
 
@@ -49,20 +49,37 @@ def pipeline_parser(prog: str = "dcccl pipeline", description: str = PIPELINE_HE
     parser.add_argument("--debug", action=ActionYesNo, default=False, help="Show full tracebacks on errors.")
     return parser
 
+
 def settings_from(parser: ArgumentParser, cfg: Namespace) -> PipelineSettings:
-    """The settings of a parsed pipeline config (nested classes instantiated), with its stage names checked."""
+    """The settings of a parsed pipeline config (nested classes instantiated)."""
     init = parser.instantiate_classes(cfg)
-    settings = PipelineSettings(**{name: init[name] for name in PipelineSettings.__dataclass_fields__})
+    return PipelineSettings(**{name: init[name] for name in PipelineSettings.__dataclass_fields__})
+
+
+def check_stage_names(settings: PipelineSettings) -> None:
+    """Refuse a config that names no stage config a run needs, or names a stage no module or method knows.
+
+    The stages are known once their modules are imported (each registers itself), which imports Lightning: a command
+    checks them when it is about to run something.
+    """
+    import lightning_modules  # noqa: F401  (importing it registers every stage)
+    from dcccl.pipeline.stages import required_stages
+
     settings.check_stages(stage_names(), required_stages(settings))
-    return settings
+
 
 def restart_point(cfg: Namespace) -> Optional[RestartPoint]:
     """Where a parsed command re-runs from: all with ``--force``, else ``--from_stage`` (``None``: what is not done)."""
     return "cloud" if cfg.force else cfg.from_stage
 
+
 def load_datamodule(data_config: Optional[str], seed: int,
                     data_args: Optional[dict[str, Any]] = None) -> DCCCLDataModule:
     """Instantiate the DataModule a pipeline's stages use (default: the bundled digits) with ``seed``."""
+    from datamodules import DEFAULT_DATAMODULE
+    from datamodules.base import DCCCLDataModule
+    from dcccl.commands.stage_runner import cli_value
+
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_subclass_arguments(DCCCLDataModule, "data")
@@ -71,31 +88,66 @@ def load_datamodule(data_config: Optional[str], seed: int,
     extra = [f"--data.init_args.{key}={cli_value(value)}" for key, value in (data_args or {}).items()]
     return parser.instantiate_classes(parser.parse_args([*args, f"--data.init_args.seed={seed}", *extra])).data
 
+
 def datamodule_of(settings: PipelineSettings) -> DCCCLDataModule:
     """The DataModule of a run's settings, with the fleet's partition."""
     data = snapshot(settings.data) if settings.data is not None else None  # the bytes the stages read
     return load_datamodule(str(data) if data is not None else None, settings.seed_everything,
                            settings.fleet.data_arguments())
 
+
 def is_rank_zero() -> bool:
     """Whether this process is global rank zero (the one that writes and prints)."""
-    return getattr(rank_zero_only, "rank", 0) == 0 and is_global_zero()
+    return is_global_zero()
+
+
+class LightningRunner:
+    """The stage runner, built when a stage is first resolved or run: importing Lightning takes seconds, and the re-run
+    of a finished run needs none of it.
+
+    Args:
+        interactive: Whether the output is a terminal (default: whether stderr is one).
+    """
+
+    def __init__(self, interactive: Optional[bool] = None) -> None:
+        self.interactive = interactive
+        self._runner: Optional[StageRunner] = None
+
+    @property
+    def runner(self) -> StageRunner:
+        """The :class:`~dcccl.commands.stage_runner.LightningStageRunner` (built on first use)."""
+        if self._runner is None:
+            from dcccl.commands.stage_runner import LightningStageRunner
+
+            self._runner = LightningStageRunner(self.interactive)
+        return self._runner
+
+    def resolve(self, call: StageCall) -> ResolvedStage:
+        """The config the call's stage would run with."""
+        return self.runner.resolve(call)
+
+    def __call__(self, call: StageCall, resume: bool) -> None:
+        """Run ``call``."""
+        self.runner(call, resume)
+
 
 def pipeline_main(argv: list[str],
-                  device_runner: Optional[Callable[[LightningStageRunner], StageRunner]] = None) -> dict[str, Any]:
+                  device_runner: Optional[Callable[[StageRunner], StageRunner]] = None) -> dict[str, Any]:
     """``dcccl pipeline``: parse, check everything before writing, run what must run, print the results.
 
     ``device_runner`` wraps the stage runner to run the device stages elsewhere (the Flower ServerApp sends them to
-    real devices); every other stage runs here.
+    real devices); every other stage runs here. A finished run whose plan is unchanged prints its table without
+    importing Lightning, loading the data or writing a file.
     """
     parser = pipeline_parser()
     cfg = parser.parse_args(argv)
     settings = settings_from(parser, cfg)
-    local = LightningStageRunner()
+    local = LightningRunner()
     runner: StageRunner = device_runner(local) if device_runner is not None else local
     plan_run = PlanRun(settings, dcccl_plan(settings), runner, restart_point(cfg), cfg.rerun_changed)
     data = None
     if not plan_run.up_to_date:
+        check_stage_names(settings)
         data = datamodule_of(settings).describe()  # loading the data checks it
         plan_run.check(data)  # before anything is written: bad input leaves an existing run directory as it was
         if is_rank_zero():

@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 import yaml
 from jsonargparse import Namespace
-from jsonargparse.typing import register_type
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger
@@ -18,7 +17,6 @@ from lightning.pytorch.loggers import CSVLogger
 from datamodules import DEFAULT_DATAMODULE
 from datamodules.base import DCCCLDataModule
 from dcccl.artifacts.exports import check_lightning_checkpoint
-from dcccl.config_path import ConfigPath
 from dcccl.reporting.tracking import prepare_wandb_environment, wandb_logger_args
 from lightning_modules import StageModule
 
@@ -26,10 +24,6 @@ STAGE_HELP = """dcccl: device-cloud collaborative controlled learning. Subcomman
 stage (e.g. dcccl fit --config configs/stages/cloud.yaml); 'dcccl pipeline --help' runs the whole method,
 'dcccl compare --help' compares it with the paper's baselines, 'dcccl ablate --help' compares variants of it,
 'dcccl export --help' writes the ONNX bundle, 'dcccl audit --help' attacks a run's device copies."""
-
-# Files named in a config file are relative to that file (jsonargparse reads each file from its folder).
-register_type(ConfigPath, serializer=str, deserializer=ConfigPath)
-
 
 def plain(value: Any) -> Any:
     """A parsed option as plain dicts and lists (jsonargparse namespaces converted)."""

@@ -11,6 +11,7 @@ from typing import ClassVar, Literal, Optional
 
 from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.backbones.spec import BackboneSpec
+from dcccl.errors import ConfigError
 from dcccl.federated.attacks import Attack
 from dcccl.federated.class_split import DataPartition
 from dcccl.federated.compression import Compression
@@ -128,7 +129,11 @@ class PlanBuilder:
         stage trains ``devices`` and keeps its logs in ``work_dir`` (default: the folder of the first output).
         """
         settings = self.settings
-        config_files = [snapshot(settings.stages[config_stage or stage])]  # what is checked is what runs
+        config_name = config_stage or stage
+        if config_name not in settings.stages:
+            raise ConfigError(f"the pipeline config names no stage config for {config_name}: add stages.{config_name} "
+                              "(see configs/quickstart.yaml)")
+        config_files = [snapshot(settings.stages[config_name])]  # what is checked is what runs
         if settings.data is not None:
             config_files.insert(0, snapshot(settings.data))
         work_dir = work_dir if work_dir is not None else outputs[0].parent
