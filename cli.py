@@ -61,7 +61,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     from dcccl.commands.console import configure_logging
 
-    configure_logging()
+    configure_logging(verbose="--verbose" in args)
     command = args[0] if args[0] in COMMANDS else None
     debug = "--debug" in args  # every command takes it; the stage CLI does not know it
     try:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 
 from dcccl.artifacts.atomic import atomic_torch_save, atomic_write_json
 from dcccl.artifacts.run_dir import BUDGET_REPORT
 from lightning_modules.training_budget import BudgetState, StoppingRule, TrainingBudget
+
+log = logging.getLogger("dcccl")  # shown on global rank zero only (dcccl.commands.console)
 
 BEST_WEIGHTS = "best_weights.pt"
 
@@ -86,7 +88,7 @@ class BudgetCallback(Callback):
             atomic_write_json(Path(trainer.default_root_dir) / BUDGET_REPORT, report)
         kept = (f"; kept the weights of epoch {state.best_epoch + 1} ({self.budget.monitor} {state.best:.4f})"
                 if restored and state.best is not None and state.best_epoch is not None else "")
-        rank_zero_info(f"[dcccl] {self.stage}: trained {epochs} epoch{'s' * (epochs != 1)} ({steps} steps, "
+        log.info(f"[dcccl] {self.stage}: trained {epochs} epoch{'s' * (epochs != 1)} ({steps} steps, "
                        f"{self.samples} samples); "
                        f"it {reason}{kept}")
 

@@ -49,6 +49,7 @@ from dcccl.errors import ConfigError
 from dcccl.federated.attacks import Attack, corrupt_weights, flip_labels, inflate_counts
 from dcccl.federated.device_report import DeviceReport, PrivacySpent, WireBytes, finished_reports, record_report
 from dcccl.federated.privacy import PrivateTraining
+from dcccl.pipeline.progress import DEVICES_FIELD
 from dcccl.pipeline.steps import DeviceTask
 from dcccl.ranks import barrier
 from lightning_modules.device import DeviceCoTrainingModule
@@ -415,7 +416,7 @@ class DeviceRoundModule(LightningModule):
             where = f" on rank {self.global_rank}" if self.trainer.world_size > 1 else ""
             log.info("[dcccl] device %d trained (%d/%d%s, %.2f s per device): %d epochs, %d steps, %d samples; it %s",
                      report.device, self._trained, mine, where, elapsed / self._trained, report.epochs, report.steps,
-                     report.samples, report.stopped)
+                     report.samples, report.stopped, extra={DEVICES_FIELD: (self._trained, mine)})
 
     def on_fit_end(self) -> None:
         """Wait for every process; then global rank zero writes the round's budget report (every device's record)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Optional
@@ -9,7 +10,6 @@ from typing import Optional
 import numpy as np
 import torch
 from lightning.pytorch.cli import OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
 from timm.data import Mixup
 from torch import nn
 from torchmetrics import MeanMetric, MeanSquaredError
@@ -25,6 +25,8 @@ from dcccl.pipeline.plan import DistillArguments
 from dcccl.pipeline.stages import register_stage
 from lightning_modules.stage_module import StageModule
 from lightning_modules.training_budget import TrainingBudget
+
+log = logging.getLogger("dcccl")  # shown on global rank zero only (dcccl.commands.console)
 
 
 def _run_seed() -> int:
@@ -136,7 +138,7 @@ class ControlDistillationModule(StageModule):
         if not self.cache_teacher_logits:
             return
         if self._augmented_data():
-            rank_zero_info("[dcccl] distillation: the teacher's logits are computed on every batch (not cached): "
+            log.info("[dcccl] distillation: the teacher's logits are computed on every batch (not cached): "
                            "the data augments its training images")
             return
         datamodule = self.trainer.datamodule  # type: ignore[attr-defined]
@@ -163,7 +165,7 @@ class ControlDistillationModule(StageModule):
         with torch.no_grad():
             self.synthesised_logits = self.cloud_submodel(self.synthesised).float()
         hit = (self.synthesised_logits.argmax(1).cpu() == targets).float().mean().item()
-        rank_zero_info(f"[dcccl] distillation: synthesised {self.synthesised_inputs} inputs from the cloud submodel "
+        log.info(f"[dcccl] distillation: synthesised {self.synthesised_inputs} inputs from the cloud submodel "
                        f"in {time.perf_counter() - started:.0f} s; it assigns {hit:.0%} of them their target class")
 
     def _synthesised_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,13 +10,15 @@ A device round keeps its template (the device stage module) outside its children
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import Metric
+
+log = logging.getLogger("dcccl")  # shown on global rank zero only (dcccl.commands.console)
 
 
 def stage_networks(pl_module: LightningModule) -> list[tuple[str, nn.Module]]:
@@ -61,4 +63,4 @@ class CompileNetworks(Callback):
                 network.compile(**self.options)
                 names.append(name)
         if names:
-            rank_zero_info(f"[dcccl] compiling {', '.join(names)} with torch.compile ({self.options['backend']})")
+            log.info(f"[dcccl] compiling {', '.join(names)} with torch.compile ({self.options['backend']})")

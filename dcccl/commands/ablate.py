@@ -60,7 +60,7 @@ def ablate_main(argv: list[str]) -> dict[str, Any]:
         check_stage_names(settings)
     first = next(iter(variants.values()))
     ablation = Ablation(variants, cfg.seeds, first.run.root / "ablation")
-    runner = LightningRunner()
+    runner = LightningRunner(verbose=cfg.verbose)
     variant_runs = [run for seed in ablation.seeds for run in ablation.runs(seed)]
     runs = [(run.name, run.seed, PlanRun(run.settings, run.plan, runner, restart_point(cfg), cfg.rerun_changed))
             for run in variant_runs]

@@ -47,7 +47,7 @@ def compare_main(argv: list[str]) -> dict[str, Any]:
     check_stage_names(settings)
     methods = select(cfg.methods)
     comparison = Comparison(settings, cfg.seeds, methods)
-    runner = LightningRunner()
+    runner = LightningRunner(verbose=cfg.verbose)
     method_runs = [method_run for seed in comparison.seeds for method_run in comparison.runs(seed)]
     runs = [(method_run.method.title, method_run.seed,
              PlanRun(method_run.settings, method_run.plan, runner, restart_point(cfg), cfg.rerun_changed,

@@ -46,6 +46,9 @@ def pipeline_parser(prog: str = "dcccl pipeline", description: str = PIPELINE_HE
                         help="Re-run from this point on (cloud, distill or rounds), keep what comes before.")
     parser.add_argument("--rerun_changed", action=ActionYesNo, default=False,
                         help="Re-run a finished stage whose config changed (and every later one) instead of refusing.")
+    parser.add_argument("--verbose", action=ActionYesNo, default=False,
+                        help="Print what Lightning prints inside each stage (start-up lines, warnings, test tables; "
+                             "its progress bars on a terminal) instead of the run's own progress alone.")
     parser.add_argument("--debug", action=ActionYesNo, default=False, help="Show full tracebacks on errors.")
     return parser
 
@@ -107,10 +110,12 @@ class LightningRunner:
 
     Args:
         interactive: Whether the output is a terminal (default: whether stderr is one).
+        verbose: Print what Lightning prints inside each stage.
     """
 
-    def __init__(self, interactive: Optional[bool] = None) -> None:
+    def __init__(self, interactive: Optional[bool] = None, verbose: bool = False) -> None:
         self.interactive = interactive
+        self.verbose = verbose
         self._runner: Optional[StageRunner] = None
 
     @property
@@ -119,7 +124,7 @@ class LightningRunner:
         if self._runner is None:
             from dcccl.commands.stage_runner import LightningStageRunner
 
-            self._runner = LightningStageRunner(self.interactive)
+            self._runner = LightningStageRunner(self.interactive, self.verbose)
         return self._runner
 
     def resolve(self, call: StageCall) -> ResolvedStage:
@@ -142,7 +147,7 @@ def pipeline_main(argv: list[str],
     parser = pipeline_parser()
     cfg = parser.parse_args(argv)
     settings = settings_from(parser, cfg)
-    local = LightningRunner()
+    local = LightningRunner(verbose=cfg.verbose)
     runner: StageRunner = device_runner(local) if device_runner is not None else local
     plan_run = PlanRun(settings, dcccl_plan(settings), runner, restart_point(cfg), cfg.rerun_changed)
     data = None

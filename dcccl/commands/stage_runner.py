@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Optional
 
 from jsonargparse import ArgumentError
@@ -25,6 +29,7 @@ from lightning_modules import DeviceRoundModule, DeviceSteps
 def cli_value(value: Any) -> str:
     """``value`` as a command-line value: strings as they are, anything else as JSON."""
     return value if isinstance(value, str) else json.dumps(value)
+
 
 def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
     """The stage CLI arguments (without subcommand) that carry out ``call``.
@@ -49,15 +54,24 @@ def stage_arguments(call: StageCall, interactive: bool = True) -> list[str]:
         args.append(f"--data.init_args.partition={call.partition}")
     return args + list(call.extra_args)
 
+
 class LightningStageRunner:
     """Runs a plan's stage calls in this process through :func:`cli_main`, the parser users run by hand.
 
+    Unless ``verbose``, Lightning stays quiet inside a run: its start-up lines (accelerators, seeds), the warnings
+    that say nothing about a pipeline's stage (logging interval, validation loader without validation step) and its
+    test tables after every evaluation are left out, and its progress bars are off (the run's own display shows
+    progress); ``dcccl fit|test`` alone print what Lightning prints.
+
     Args:
-        interactive: Whether the output is a terminal (progress bars); default: whether stderr is one.
+        interactive: Whether the output is a terminal; default: whether stderr is one.
+        verbose: Print what Lightning prints (its progress bars too, on a terminal).
     """
 
-    def __init__(self, interactive: Optional[bool] = None) -> None:
-        self.interactive = sys.stderr.isatty() if interactive is None else interactive
+    def __init__(self, interactive: Optional[bool] = None, verbose: bool = False) -> None:
+        terminal = sys.stderr.isatty() if interactive is None else interactive
+        self.interactive = terminal and verbose
+        self.verbose = verbose
         self._parser: Optional[LightningArgumentParser] = None
 
     def resolve(self, call: StageCall) -> ResolvedStage:
@@ -88,6 +102,10 @@ class LightningStageRunner:
         """Run ``call``; with W&B it gets its own run (grouped by pipeline, job type = stage), closed at its end."""
         if wandb_logger_args(call.trainer_args.get("logger")) is not None:
             name_next_wandb_run(group=call.group or call.stage, job_type=call.stage, name=call.run_name)
+        with quiet_lightning(not self.verbose):
+            self._run(call, resume)
+
+    def _run(self, call: StageCall, resume: bool) -> None:
         cli = cli_main(stage_arguments(call, interactive=self.interactive), run=False)
         # Whatever logger is configured, a stage's checkpoints and resolved config stay in its own directory,
         # with a last.ckpt to resume from if the stage is interrupted.
@@ -107,13 +125,46 @@ class LightningStageRunner:
         resumes = resume and call.command == "fit" and not call.devices
         resume_from = {"ckpt_path": str(call.last_checkpoint)} if resumes else {}
         try:
-            getattr(cli.trainer, call.command)(model, datamodule=cli.datamodule, **resume_from)
+            if call.command == "test":  # Lightning's table of the metrics, unless verbose (metrics.json has them)
+                cli.trainer.test(model, datamodule=cli.datamodule, verbose=self.verbose)
+            else:
+                getattr(cli.trainer, call.command)(model, datamodule=cli.datamodule, **resume_from)
         except OSError as err:  # Lightning's checkpoint writer does not say which file did not fit
             if err.errno in DISK_FULL_ERRNOS and not isinstance(err, DiskFullError):
                 raise DiskFullError(err.errno, err.filename or call.work_dir) from err
             raise
         finally:
             finish_wandb_run()
+
+
+# Lightning's warnings that say nothing about a pipeline's stage: its loaders are the DataModule's, its logging
+# interval is the trainer config's, a device stage validates on nothing.
+_STAGE_NOISE = (
+    r".*is smaller than the logging interval.*",
+    r".*You passed in a `val_dataloader` but have no `validation_step`.*",
+    r".*does not have many workers which may be a bottleneck.*",
+)
+
+
+@contextmanager
+def quiet_lightning(quiet: bool = True) -> Iterator[None]:
+    """Within the block, Lightning logs only warnings and its warnings about a stage's set-up are left out."""
+    if not quiet:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        for noise in _STAGE_NOISE:
+            warnings.filterwarnings("ignore", message=noise)
+        for logger in loggers:
+            logger.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
 
 def import_class(class_path: str) -> type:
     """The class a ``class_path`` (``package.module.Class``) names."""

@@ -22,6 +22,7 @@ from dcccl.artifacts.run_dir import RunDirectory
 from dcccl.errors import DCCCLError
 from dcccl.pipeline.boundary import ResolvedStage
 from dcccl.pipeline.config_snapshot import origin_of
+from dcccl.pipeline.progress import PROGRESS_FIELD, RunProgress, format_seconds, step_kind
 from dcccl.pipeline.settings import RESTART_ORDER, RestartPoint
 from dcccl.pipeline.steps import LocalStep, StageCall, Step
 from dcccl.ranks import barrier, is_global_zero
@@ -158,11 +159,17 @@ class Coordinator:
                 stale.unlink(missing_ok=True)
         ran: list[Step] = []
         started_run = time.perf_counter()
+        progress_of = RunProgress([step_kind(decision.step) for decision in decisions if decision.runs])
         for position, decision in enumerate(decisions, start=1):
             step = decision.step
             progress = f"[dcccl {self.name} {position}/{len(decisions)}] {step.label}"
+
+            def fields(position: int = position, label: str = step.label) -> dict[str, object]:
+                return {PROGRESS_FIELD: progress_of.fields(position, len(decisions), label,
+                                                           time.perf_counter() - started_run)}
+
             if not decision.runs:
-                log.info("%s: done already, skipped (%s)", progress, step.outputs[0])
+                log.info("%s: done already, skipped (%s)", progress, step.outputs[0], extra=fields())
                 if is_global_zero() and self.manifest.entry(step.outputs[0]) is None:
                     self._record(step, decision.config_sha256)  # adopt what a kill left unrecorded
                 continue
@@ -171,9 +178,14 @@ class Coordinator:
             elif decision.why == "inputs":
                 log.info("%s: an artifact it reads was made again; running it and every later stage again", progress)
             started = time.perf_counter()
-            self._run(step, decision, progress)
-            log.info("%s: finished in %.1f s (run so far %.0f s)", progress, time.perf_counter() - started,
-                     time.perf_counter() - started_run)
+            self._run(step, decision, progress, fields())
+            seconds = time.perf_counter() - started
+            progress_of.finished(seconds)
+            left = progress_of.time_left
+            estimate = f", about {format_seconds(left)} left" if left is not None and progress_of.done < len(
+                progress_of.kinds) else ""
+            log.info("%s: finished in %.1f s (run so far %s%s)", progress, seconds,
+                     format_seconds(time.perf_counter() - started_run), estimate, extra=fields())
             missing = [str(path) for path in step.outputs if not path.is_file()]
             if missing:
                 raise StageFailedError(f"stage {step.label!r} finished but did not write {', '.join(missing)}")
@@ -183,9 +195,9 @@ class Coordinator:
             self._report(step, progress)
         return ran
 
-    def _run(self, step: Step, decision: Decision, progress: str) -> None:
+    def _run(self, step: Step, decision: Decision, progress: str, fields: dict[str, object]) -> None:
         if isinstance(step, LocalStep):
-            log.info("%s: running", progress)
+            log.info("%s: running", progress, extra=fields)
             step.run()
             barrier()
             return
@@ -196,7 +208,7 @@ class Coordinator:
         fresh = decision.why != "missing"
         resume = self._prepare_stage_dir(step, decision.config_sha256, fresh)
         resumed = f" (resuming from {step.last_checkpoint})" if resume else ""
-        log.info("%s: running %s %s%s", progress, step.command, origin_of(step.config_files[-1]), resumed)
+        log.info("%s: running %s %s%s", progress, step.command, origin_of(step.config_files[-1]), resumed, extra=fields)
         self.runner(step, resume)
 
     def _record(self, step: Step, config: str) -> None:
