@@ -66,6 +66,26 @@ def test_a_device_refuses_a_message_that_carries_the_cloud_submodel(
     assert not (tmp_path / "node").exists()  # nothing was kept
 
 
+def test_a_virtual_node_of_the_simulation_runtime_keeps_its_state_per_partition(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dcccl.flower.client_app import node_dir
+
+    def context(node_config: dict, run_config: dict) -> Context:
+        return Context(run_id=7, node_id=99, node_config=node_config, state=RecordDict(), run_config=run_config)
+
+    virtual = {"partition-id": 2, "num-partitions": 3}  # what Flower's simulation runtime gives a virtual node
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path / "tmp"))  # what $TMPDIR sets
+    assert node_dir(context(virtual, {"node-state-dir": ""})) == tmp_path / "tmp/dcccl-simulation/partition_2/run_7"
+    shared = tmp_path / "shared"
+    assert node_dir(context(virtual, {"node-state-dir": str(shared)})) == shared / "partition_2/run_7"
+    with pytest.raises(ConfigError, match="node-state-dir must be an absolute path, got 'nodes'"):
+        node_dir(context(virtual, {"node-state-dir": "nodes"}))
+    # A real node's own state-dir wins; without one (and not virtual) it is refused.
+    assert node_dir(context({**virtual, "state-dir": str(shared)}, {})) == shared / "run_7"
+    with pytest.raises(ConfigError, match="the node needs a state-dir"):
+        node_dir(context({"partition-id": 2}, {}))
+
+
 def _free_ports(count: int) -> list[int]:
     sockets = [socket.socket() for _ in range(count)]
     for sock in sockets:
@@ -206,26 +226,69 @@ def fleet_config(tmp_path: Path, rounds: int = 2, **settings: object) -> Path:
     return path
 
 
-def run_on_flower(tmp_path: Path, config: Path, run_dir: Path, nodes: int = 3) -> None:
-    """Run ``config`` through the Flower App on a real SuperLink and ``nodes`` SuperNodes on loopback."""
-    home = tmp_path / "flwr_home"
+def flower_env(home: Path, link_port: int, **extra: str) -> dict[str, str]:
+    """The environment of Flower's commands, with a Flower configuration in ``home`` whose default connection,
+    ``loopback``, is the SuperLink on ``link_port``."""
     home.mkdir()
-    env = command_env(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                      FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS="1",
-                      PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    link_port, *node_ports = _free_ports(nodes + 1)
     (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                       f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    return command_env(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+                       FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", OMP_NUM_THREADS="1",
+                       PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra)
+
+
+def start_superlink(env: dict[str, str], port: int, log: Path, *options: str) -> subprocess.Popen:
+    """A SuperLink on 127.0.0.1:``port`` in a session of its own, listening when this returns."""
+    process = subprocess.Popen(
+        [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+         "--host", "127.0.0.1", "--port", str(port), "--database", ":flwr-in-memory:", *options],
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_port(port, process, log)
+    return process
+
+
+def run_to_the_end(env: dict[str, str], config: Path, run_dir: Path, processes: list[subprocess.Popen],
+                   *options: str, run_config: str = "") -> None:
+    """``flwr run configs/flower loopback`` with ``config`` and ``run_dir`` (and ``options``), until it finishes;
+    fails the test unless it completed."""
+    started = json.loads(_flwr(env, "run", "configs/flower", "loopback", "--format", "json", "--run-config",
+                               f'pipeline-config="{config}" run-dir="{run_dir}" reply-timeout=300.0 {run_config}',
+                               *options, timeout=120))
+    run_id = str(started["run-id"])
+    deadline, status = time.monotonic() + DEADLINE_S, ""
+    while time.monotonic() < deadline:
+        listed = json.loads(_flwr(env, "list", "loopback", "--run-id", run_id, "--format", "json", timeout=30))
+        status = listed["runs"][0]["status"]
+        if status.startswith("finished"):
+            break
+        assert all(process.poll() is None for process in processes), "a Flower process died"
+        time.sleep(2)
+    if status != "finished:completed":
+        shown = subprocess.run([str(BIN / "flwr"), "log", run_id, "loopback", "--show"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=60).stdout
+        pytest.fail(f"the Flower run ended as {status!r}:\n{shown[-6000:]}")
+
+
+def stop(processes: list[subprocess.Popen]) -> None:
+    """Kill each process's group (each was started in a session of its own)."""
+    for process in processes:
+        try:
+            os.killpg(process.pid, 9)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+def run_on_flower(tmp_path: Path, config: Path, run_dir: Path, nodes: int = 3) -> None:
+    """Run ``config`` through the Flower App on a real SuperLink and ``nodes`` SuperNodes on loopback."""
+    link_port, *node_ports = _free_ports(nodes + 1)
+    home = tmp_path / "flwr_home"
+    env = flower_env(home, link_port)
     processes: list[subprocess.Popen] = []
     logs = tmp_path / "logs"
     logs.mkdir()
     try:
-        link_log = logs / "superlink.log"
-        processes.append(subprocess.Popen(
-            [str(BIN / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-             "--host", "127.0.0.1", "--port", str(link_port), "--database", ":flwr-in-memory:"],
-            cwd=ROOT, env=env, stdout=link_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_for_port(link_port, processes[0], link_log)
+        processes.append(start_superlink(env, link_port, logs / "superlink.log"))
         for device, port in enumerate(node_ports):
             node_log = logs / f"supernode{device}.log"
             state = tmp_path / f"node{device}"
@@ -235,68 +298,59 @@ def run_on_flower(tmp_path: Path, config: Path, run_dir: Path, nodes: int = 3) -
                  "--node-config", f'partition-id={device} state-dir="{state}"'],
                 cwd=ROOT, env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
             _wait_for_port(port, processes[-1], node_log)
-        started = json.loads(_flwr(env, "run", "configs/flower", "loopback", "--format", "json", "--run-config",
-                                   f'pipeline-config="{config}" run-dir="{run_dir}" reply-timeout=300.0',
-                                   timeout=120))
-        run_id = str(started["run-id"])
-        deadline, status = time.monotonic() + DEADLINE_S, ""
-        while time.monotonic() < deadline:
-            listed = json.loads(_flwr(env, "list", "loopback", "--run-id", run_id, "--format", "json", timeout=30))
-            status = listed["runs"][0]["status"]
-            if status.startswith("finished"):
-                break
-            assert all(process.poll() is None for process in processes), "a Flower process died"
-            time.sleep(2)
-        if status != "finished:completed":
-            shown = subprocess.run([str(BIN / "flwr"), "log", run_id, "loopback", "--show"], cwd=ROOT, env=env,
-                                   capture_output=True, text=True, timeout=60).stdout
-            pytest.fail(f"the Flower run ended as {status!r}:\n{shown[-6000:]}")
+        run_to_the_end(env, config, run_dir, processes)
     finally:
-        for process in processes:
-            try:
-                os.killpg(process.pid, 9)
-            except ProcessLookupError:
-                pass
-            process.wait()
+        stop(processes)
 
     shutil.rmtree(home, ignore_errors=True)
 
 
-@pytest.mark.slow
-def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Path) -> None:
-    config = fleet_config(tmp_path)
-    # One thread, as each Flower process below gets: the same float arithmetic on both sides.
+def pipeline_reference(tmp_path: Path, config: Path) -> Path:
+    """``dcccl pipeline`` on ``config`` in ``tmp_path/reference``, one thread, as each Flower process gets: the same
+    float arithmetic on both sides."""
     reference = dcccl("pipeline", "--config", str(config), "--run_dir", str(tmp_path / "reference"),
                       env=command_env(OMP_NUM_THREADS="1"))
     assert reference.returncode == 0, reference.stderr[-3000:]
-    run_dir = tmp_path / "flower"
-    run_on_flower(tmp_path, config, run_dir)
+    return tmp_path / "reference"
 
-    expected = json.loads((tmp_path / "reference/metrics.json").read_text())
+
+def assert_serves_what_the_pipeline_serves(reference: Path, run_dir: Path, kept: list[Path], rounds: int = 2,
+                                           devices: int = 3) -> None:
+    """The Flower run in ``run_dir`` served what the pipeline's run in ``reference`` served, its ledger counts the
+    same transfers and exactly the tensors of its messages, and nothing its nodes ``kept`` is of the cloud submodel."""
+    expected = json.loads((reference / "metrics.json").read_text())
     served = json.loads((run_dir / "metrics.json").read_text())
     print("served per round: pipeline", expected["served/acc_per_round"], "flower", served["served/acc_per_round"])
     assert served["served/acc_per_round"] == pytest.approx(expected["served/acc_per_round"], abs=SERVED_TOLERANCE)
     # The ledger says what crossed: the same transfers as the pipeline's, and exactly the tensors of the messages.
     ledger = json.loads((run_dir / "transfers.json").read_text())
-    assert ledger["totals"] == json.loads((tmp_path / "reference/transfers.json").read_text())["totals"]
+    assert ledger["totals"] == json.loads((reference / "transfers.json").read_text())["totals"]
     counted: dict[tuple[int, int, str], int] = defaultdict(int)
     for transfer in ledger["transfers"]:
         if transfer["what"] in ("control_model", "co_submodel"):
             counted[(transfer["round"], transfer["device"], transfer["direction"])] += transfer["bytes"]
     sent: dict[tuple[int, int, str], int] = defaultdict(int)
-    for r in (1, 2):
+    for r in range(1, rounds + 1):
         for message in json.loads((run_dir / f"rounds/round_{r:03d}/devices/messages.json").read_text())["messages"]:
             sent[(message["round"], message["device"], message["direction"])] += message["payload_bytes"]
             assert message["message_bytes"] >= message["payload_bytes"]
-    assert dict(counted) == dict(sent) and len(sent) == 2 * 3 * 2
+    assert dict(counted) == dict(sent) and len(sent) == rounds * devices * 2
     # Nothing the nodes kept is the cloud submodel, nor holds any of its weights.
     cloud = [t for t in load_export(run_dir / "cloud/cloud_submodel.pt").state_dict.values() if t.numel() > 16]
-    kept = list(tmp_path.glob("node*/**/*.pt"))
     assert kept
     for path in kept:
         export = load_export(path)
         assert export.role in ("control_model", "co_submodel")
         assert not any(c.shape == t.shape and c.equal(t) for t in export.state_dict.values() for c in cloud)
+
+
+@pytest.mark.slow
+def test_a_loopback_fleet_on_flower_serves_what_the_pipeline_serves(tmp_path: Path) -> None:
+    config = fleet_config(tmp_path)
+    reference = pipeline_reference(tmp_path, config)
+    run_dir = tmp_path / "flower"
+    run_on_flower(tmp_path, config, run_dir)
+    assert_serves_what_the_pipeline_serves(reference, run_dir, list(tmp_path.glob("node*/**/*.pt")))
 
 
 @pytest.mark.slow

@@ -8,6 +8,9 @@ Each node is configured on its own machine (``flower-supernode --node-config``):
 - ``data-config``: a dcccl data config file on the node (its own image folder as the device side); the node then
   trains on all of its device-side samples.
 
+A virtual node of Flower's simulation runtime has only ``partition-id`` and ``num-partitions``: it plays the device
+``partition-id`` and keeps its state in :func:`simulated_state_dir`.
+
 Messages it answers: ``query.partition`` (which device it is), ``query.install`` (the control model, the
 co-submodel's architecture and the training settings, once per run), ``train`` (SecAgg+'s messages under secure
 aggregation: the round's co-submodel down, the masked update up) and ``train.copy`` (the round's co-submodel down; the
@@ -19,6 +22,7 @@ error reply, any message that carries a network of another role (the cloud submo
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
@@ -46,11 +50,26 @@ TRAIN_RECORDS: dict[str, set[str]] = {"co_submodel.weights": set(), "round": set
 
 
 def node_dir(context: Context) -> Path:
-    """This node's folder for the current run."""
+    """This node's folder for the current run: under its ``state-dir``, or for a virtual node of Flower's simulation
+    runtime (no ``state-dir``; ``num-partitions`` in its node config) under :func:`simulated_state_dir`."""
     state_dir = context.node_config.get("state-dir")
+    if state_dir is None and "num-partitions" in context.node_config:
+        state_dir = str(simulated_state_dir(context))
     if state_dir is None:
         raise ConfigError("the node needs a state-dir: flower-supernode --node-config 'state-dir=\"/abs/folder\" ...'")
     return Path(str(state_dir)) / f"run_{context.run_id}"
+
+
+def simulated_state_dir(context: Context) -> Path:
+    """Where a virtual node of Flower's simulation runtime keeps its state: ``partition_<id>`` under the run config's
+    ``node-state-dir`` (absolute; on a Ray cluster of several machines, a folder they all share, since any of them may
+    run a virtual node's next message), or else under ``dcccl-simulation`` in the temporary folder of the machine that
+    runs it."""
+    root = str(context.run_config.get("node-state-dir") or "")
+    if root and not Path(root).is_absolute():
+        raise ConfigError(f"node-state-dir must be an absolute path, got {root!r}")
+    base = Path(root) if root else Path(tempfile.gettempdir()) / "dcccl-simulation"
+    return base / f"partition_{partition_of(context)}"
 
 
 def partition_of(context: Context) -> Optional[int]:

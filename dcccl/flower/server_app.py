@@ -217,7 +217,9 @@ class FlowerDevices:
             if time.monotonic() > deadline:
                 raise DeviceFailed(f"device(s) {sorted(needed)} did not join within {self.node_wait:.0f} s "
                                    f"({len(self.node_of)} nodes known: start their SuperNodes with those "
-                                   "partition-ids)")
+                                   "partition-ids, or under Flower's simulation runtime give it at least "
+                                   f"{max(needed) + 1} virtual nodes: flwr run ... --federation-config "
+                                   f"'num-supernodes={max(needed) + 1}')")
             time.sleep(1.0)
 
     def _install(self, tasks: list[DeviceTask], call: StageCall, wire: list[WireRecord]) -> None:
