@@ -414,9 +414,10 @@ class DeviceRoundModule(LightningModule):
         if self._trained % every == 0 or self._trained == mine:
             elapsed = time.perf_counter() - self._started
             where = f" on rank {self.global_rank}" if self.trainer.world_size > 1 else ""
-            log.info("[dcccl] device %d trained (%d/%d%s, %.2f s per device): %d epochs, %d steps, %d samples; it %s",
-                     report.device, self._trained, mine, where, elapsed / self._trained, report.epochs, report.steps,
-                     report.samples, report.stopped, extra={DEVICES_FIELD: (self._trained, mine)})
+            log.info("[dcccl] device %d trained (%d/%d%s, %.2f s per device): %d epoch%s, %d steps, %d samples; it %s",
+                     report.device, self._trained, mine, where, elapsed / self._trained, report.epochs,
+                     "s" * (report.epochs != 1), report.steps, report.samples, report.stopped,
+                     extra={DEVICES_FIELD: (self._trained, mine)})
 
     def on_fit_end(self) -> None:
         """Wait for every process; then global rank zero writes the round's budget report (every device's record)."""
