@@ -3,13 +3,13 @@
 Each configuration runs ``dcccl pipeline`` with ``configs/fleet.yaml`` in its own process (every device
 trains in round 1, a few steps each) and the process's peak resident set size is read from the kernel
 (``os.wait4``). Fusion keeps one running weighted sum, so memory must not grow with the number of devices:
-the goal is a ratio of at most 1.5.
+the goal is a ratio of at most 1.5 (the median of the per-repeat ratios; the two configurations run in alternating
+turns, ``--repeats`` times each).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +17,18 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from repeat import (
+    ROOT,
+    Spread,
+    Verdict,
+    add_arguments,
+    environment,
+    header,
+    ratios,
+    schedule,
+    subprocess_env,
+    write_json,
+)
 
 
 def peak_rss_mib(num_devices: int, run_dir: Path, steps: int) -> tuple[float, float]:
@@ -30,7 +41,7 @@ def peak_rss_mib(num_devices: int, run_dir: Path, steps: int) -> tuple[float, fl
         "--trainer.enable_progress_bar", "false",
     ]
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(process.pid, 0)
     elapsed = time.perf_counter() - start
@@ -40,24 +51,33 @@ def peak_rss_mib(num_devices: int, run_dir: Path, steps: int) -> tuple[float, fl
 
 
 def main() -> None:
-    """Measure both configurations and print the ratio."""
+    """Measure both configurations in alternating turns and print the ratio."""
     parser = argparse.ArgumentParser(description=__doc__)
+    add_arguments(parser, repeats=3)
     parser.add_argument("--small", type=int, default=5, help="devices of the baseline run")
     parser.add_argument("--large", type=int, default=100, help="devices of the measured run")
     parser.add_argument("--steps", type=int, default=2, help="training steps per stage")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = parser.parse_args()
+    env = environment()
+    print(header(env), flush=True)
+    devices = {"small": args.small, "large": args.large}
+    mib: dict[str, list[float]] = {"small": [], "large": []}
+    seconds: dict[str, list[float]] = {"small": [], "large": []}
     with tempfile.TemporaryDirectory() as tmp:
-        small = peak_rss_mib(args.small, Path(tmp) / "small", args.steps)
-        large = peak_rss_mib(args.large, Path(tmp) / "large", args.steps)
-    ratio = large[0] / small[0]
-    print(f"{args.small:>4} devices: peak RSS {small[0]:8.1f} MiB  ({small[1]:.0f} s)")
-    print(f"{args.large:>4} devices: peak RSS {large[0]:8.1f} MiB  ({large[1]:.0f} s)")
-    print(f"ratio {ratio:.3f}  target <= 1.5: {'PASS' if ratio <= 1.5 else 'FAIL'}")
-    if args.json:
-        args.json.write_text(json.dumps({"small": {"devices": args.small, "peak_rss_mib": small[0]},
-                                         "large": {"devices": args.large, "peak_rss_mib": large[0]},
-                                         "ratio": ratio}, indent=2))
+        for repeat, side in schedule(("small", "large"), args.repeats):
+            peak, took = peak_rss_mib(devices[side], Path(tmp) / f"{side}_{repeat}", args.steps)
+            mib[side].append(peak)
+            seconds[side].append(took)
+            print(f"repeat {repeat + 1}: {devices[side]:>4} devices: peak RSS {peak:8.1f} MiB  ({took:.0f} s)",
+                  flush=True)
+    for side in ("small", "large"):
+        print(f"{devices[side]:>4} devices: peak RSS {Spread.of(mib[side]).describe(1, ' MiB')}")
+    verdict = Verdict(f"peak RSS {args.large} / {args.small} devices", Spread.of(ratios(mib["large"], mib["small"])),
+                      1.5)
+    print(verdict.line())
+    write_json(args.json, env, [verdict], steps=args.steps, repeats=args.repeats, **{
+        side: {"devices": devices[side], "peak_rss_mib": Spread.of(mib[side]).as_dict(),
+               "seconds": Spread.of(seconds[side]).as_dict()} for side in ("small", "large")})
 
 
 if __name__ == "__main__":

@@ -10,18 +10,19 @@ For each device count the script starts one process per side (so that each has i
 
 Both start from the same control model and co-submodel (fresh ``small_cnn`` width 8, as the quickstart's) on the
 bundled digits, the device side divided among ``N`` devices (Dirichlet 0.5). The DataModule is loaded before the
-clock starts on both sides. Figures: seconds per side, their ratio (target at most 1.3), the largest weight
-difference between the two sides' copies (0: both did the same steps), and each process's peak resident memory;
-the memory of the largest count against the smallest (target at most 1.5).
+clock starts on both sides. Each count runs ``--repeats`` times per side, the sides in alternating turns (plain
+first, then dcccl first, ...). Figures, each the median of the repeats with its spread: seconds per side, their
+per-repeat ratio (target: a median of at most 1.3), the largest weight difference between the two sides' copies
+(0: both did the same steps), each process's peak resident memory, and dcccl's memory of the largest count against
+the smallest (target at most 1.5).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from repeat import (
+    ROOT,
+    Spread,
+    Verdict,
+    add_arguments,
+    environment,
+    header,
+    ratios,
+    schedule,
+    subprocess_env,
+    write_json,
+)
+
+SIDES = ("plain", "dcccl")
 
 
 def _setup(workdir: Path, num_devices: int) -> tuple[Any, Path, Path]:
@@ -125,22 +139,42 @@ def largest_difference(dcccl_dir: Path, plain_dir: Path, num_devices: int) -> fl
 
 def measure(side: str, num_devices: int, min_steps: int, workdir: Path) -> dict[str, float]:
     """Run one side in its own process; its seconds and peak resident memory."""
+    workdir.mkdir()
     command = [sys.executable, __file__, "--child", side, "--devices", str(num_devices), "--min-steps",
                str(min_steps), "--workdir", str(workdir)]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True,
                             text=True)
     if result.returncode != 0:
         raise SystemExit(f"{side} with {num_devices} devices failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def measure_count(count: int, min_steps: int, repeats: int, tmp: Path) -> dict[str, Any]:
+    """Both sides at ``count`` devices, ``repeats`` times in alternating turns; per side every repeat's seconds and
+    peak memory, and the largest weight difference between the two sides' copies of each repeat."""
+    figures: dict[str, dict[str, list[float]]] = {side: {"seconds": [], "peak_rss_mib": []} for side in SIDES}
+    difference = 0.0
+    for repeat, side in schedule(SIDES, repeats):
+        result = measure(side, count, min_steps, tmp / f"{side}_{count}_{repeat}")
+        for key in figures[side]:
+            figures[side][key].append(result[key])
+        print(f"{count:>5} devices, repeat {repeat + 1}: {side:<5} {result['seconds']:7.1f} s, peak RSS "
+              f"{result['peak_rss_mib']:.0f} MiB", flush=True)
+        if all(len(figures[other]["seconds"]) == repeat + 1 for other in SIDES):  # both sides of this repeat ran
+            plain, ours = (tmp / f"{other}_{count}_{repeat}" for other in SIDES)
+            difference = max(difference, largest_difference(ours, plain, count))
+            shutil.rmtree(plain)
+            shutil.rmtree(ours)
+    return {"figures": figures, "max_weight_difference": difference}
+
+
 def main() -> None:
-    """Measure every device count on both sides and print the table, ratios and verdicts."""
+    """Measure every device count on both sides and print the figures, ratios and verdicts."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, repeats=3)
     parser.add_argument("--devices", type=int, nargs="+", default=[10, 100, 1000], help="device counts of a round")
     parser.add_argument("--min-steps", type=int, default=40, help="the local budget's floor in steps")
-    parser.add_argument("--json", type=Path, help="also write the figures as JSON")
-    parser.add_argument("--child", choices=("dcccl", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -151,35 +185,31 @@ def main() -> None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         print(json.dumps({"seconds": seconds, "peak_rss_mib": peak}))
         return
-    import lightning
-    import torch
-
-    rows = []
+    env = environment()
+    print(header(env), flush=True)
+    rows, verdicts = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for count in args.devices:
-            dirs = {side: Path(tmp) / f"{side}_{count}" for side in ("plain", "dcccl")}
-            for folder in dirs.values():
-                folder.mkdir()
-            figures = {side: measure(side, count, args.min_steps, folder) for side, folder in dirs.items()}
-            difference = largest_difference(dirs["dcccl"], dirs["plain"], count)
-            ratio = figures["dcccl"]["seconds"] / figures["plain"]["seconds"]
-            rows.append({"devices": count, "plain_s": figures["plain"]["seconds"],
-                         "dcccl_s": figures["dcccl"]["seconds"], "ratio": ratio, "max_weight_difference": difference,
-                         "plain_peak_rss_mib": figures["plain"]["peak_rss_mib"],
-                         "dcccl_peak_rss_mib": figures["dcccl"]["peak_rss_mib"]})
-            print(f"{count:>5} devices: plain {figures['plain']['seconds']:7.1f} s, dcccl "
-                  f"{figures['dcccl']['seconds']:7.1f} s, ratio {ratio:.3f} (target <= 1.3: "
-                  f"{'PASS' if ratio <= 1.3 else 'FAIL'}); same work: largest weight difference {difference:.2e}; "
-                  f"peak RSS dcccl {figures['dcccl']['peak_rss_mib']:.0f} MiB, plain "
-                  f"{figures['plain']['peak_rss_mib']:.0f} MiB", flush=True)
-    memory = rows[-1]["dcccl_peak_rss_mib"] / rows[0]["dcccl_peak_rss_mib"]
-    print(f"peak RSS {rows[-1]['devices']} devices / {rows[0]['devices']} devices: {memory:.3f} "
-          f"(target <= 1.5: {'PASS' if memory <= 1.5 else 'FAIL'})")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "rows": rows, "memory_ratio": memory, "min_steps": args.min_steps,
-            "versions": {"torch": torch.__version__, "lightning": lightning.__version__,
-                         "python": platform.python_version()}, "cpus": os.cpu_count()}, indent=2))
+            measured = measure_count(count, args.min_steps, args.repeats, Path(tmp))
+            figures = measured["figures"]
+            verdict = Verdict(f"{count:>5} devices, seconds dcccl / plain",
+                              Spread.of(ratios(figures["dcccl"]["seconds"], figures["plain"]["seconds"])), 1.3)
+            verdicts.append(verdict)
+            for side in SIDES:
+                print(f"{count:>5} devices, {side:<5}: {Spread.of(figures[side]['seconds']).describe(1, ' s')}; "
+                      f"peak RSS median {Spread.of(figures[side]['peak_rss_mib']).median:.0f} MiB")
+            print(f"{verdict.line()}; same work: largest weight difference {measured['max_weight_difference']:.2e}",
+                  flush=True)
+            rows.append({"devices": count, "max_weight_difference": measured["max_weight_difference"],
+                         **{f"{side}_{key}": Spread.of(values).as_dict()
+                            for side in SIDES for key, values in figures[side].items()}})
+    largest, smallest = (row["dcccl_peak_rss_mib"]["values"] for row in (rows[-1], rows[0]))
+    memory = Verdict(f"peak RSS of dcccl, {rows[-1]['devices']} / {rows[0]['devices']} devices",
+                     Spread.of(ratios(largest, smallest)), 1.5)
+    verdicts.append(memory)
+    print(memory.line())
+    write_json(args.json, env, verdicts, rows=rows, min_steps=args.min_steps, repeats=args.repeats,
+               order=list(SIDES))
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ For each stage and side the script starts its own process (so that each has its 
   DataLoader (the DataModule's own: timm's training pipeline with random-resized crop and flip, the same workers),
   calling the same module's forward and loss, with the same optimizer.
 
-Both sides skip ``--warmup`` steps, then time ``--steps`` steps. Figures: images per second per side, the ratio of
-plain to dcccl seconds (target at most 1.10), and each process's peak resident memory (CPU) or peak CUDA memory.
+Both sides skip ``--warmup`` steps, then time ``--steps`` steps, ``--repeats`` times each in alternating turns
+(plain first, then dcccl first, ...). Figures, each the median of the repeats with its spread: images per second per
+side, the per-repeat ratio of dcccl to plain seconds (target: a median of at most 1.10), and each process's peak
+resident memory (CPU) or peak CUDA memory.
 With a GPU the script measures at 224 px in ``bf16-mixed`` (``torch.autocast`` on the plain side); on a CPU at
 ``--image-size`` (64-96 px) in 32-bit.
 
@@ -21,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -31,8 +31,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from repeat import (
+    ROOT,
+    Spread,
+    Verdict,
+    add_arguments,
+    environment,
+    header,
+    ratios,
+    schedule,
+    subprocess_env,
+    write_json,
+)
+
 STAGES = ("cloud", "device")
+SIDES = ("plain", "dcccl")
 
 
 def _folders(root: Path, size: int) -> dict[str, str]:
@@ -74,6 +87,7 @@ def _module(stage: str, workdir: Path) -> Any:
 
 
 def run_dcccl(data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
+    """Fit ``module`` with a Lightning ``Trainer``; seconds of the ``steps`` steps after ``warmup``."""
     from lightning.pytorch import Callback, Trainer
 
     class Clock(Callback):
@@ -97,6 +111,7 @@ def run_dcccl(data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> flo
 
 
 def run_plain(data: Any, module: Any, warmup: int, steps: int, gpu: bool) -> float:
+    """The same steps in a plain loop over the DataModule's loader; seconds of the ``steps`` after ``warmup``."""
     import torch
 
     device = torch.device("cuda" if gpu else "cpu")
@@ -134,6 +149,7 @@ def _synchronize(gpu: bool) -> None:
 
 
 def child(stage: str, side: str, workdir: Path, image_size: int, batch_size: int, warmup: int, steps: int) -> None:
+    """One side of one stage in this process; prints its figures as one JSON line."""
     import torch
 
     gpu = torch.cuda.is_available()
@@ -148,26 +164,40 @@ def child(stage: str, side: str, workdir: Path, image_size: int, batch_size: int
 
 
 def measure(stage: str, side: str, args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """Run one side of ``stage`` in its own process; its seconds, images per second and peak memory."""
     command = [sys.executable, __file__, "--child", stage, "--side", side, "--workdir", str(workdir),
                "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
                "--warmup", str(args.warmup), "--steps", str(args.steps)]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True,
                             text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{stage}/{side} failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def measure_stage(stage: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Both sides of ``stage``, ``args.repeats`` times in alternating turns: per side every repeat's figures."""
+    sides: dict[str, dict[str, list[float]]] = {side: {"seconds": [], "images_per_s": [], "peak_mib": []}
+                                                for side in SIDES}
+    for repeat, side in schedule(SIDES, args.repeats):
+        result = measure(stage, side, args, workdir)
+        for key in sides[side]:
+            sides[side][key].append(result[key])
+        print(f"{stage:6s} repeat {repeat + 1}: {side:<5} {result['images_per_s']:7.1f} img/s, peak "
+              f"{result['peak_mib']:.0f} MiB", flush=True)
+    return sides
+
+
 def main() -> None:
     """Measure both stages on both sides and print (and optionally write) the figures."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, repeats=3)
     parser.add_argument("--image-size", type=int, default=64, help="input size on a CPU (a GPU uses 224)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", choices=STAGES, help=argparse.SUPPRESS)
-    parser.add_argument("--side", choices=("dcccl", "plain"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -175,23 +205,28 @@ def main() -> None:
         return
     import torch
 
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    env = environment()
+    print(header(env) + (f"; GPU {gpu}" if gpu else ""), flush=True)
+    figures: dict[str, Any] = {}
+    verdicts = []
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         (workdir / "folders.json").write_text(json.dumps(_folders(workdir / "images", 2 * args.image_size)))
-        figures: dict[str, Any] = {}
         for stage in STAGES:
-            sides = {side: measure(stage, side, args, workdir) for side in ("plain", "dcccl")}
-            ratio = sides["dcccl"]["seconds"] / sides["plain"]["seconds"]
-            figures[stage] = {**sides, "ratio": ratio}
-            print(f"{stage:6s} plain {sides['plain']['images_per_s']:7.1f} img/s, dcccl "
-                  f"{sides['dcccl']['images_per_s']:7.1f} img/s, ratio {ratio:.2f} (target <= 1.10); peak "
-                  f"{sides['plain']['peak_mib']:.0f} vs {sides['dcccl']['peak_mib']:.0f} MiB")
-    if args.json:
-        args.json.write_text(json.dumps({
-            "figures": figures, "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "image_size": 224 if torch.cuda.is_available() else args.image_size, "batch_size": args.batch_size,
-            "steps": args.steps}, indent=2))
+            sides = measure_stage(stage, args, workdir)
+            verdict = Verdict(f"{stage} seconds dcccl / plain", Spread.of(ratios(sides["dcccl"]["seconds"],
+                                                                                  sides["plain"]["seconds"])), 1.10)
+            verdicts.append(verdict)
+            figures[stage] = {side: {key: Spread.of(values).as_dict() for key, values in sides[side].items()}
+                              for side in SIDES}
+            for side in SIDES:
+                print(f"{stage:6s} {side:<5}: {Spread.of(sides[side]['images_per_s']).describe(1, ' img/s')}; "
+                      f"peak median {Spread.of(sides[side]['peak_mib']).median:.0f} MiB")
+            print(verdict.line(), flush=True)
+    write_json(args.json, env, verdicts, figures=figures, gpu=gpu, image_size=224 if gpu else args.image_size,
+               batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, repeats=args.repeats,
+               order=list(SIDES))
 
 
 if __name__ == "__main__":
