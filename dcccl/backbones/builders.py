@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-import timm
 import torch
 from torch import nn
 
@@ -80,6 +79,8 @@ def _import_builder(path: str) -> BackboneBuilder:
 
 
 def _not_found(name: str) -> BackboneNotFoundError:
+    import timm  # imported here: a command that builds no network does not wait for it
+
     candidates = list_backbones() + timm.list_models()
     close = difflib.get_close_matches(name, candidates, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -185,6 +186,7 @@ def hub_cache_dir() -> Path:
 
 def cached_pretrained_file(name: str) -> Path | None:
     """The file of timm's pretrained weights for ``name`` in the local hub cache, or ``None`` (never downloads)."""
+    import timm  # imported here: a command that builds no network does not wait for it
     from huggingface_hub import try_to_load_from_cache
     from timm.models import get_pretrained_cfg
 
@@ -202,6 +204,8 @@ def cached_pretrained_file(name: str) -> Path | None:
 
 def pretrained_file(name: str) -> Path:
     """Where timm's pretrained weights for ``name`` are on this machine; refused, saying where to put them."""
+    import timm  # imported here: a command that builds no network does not wait for it
+
     if not timm.is_model(name):
         raise ConfigError(f"pretrained: true needs a timm model name, got {name!r}: give checkpoint_path a weights "
                           "file instead")
@@ -228,6 +232,8 @@ def check_backbone(name: str, checkpoint_path: str | Path | None = None, pretrai
         MissingPretrainedWeightsError: ``pretrained`` without ``checkpoint_path``, and timm's weights are not in the
             local Hugging Face cache.
     """
+    import timm  # imported here: a command that builds no network does not wait for it
+
     if name not in BACKBONES:
         if ":" in name:
             _import_builder(name)
@@ -283,6 +289,8 @@ def build_backbone(
             cache, loaded by timm (its key filters, a classifier of another size re-initialised).
         **kwargs: Passed to the builder (for timm: to ``timm.create_model``).
     """
+    import timm  # imported here: a command that builds no network does not wait for it
+
     if pretrained and checkpoint_path is None:
         weights = pretrained_file(name)
         # timm's own loader, pointed at the local file: nothing reaches for the hub.
