@@ -391,3 +391,31 @@ def test_secure_aggregation_on_loopback_equals_plain_fedavg_within_its_quantisat
     assert all(size >= sum(v.numel() for v in fused.values() if v.is_floating_point()) for size in up.values())
     assert {m["kind"] for m in messages} >= {"secagg+ setup", "secagg+ share_keys", "secagg+ collect_masked_vectors",
                                             "secagg+ unmask"}
+
+
+def test_the_cloud_checks_for_replies_at_the_run_config_s_pace() -> None:
+    from types import SimpleNamespace
+
+    from dcccl.flower.polling import DEFAULT_POLL_INTERVAL, poll_interval_of, send_and_receive
+
+    assert poll_interval_of(None) == DEFAULT_POLL_INTERVAL and poll_interval_of(3) == 3.0
+    for bad in ("fast", 0.0, 100, True):
+        with pytest.raises(ConfigError, match="poll-interval must be a number of seconds"):
+            poll_interval_of(bad)
+
+    class Grid:  # replies come one per pull, the last never
+        pulls = 0
+
+        def push_messages(self, messages: object) -> list[str]:
+            return ["a", "b", "c"]
+
+        def pull_messages(self, ids: set[str]) -> list[object]:
+            self.pulls += 1
+            came = sorted(ids)[:1] if "c" not in ids or len(ids) > 1 else []
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in came if i != "c"]
+
+    grid = Grid()
+    started = time.monotonic()
+    replies = send_and_receive(grid, [], timeout=0.5, interval=0.05)  # type: ignore[arg-type]
+    assert [r.metadata.reply_to_message_id for r in replies] == ["a", "b"]
+    assert 0.45 <= time.monotonic() - started < 1.5 and grid.pulls >= 5

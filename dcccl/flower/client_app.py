@@ -23,24 +23,26 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
-from flwr.compat.common import recorddict_compat as compat
 
-from dcccl.artifacts.exports import NetworkExport, load_export, save_export
 from dcccl.errors import ConfigError
-from dcccl.federated.device_report import DeviceReport, finished_reports
-from dcccl.federated.secure_aggregation import update_arrays
-from dcccl.flower.records import RefusedMessage, check_received, network_from, weights_record
-from dcccl.pipeline.steps import DeviceTask, StageCall
+from dcccl.flower.records import RefusedMessage, check_received
 
+if TYPE_CHECKING:
+    from dcccl.artifacts.exports import NetworkExport
+    from dcccl.federated.device_report import DeviceReport
+    from dcccl.pipeline.steps import StageCall
+
+# Flower starts a fresh flwr-clientapp process for every message: each handler imports only what its message needs
+# (a query for the node's partition imports neither torch nor timm nor Lightning; a round imports all three).
+LOADED_AT = time.time()  # when this process loaded the app (after Python and Flower started)
 app = ClientApp()
 
 # Record name -> the roles a network under it may have: what each message may carry, nothing else.
@@ -90,6 +92,9 @@ def partition(message: Message, context: Context) -> Message:
 @app.query("install")
 def install(message: Message, context: Context) -> Message:
     """Keep the control model, the co-submodel's architecture and the training settings on the node's disk."""
+    from dcccl.artifacts.exports import save_export
+    from dcccl.flower.records import network_from
+
     check_received(message.content, INSTALL_RECORDS)
     folder = node_dir(context)
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,6 +109,8 @@ def install(message: Message, context: Context) -> Message:
 
 def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_index: int) -> StageCall:
     """The device stage this node runs for a round: the cloud's recipe, this node's files and data."""
+    from dcccl.pipeline.steps import DeviceTask, StageCall
+
     work = folder / f"round_{round_index:03d}"
     work.mkdir(parents=True, exist_ok=True)
     stage_config = work / "device.yaml"
@@ -142,9 +149,11 @@ def device_call(folder: Path, recipe: dict[str, Any], context: Context, round_in
         devices=(DeviceTask(device, start, copy, state_in=state_in, state_out=state_out),))
 
 
-def train_here(context: Context, round_index: int, start: NetworkExport) -> tuple[StageCall, NetworkExport,
-                                                                                 DeviceReport]:
-    """Train this device's copy for ``round_index`` from ``start``: the call it ran, its copy, what it reports."""
+def train_here(context: Context, round_index: int, start: NetworkExport,
+               entered: float) -> tuple[StageCall, NetworkExport, DeviceReport]:
+    """Train this device's copy for ``round_index`` from ``start`` (its message's handler started at ``entered``):
+    the call it ran, its copy, what it reports."""
+    from dcccl.artifacts.exports import load_export, save_export
     from dcccl.commands.stage_runner import LightningStageRunner  # the pipeline's own stage runner (imports Lightning)
 
     folder = node_dir(context)
@@ -153,15 +162,27 @@ def train_here(context: Context, round_index: int, start: NetworkExport) -> tupl
     recipe = json.loads((folder / "recipe.json").read_text())
     call = device_call(folder, recipe, context, round_index)
     save_export(start, call.devices[0].start)
+    fit_started = time.time()
     LightningStageRunner(interactive=False)(call, resume=False)
+    fit_ended = time.time()
     copy = load_export(call.devices[0].export, "co_submodel")
+    write_timing(call.work_dir, {"app_loaded": LOADED_AT, "handler_started": entered, "fit_started": fit_started,
+                                 "fit_ended": fit_ended})
     return call, copy, report_of(call.work_dir, call.devices[0].device, copy)
+
+
+def write_timing(work_dir: Path, moments: dict[str, float]) -> None:
+    """Keep in ``work_dir/timing.json`` when this round's process loaded the app, entered the handler (its imports
+    follow) and started and ended the device stage (Unix seconds; benchmarks/flower_round.py reads them)."""
+    (work_dir / "timing.json").write_text(json.dumps(moments))
 
 
 def report_of(work_dir: Path, device: int, copy: NetworkExport) -> DeviceReport:
     """What this node reports up of the device round it ran in ``work_dir``: what the round recorded of ``device``
     (epochs, steps, samples, with DP-SGD the epsilon spent over the run so far) with the counts its ``copy`` goes up
     with."""
+    from dcccl.federated.device_report import finished_reports
+
     trained = finished_reports(work_dir, [device])[0]
     return trained.with_counts(int(copy.sample_count or 0), copy.class_counts)
 
@@ -174,10 +195,13 @@ def architecture(context: Context) -> ConfigRecord:
 @app.train("copy")
 def train(message: Message, context: Context) -> Message:
     """Train this device's copy from the round's co-submodel; send the copy and its counts back."""
+    entered = time.time()
+    from dcccl.flower.records import network_from, weights_record
+
     check_received(message.content, TRAIN_RECORDS)
     round_index = int(message.content.config_records["round"]["round"])  # type: ignore[arg-type]
     start = network_from(architecture(context), message.content.array_records["co_submodel.weights"])
-    _, copy, report = train_here(context, round_index, start)
+    _, copy, report = train_here(context, round_index, start, entered)
     return Message(RecordDict({"co_submodel.weights": weights_record(copy), "counts": MetricRecord(report.to_wire())}),
                    reply_to=message)
 
@@ -186,6 +210,14 @@ def train(message: Message, context: Context) -> Message:
 def secure_train(message: Message, context: Context) -> Message:
     """A round under secure aggregation: train from the co-submodel SecAgg+ brings, reply with the update (the copy
     minus its start) for ``secaggplus_mod`` to mask, weighted by the sample count (or by one)."""
+    entered = time.time()
+    import torch
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+
+    from dcccl.federated.secure_aggregation import update_arrays
+    from dcccl.flower.records import network_from
+
     fit_ins = compat.recorddict_to_fitins(message.content, keep_input=True)
     round_index = int(fit_ins.config["round"])  # type: ignore[arg-type]
     description = architecture(context)
@@ -199,7 +231,7 @@ def secure_train(message: Message, context: Context) -> Message:
                              f"{len(keys)}")
     start_state = {key: torch.as_tensor(array) for key, array in zip(keys, arrays)}
     start = replace(empty, state_dict=start_state)
-    _, copy, report = train_here(context, round_index, start)
+    _, copy, report = train_here(context, round_index, start, entered)
     weight = report.sample_count if fit_ins.config.get("weight-by-samples", True) else 1
     # The cloud sees only the round's mean: no device's samples per class go up with it.
     counts = replace(report, class_counts=None).to_wire()

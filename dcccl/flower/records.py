@@ -7,13 +7,14 @@ classes, channels), so the receiver can refuse it by role before reading the wei
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
-from dcccl.artifacts.exports import NetworkExport
-from dcccl.backbones.spec import BackboneSpec
 from dcccl.errors import DCCCLError
+
+if TYPE_CHECKING:  # torch and timm: imported by the functions that build networks, not by a device's queries
+    from dcccl.artifacts.exports import NetworkExport
 
 
 class RefusedMessage(DCCCLError):
@@ -34,6 +35,9 @@ def weights_record(export: NetworkExport) -> ArrayRecord:
 def network_from(description: ConfigRecord, weights: ArrayRecord, sample_count: Optional[int] = None,
                  class_counts: Optional[list[int]] = None) -> NetworkExport:
     """The export a description and its weights make."""
+    from dcccl.artifacts.exports import NetworkExport
+    from dcccl.backbones.spec import BackboneSpec
+
     backbone = BackboneSpec.from_dict(json.loads(str(description["backbone"])))
     return NetworkExport(str(description["role"]), backbone, int(description["num_classes"]),  # type: ignore[arg-type]
                          int(description["in_chans"]), weights.to_torch_state_dict(), sample_count, class_counts)

@@ -28,6 +28,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from dcccl.federated.secure_aggregation import SecureAggregation
+from dcccl.flower.polling import DEFAULT_POLL_INTERVAL, send_and_receive
 from dcccl.flower.records import payload_bytes
 
 # The workflow's records in the ServerApp's state: the round and the parameters of the round.
@@ -86,6 +87,7 @@ class CountingGrid:
     message bytes)``."""
 
     grid: Grid
+    poll_interval: float = DEFAULT_POLL_INTERVAL
     counted: list[tuple[int, str, str, int, int]] = field(default_factory=list)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: Optional[float] = None) -> Iterable[Message]:
@@ -93,7 +95,7 @@ class CountingGrid:
         sent = list(messages)
         for message in sent:
             self._count(message.metadata.dst_node_id, message, "down")
-        replies = list(self.grid.send_and_receive(sent, timeout=timeout))
+        replies = send_and_receive(self.grid, sent, timeout, self.poll_interval)
         for reply in replies:
             if not reply.has_error():
                 self._count(reply.metadata.src_node_id, reply, "up")
@@ -125,15 +127,17 @@ def _value_bytes(value: Any) -> int:
 
 
 def secure_mean(grid: Grid, context: Context, nodes: list[int], start: list[np.ndarray], round_index: int,
-                settings: SecureAggregation, weight_by_samples: bool) -> tuple[MeanOnly, CountingGrid]:
+                settings: SecureAggregation, weight_by_samples: bool,
+                poll_interval: float = DEFAULT_POLL_INTERVAL) -> tuple[MeanOnly, CountingGrid]:
     """Run SecAgg+ for one round over ``nodes``, each starting from ``start``; the strategy holds the mean update
-    (``None`` when the protocol halted) and every device's clear-text report, the grid every message's bytes."""
+    (``None`` when the protocol halted) and every device's clear-text report, the grid every message's bytes. The
+    grid checks for replies every ``poll_interval`` seconds."""
     fit_ins = FitIns(ndarrays_to_parameters(start), {"round": round_index, "weight-by-samples": weight_by_samples})
     strategy = MeanOnly([(GridClientProxy(node, grid, context.run_id), fit_ins) for node in nodes])
     legacy = LegacyContext(context, ServerConfig(num_rounds=1), strategy)
     legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({CURRENT_ROUND: round_index})
     legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(fit_ins.parameters, True)
-    counting = CountingGrid(grid)
+    counting = CountingGrid(grid, poll_interval)
     workflow = SecAggPlusWorkflow(settings.num_shares, settings.reconstruction_threshold,
                                   max_weight=settings.max_weight, clipping_range=settings.clipping_range,
                                   quantization_range=settings.quantization_range, timeout=settings.timeout)

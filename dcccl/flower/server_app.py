@@ -9,7 +9,8 @@ through Flower's SecAgg+ (:mod:`dcccl.flower.secure`).
 
 Run configuration (``[tool.flwr.app.config]`` of ``configs/flower/pyproject.toml``, or ``flwr run --run-config``):
 ``pipeline-config`` (an absolute path to a pipeline config), ``run-dir`` (absolute; default: the config's own),
-``reply-timeout`` (seconds a round waits for its devices) and ``node-wait`` (seconds to wait for the nodes to join).
+``reply-timeout`` (seconds a round waits for its devices), ``node-wait`` (seconds to wait for the nodes to join) and
+``poll-interval`` (seconds between two checks for replies).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dcccl.federated.device_report import DeviceReport, MalformedReport, WireByt
 from dcccl.federated.ledger import Ledger
 from dcccl.federated.replies import reply_problems
 from dcccl.federated.secure_aggregation import apply_mean_update
+from dcccl.flower.polling import DEFAULT_POLL_INTERVAL, poll_interval_of, send_and_receive
 from dcccl.flower.records import describe_network, payload_bytes, weights_record
 from dcccl.flower.secure import secure_mean
 from dcccl.pipeline.boundary import ResolvedStage
@@ -103,6 +105,7 @@ class FlowerDevices:
         device_nodes: Which node id plays each device (``device-nodes`` in the run config). With SuperNode
             authentication a node id belongs to one registered key, so a node that claims another's partition-id is
             left out; without it, a node's partition-id is taken at its word.
+        poll_interval: Seconds between two checks for replies.
     """
 
     # A node may train on a data config of its own: the cloud's partition says nothing of its share, so a reply's
@@ -110,8 +113,11 @@ class FlowerDevices:
     devices_train_on_the_partition = False
 
     def __init__(self, grid: Grid, local: StageRunner, reply_timeout: float = 600.0, node_wait: float = 120.0,
-                 context: Optional[Context] = None, device_nodes: Optional[dict[int, int]] = None) -> None:
+                 context: Optional[Context] = None, device_nodes: Optional[dict[int, int]] = None,
+                 poll_interval: float = DEFAULT_POLL_INTERVAL) -> None:
         self.grid = grid
+        self.poll_interval = poll_interval
+        self.exchanges: list[dict[str, Any]] = []  # when each exchange of the current call started and ended
         self.device_nodes = device_nodes
         self.context = context
         self.local = local
@@ -155,6 +161,7 @@ class FlowerDevices:
                      len(call.devices) - len(pending), len(call.devices), len(pending))
         self._find_nodes([task.device for task in pending])
         wire: list[WireRecord] = []
+        self.exchanges = []
         try:
             self._install([task for task in pending if task.device not in self.installed], call, wire)
             if call.secure_sum is not None:
@@ -164,8 +171,9 @@ class FlowerDevices:
         finally:  # what was sent is logged, also when a device failed
             log_path = call.work_dir / "messages.json"
             resumed = len(pending) < len(call.devices) and log_path.is_file()  # keep what the cut-short start sent
-            earlier = json.loads(log_path.read_text())["messages"] if resumed else []
-            atomic_write_json(log_path, {"messages": earlier + [asdict(record) for record in wire]})
+            earlier = json.loads(log_path.read_text()) if resumed else {}
+            atomic_write_json(log_path, {"messages": earlier.get("messages", []) + [asdict(record) for record in wire],
+                                         "exchanges": earlier.get("exchanges", []) + self.exchanges})
 
     def _exchange(self, messages: dict[int, Message], what: str) -> dict[int, Message]:
         """Send one message per node and return the replies by node; any error or silence raises."""
@@ -176,7 +184,9 @@ class FlowerDevices:
 
     def _exchange_some(self, messages: dict[int, Message], what: str) -> tuple[dict[int, Message], list[str]]:
         """Send one message per node; the good replies by node, and what went wrong with the others."""
-        replies = self.grid.send_and_receive(list(messages.values()), timeout=self.reply_timeout)
+        sent_at = time.time()
+        replies = send_and_receive(self.grid, list(messages.values()), self.reply_timeout, self.poll_interval)
+        self.exchanges.append({"what": what, "messages": len(messages), "sent": sent_at, "replied": time.time()})
         by_node: dict[int, Message] = {}
         failures: list[str] = []
         for reply in replies:
@@ -292,7 +302,7 @@ class FlowerDevices:
                  len(tasks))
         strategy, counting = secure_mean(self.grid, self.context, list(nodes),
                                          [value.numpy() for value in start.state_dict.values()], call.round_index,
-                                         secure.settings, secure.weight_by_samples)
+                                         secure.settings, secure.weight_by_samples, self.poll_interval)
         up_bytes: dict[int, int] = {}
         down_bytes: dict[int, int] = {}
         for node, stage, direction, payload, total in counting.counted:
@@ -405,6 +415,7 @@ def main(grid: Grid, context: Context) -> None:
     configure_logging()
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request to the SuperLink otherwise
     bound = parse_device_nodes(str(config["device-nodes"])) if config.get("device-nodes") else None
+    poll_interval = poll_interval_of(config.get("poll-interval"))
     pipeline_main(argv, device_runner=lambda local: FlowerDevices(
         grid, local, float(config.get("reply-timeout", 600.0)), float(config.get("node-wait", 120.0)),  # type: ignore[arg-type]
-        context, bound))
+        context, bound, poll_interval))
