@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 PIPELINE = ("pipeline", "--config", "configs/quickstart.yaml", "--rounds", "1", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false")
-DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+# --verbose: Lightning's own lines ("Starting with 2 processes", the backend) show that the run was distributed.
+DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--verbose")
 PROGRESS = re.compile(r"^\[dcccl quickstart \d+/\d+\] (?P<label>.+): running ", re.MULTILINE)
 
 
