@@ -59,17 +59,17 @@ def main(argv: Optional[list[str]] = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         print(OVERVIEW)
         return
+    command = args[0] if args[0] in COMMANDS else None
+    if command is None:  # a stage command: Lightning, imported first, keeps its own console output as it sets it up
+        from dcccl.commands.stage_cli import cli_main
     from dcccl.commands.console import configure_logging
 
     configure_logging(verbose="--verbose" in args)
-    command = args[0] if args[0] in COMMANDS else None
     debug = "--debug" in args  # every command takes it; the stage CLI does not know it
     try:
         if command is not None:
             entry_point(command)(args[1:])
         else:
-            from dcccl.commands.stage_cli import cli_main
-
             cli_main([arg for arg in args if arg != "--debug"])
     except Exception as err:
         message = None if debug else user_error_message(err)

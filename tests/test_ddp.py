@@ -28,8 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300
 PIPELINE = ("pipeline", "--config", "configs/quickstart.yaml", "--rounds", "1", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false")
-# --verbose: Lightning's own lines ("Starting with 2 processes", the backend) show that the run was distributed.
-DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--verbose")
+DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+# A pipeline under DDP prints Lightning's own lines ("Starting with 2 processes", the backend) with --verbose: they
+# show that the run was distributed.
+PIPELINE_DDP = (*DDP, "--verbose")
 PROGRESS = re.compile(r"^\[dcccl quickstart \d+/\d+\] (?P<label>.+): running ", re.MULTILINE)
 
 
@@ -69,7 +71,7 @@ def read_json(path: Path) -> Any:
 @pytest.mark.slow
 def test_pipeline_under_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None:
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    ddp = dcccl(*PIPELINE, *DDP, "--run_dir", str(ddp_dir))
+    ddp = dcccl(*PIPELINE, *PIPELINE_DDP, "--run_dir", str(ddp_dir))
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert "Traceback" not in ddp.stderr, ddp.stderr[-3000:]  # a rank that failed after rank zero was done
     # Really two processes, over gloo (Lightning's backend on CPU).
@@ -114,7 +116,7 @@ def test_pipeline_under_ddp_matches_one_process_and_resumes(tmp_path: Path) -> N
     # Resume under DDP: every stage is found done. (No process is launched then: Lightning starts the other rank
     # only at the first fit or test, and none runs.)
     stamps = {path: path.stat().st_mtime_ns for path in ddp_dir.rglob("*.pt")}
-    again = dcccl(*PIPELINE, *DDP, "--run_dir", str(ddp_dir))
+    again = dcccl(*PIPELINE, *PIPELINE_DDP, "--run_dir", str(ddp_dir))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"all {sum(labels.values()) + 1} steps are done already; nothing to run" in again.stderr  # + fusion
     assert not progress_labels(again.stderr)
@@ -126,7 +128,7 @@ def test_pipeline_under_ddp_matches_one_process_and_resumes(tmp_path: Path) -> N
     # running the pipeline from the start, must find the same stages done and join the same stage.
     evaluation = next(label for label in labels if label.endswith("evaluation"))
     run.round_metrics(1).unlink()
-    partial = dcccl(*PIPELINE, *DDP, "--run_dir", str(ddp_dir))
+    partial = dcccl(*PIPELINE, *PIPELINE_DDP, "--run_dir", str(ddp_dir))
     assert partial.returncode == 0, partial.stderr[-3000:]
     assert "Traceback" not in partial.stderr and "Starting with 2 processes" in partial.stderr
     assert progress_labels(partial.stderr) == Counter({evaluation: 1})
@@ -158,12 +160,12 @@ def test_ddp_spreads_a_round_s_devices_over_the_ranks_and_fuses_what_one_process
         run.device_copy(1, device).unlink()
     shutil.rmtree(run.round_dir(1) / "devices" / "progress")
     # A device failing on rank 1 stops rank 0 too (instead of leaving it waiting at the end of the round).
-    failing = dcccl(*FLEET, *DDP, "--run_dir", str(ddp_dir), "--stage_args",
+    failing = dcccl(*FLEET, *PIPELINE_DDP, "--run_dir", str(ddp_dir), "--stage_args",
                     json.dumps({"device": ["--model.class_path=tests.failing_device.FailsOnSecondRank"]}))
     assert failing.returncode != 0
     assert "injected failure of a device on rank 1" in failing.stderr, failing.stderr[-3000:]
     assert "DeviceRoundFailed: the device round failed on 1 other process(es)" in failing.stderr, failing.stderr[-3000:]
-    ddp = dcccl(*FLEET, *DDP, "--run_dir", str(ddp_dir))
+    ddp = dcccl(*FLEET, *PIPELINE_DDP, "--run_dir", str(ddp_dir))
     assert ddp.returncode == 0 and "Traceback" not in ddp.stderr, ddp.stderr[-3000:]
     assert "Starting with 2 processes" in ddp.stderr
     assert "cloud submodel: done already, skipped" in ddp.stderr
