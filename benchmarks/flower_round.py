@@ -38,13 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.test_flower import (  # noqa: E402
-    BIN,
     _free_ports,
-    _wait_for_port,
     fleet_config,
     flower_env,
     run_to_the_end,
     start_superlink,
+    start_supernode,
     stop,
 )
 
@@ -67,13 +66,7 @@ def run_fleet(folder: Path, rounds: int, run_config: str, node_env: dict[str, st
     try:
         processes.append(start_superlink(env, link_port, logs / "superlink.log"))
         for device, port in enumerate(node_ports):
-            node_log = logs / f"supernode{device}.log"
-            processes.append(subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                 "--host", "127.0.0.1", "--port", str(port), "--max-retries", "10", "--max-wait-time", "60",
-                 "--node-config", f'partition-id={device} state-dir="{folder / f"node{device}"}"'],
-                cwd=ROOT, env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-            _wait_for_port(port, processes[-1], node_log)
+            processes.append(start_supernode(env, link_port, port, device, folder / f"node{device}", logs))
         run_to_the_end(env, config, folder / "run", processes, run_config=run_config)
     finally:
         stop(processes)

@@ -29,10 +29,14 @@ def command_env(pythonpath: Sequence[str] = (), **extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def dcccl_command(*args: str, script: bool = False) -> list[str]:
-    """``dcccl ARGS`` as a command line: the entry point in a fresh interpreter, or the installed script."""
+ENTRY_POINT = "import cli; cli.main()"
+
+
+def dcccl_command(*args: str, script: bool = False, code: str = ENTRY_POINT) -> list[str]:
+    """``dcccl ARGS`` as a command line: the entry point (or ``code`` that calls it) in a fresh interpreter, or the
+    installed script."""
     if not script:
-        return [sys.executable, "-c", "import cli; cli.main()", *args]
+        return [sys.executable, "-c", code, *args]
     beside = Path(sys.executable).parent / "dcccl"
     found = str(beside) if beside.is_file() else shutil.which("dcccl")
     if found is None:
@@ -42,12 +46,12 @@ def dcccl_command(*args: str, script: bool = False) -> list[str]:
 
 def dcccl(*args: str, pythonpath: Sequence[str] = (), timeout: float = 600, script: bool = False,
           env: Optional[dict[str, str]] = None, cwd: Path = ROOT,
-          preexec_fn: Optional[Callable[[], None]] = None) -> subprocess.CompletedProcess[str]:
+          preexec_fn: Optional[Callable[[], None]] = None, code: str = ENTRY_POINT) -> subprocess.CompletedProcess[str]:
     """Run ``dcccl ARGS`` from the repository root, stdin closed (nothing may prompt), and return how it ended.
 
     On timeout its whole process group (DDP ranks included) is killed and the test fails with the output so far.
     """
-    with subprocess.Popen(dcccl_command(*args, script=script), cwd=cwd,
+    with subprocess.Popen(dcccl_command(*args, script=script, code=code), cwd=cwd,
                           env=env if env is not None else command_env(pythonpath), stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                           preexec_fn=preexec_fn) as process:
@@ -71,15 +75,8 @@ def dcccl_imports(*args: str, timeout: float = 600) -> tuple[subprocess.Complete
             "try:\n    cli.main()\n"
             "finally:\n"
             f"    print('IMPORTED=' + ','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules), file=sys.stderr)\n")
-    with subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=command_env(),
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as process:
-        try:
-            stdout, stderr = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            stdout, stderr = process.communicate()
-            pytest.fail(f"dcccl {' '.join(args)} still running after {timeout} s\n{stderr[-3000:]}")
+    result = dcccl(*args, timeout=timeout, code=code)
+    stderr = result.stderr
     marker = [line for line in stderr.splitlines() if line.startswith("IMPORTED=")]
     imported = set(filter(None, marker[-1].removeprefix("IMPORTED=").split(","))) if marker else set(HEAVY_MODULES)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), imported
+    return result, imported

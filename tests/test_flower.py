@@ -247,6 +247,20 @@ def start_superlink(env: dict[str, str], port: int, log: Path, *options: str) ->
     return process
 
 
+def start_supernode(env: dict[str, str], link_port: int, port: int, device: int, state: Path,
+                    logs: Path) -> subprocess.Popen:
+    """A SuperNode playing ``device`` (its partition-id), keeping its state in ``state``, in a session of its own,
+    listening on 127.0.0.1:``port`` when this returns; its log is ``logs/supernode<device>.log``."""
+    log = logs / f"supernode{device}.log"
+    process = subprocess.Popen(
+        [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+         "--host", "127.0.0.1", "--port", str(port), "--max-retries", "10", "--max-wait-time", "60",
+         "--node-config", f'partition-id={device} state-dir="{state}"'],
+        cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    _wait_for_port(port, process, log)
+    return process
+
+
 def run_to_the_end(env: dict[str, str], config: Path, run_dir: Path, processes: list[subprocess.Popen],
                    *options: str, run_config: str = "") -> None:
     """``flwr run configs/flower loopback`` with ``config`` and ``run_dir`` (and ``options``), until it finishes;
@@ -290,14 +304,7 @@ def run_on_flower(tmp_path: Path, config: Path, run_dir: Path, nodes: int = 3) -
     try:
         processes.append(start_superlink(env, link_port, logs / "superlink.log"))
         for device, port in enumerate(node_ports):
-            node_log = logs / f"supernode{device}.log"
-            state = tmp_path / f"node{device}"
-            processes.append(subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                 "--host", "127.0.0.1", "--port", str(port), "--max-retries", "10", "--max-wait-time", "60",
-                 "--node-config", f'partition-id={device} state-dir="{state}"'],
-                cwd=ROOT, env=env, stdout=node_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True))
-            _wait_for_port(port, processes[-1], node_log)
+            processes.append(start_supernode(env, link_port, port, device, tmp_path / f"node{device}", logs))
         run_to_the_end(env, config, run_dir, processes)
     finally:
         stop(processes)

@@ -221,3 +221,22 @@ def test_a_flattened_head_whose_channel_share_is_not_integral_is_refused_up_fron
     # classifier inputs, the co part 2 channels (32 features) but 24 inputs.
     with pytest.raises(UnsupportedLayerError, match=r"the cloud part fails at layer 'head' \(Linear\)"):
         split_model(_FlattenHead(), 0.25, torch.zeros(2, 1, 4, 4))
+
+
+def test_a_stage_args_line_may_not_swap_a_stage_s_part_of_the_split(tmp_path: Path) -> None:
+    import json
+
+    from dcccl.backbones import BackboneSpec
+    from dcccl.commands.stage_runner import LightningStageRunner
+    from dcccl.pipeline.boundary import BoundaryViolation, check_stage
+    from dcccl.pipeline.plan import dcccl_plan
+    from dcccl.pipeline.steps import StageCall
+    from tests.test_pipeline import settings
+
+    # The whole base model in place of the control model's part: the part is a plan argument, so the boundary holds it.
+    whole = json.dumps(BackboneSpec("resnet10t").to_dict())
+    run_settings = settings(tmp_path, split=SplitSpec(base=BackboneSpec("resnet10t"), ratio=0.25),
+                            stage_args={"distill": [f"--model.init_args.backbone={whole}"]})
+    call = next(step for step in dcccl_plan(run_settings) if isinstance(step, StageCall) and step.stage == "distill")
+    with pytest.raises(BoundaryViolation, match="must receive backbone="):
+        check_stage(call, LightningStageRunner(interactive=False).resolve(call), run_settings.run.root)
